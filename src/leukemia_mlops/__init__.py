@@ -1,0 +1,1 @@
+"""Leukemia MLOps: C-NMC 2019 ALL-vs-HEM classification pipeline."""

@@ -1,0 +1,1 @@
+"""Console entry points: thin wrappers that load config and call the library."""

@@ -1,0 +1,38 @@
+"""Shared argument handling of the stage commands, which run from ``params.yaml``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from leukemia_mlops.config import PARAMS_FILE, load_params
+
+
+def stage_config(description: str, argv: Sequence[str] | None = None) -> DictConfig:
+    """Parse ``[--params FILE] [key=value ...]`` and return the config the stage runs with."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="config file (params.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=1")
+    args = parser.parse_args(argv)
+    return load_params(args.params, args.overrides)
+
+
+def run_cli(body: Callable[[], None]) -> None:
+    """Run a command body; expected failures print one clear line and exit with status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        body()
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        KeyError,
+        OmegaConfBaseException,
+    ) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

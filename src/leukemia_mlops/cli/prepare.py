@@ -1,0 +1,35 @@
+"""``lmo-prepare``: the DVC ``prepare`` stage (raw images -> training cache + data report)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from leukemia_mlops.cli.args import run_cli, stage_config
+from leukemia_mlops.config import build_spec
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = stage_config(__doc__, argv)
+
+    def body() -> None:
+        from leukemia_mlops.data.prepare import PrepareSpec, prepare_dataset, write_json
+        from leukemia_mlops.data.splits import SplitSpec
+
+        report = prepare_dataset(
+            cfg.paths.raw_dir,
+            cfg.paths.prepared_dir,
+            build_spec(PrepareSpec, cfg.data.prepare, "data.prepare"),
+            build_spec(SplitSpec, cfg.data.split, "data.split"),
+        )
+        write_json(Path(cfg.paths.reports_dir) / "data.json", report)
+        log.info("prepared %d images (%d skipped)", report["images"], report["skipped"])
+
+    run_cli(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""C-NMC data layer: file names, dataset layouts, synthetic data, splits and the prepare cache."""

@@ -1,0 +1,120 @@
+"""LightningDataModule over the ``prepare`` cache (memory-mapped uint8 images)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from leukemia_mlops.data.augment import train_transforms
+from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
+
+BALANCE_MODES = ("none", "sampler", "loss")
+
+
+class CellDataset(Dataset):
+    """Cells of one split as ``(uint8 CHW tensor, float label)``; normalisation is the model's."""
+
+    def __init__(self, prepared_dir: Path, split: str, transform: A.Compose | None = None):
+        manifest = pd.read_parquet(Path(prepared_dir) / MANIFEST_FILE)
+        rows = manifest.index[manifest["split"] == split].to_numpy()
+        self.prepared_dir = Path(prepared_dir)
+        self.rows = rows
+        self.labels = manifest.loc[rows, "label"].to_numpy(np.int64)
+        self.subjects = manifest.loc[rows, "subject"].astype(str).to_numpy()
+        self.paths = manifest.loc[rows, "path"].astype(str).to_numpy()
+        self.transform = transform
+        self._images: np.ndarray | None = None
+
+    @property
+    def images(self) -> np.ndarray:
+        # Opened lazily so that each DataLoader worker maps the file itself.
+        if self._images is None:
+            self._images = np.load(self.prepared_dir / IMAGES_FILE, mmap_mode="r")
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = np.asarray(self.images[self.rows[index]])
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return tensor, torch.tensor(self.labels[index], dtype=torch.float32)
+
+
+class CellDataModule(pl.LightningDataModule):
+    """Train/val/test loaders; class imbalance handled by a weighted sampler or the loss."""
+
+    def __init__(
+        self,
+        prepared_dir: str,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        balance: str = "loss",
+        augment_strength: float = 1.0,
+        flips: bool = True,
+    ):
+        super().__init__()
+        if balance not in BALANCE_MODES:
+            raise ValueError(f"datamodule.balance must be one of {BALANCE_MODES}, got {balance!r}")
+        if batch_size < 1:
+            raise ValueError(f"datamodule.batch_size must be >= 1, got {batch_size}")
+        self.prepared_dir = Path(prepared_dir)
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.balance = balance
+        self.transform = train_transforms(augment_strength, flips)
+        self.datasets: dict[str, CellDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if not (self.prepared_dir / MANIFEST_FILE).is_file():
+            raise FileNotFoundError(f"no prepared data in {self.prepared_dir}: run `lmo-prepare`")
+        for split in ("train", "val", "test"):
+            if split not in self.datasets:
+                transform = self.transform if split == "train" else None
+                self.datasets[split] = CellDataset(self.prepared_dir, split, transform)
+        for split in ("train", "val"):
+            if len(self.datasets[split]) == 0:
+                raise ValueError(f"the {split} split is empty: check data.split")
+
+    def pos_weight(self) -> float:
+        """HEM/ALL count ratio of the training split, for a class-weighted loss."""
+        labels = self.datasets["train"].labels
+        positives = max(int(labels.sum()), 1)
+        return float((len(labels) - positives) / positives)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.datasets["train"]
+        sampler = None
+        if self.balance == "sampler":
+            counts = np.bincount(dataset.labels, minlength=2).astype(np.float64)
+            weights = 1.0 / counts[dataset.labels]
+            generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+            sampler = WeightedRandomSampler(weights, len(dataset), generator=generator)
+        # A last batch of one breaks batch-norm; drop the remainder when there is a full batch.
+        drop_last = len(dataset) > self.batch_size
+        return self._loader(dataset, shuffle=sampler is None, sampler=sampler, drop_last=drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["val"])
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["test"])
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False, **kwargs) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )

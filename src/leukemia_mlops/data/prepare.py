@@ -1,0 +1,208 @@
+"""The ``prepare`` stage: decode every raw image once into a memory-mappable training cache.
+
+Outputs, all under ``out_dir`` and written to a temporary folder first (a killed run leaves
+the previous cache or none, never a half one):
+
+* ``images.npy``: uint8 array ``[N, size, size, 3]`` (RGB), opened with ``mmap_mode="r"``;
+* ``manifest.parquet``: one row per cached image (row ``i`` is ``images[i]``) with its path,
+  label, subject, fold, source split, content hash, file size, original size, cell box and
+  assigned split;
+* ``skipped.csv``: every file left out, with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from leukemia_mlops.data.images import ImageDecodeError, cell_box, decode_rgb, to_training_image
+from leukemia_mlops.data.layout import Skip, scan_dataset
+from leukemia_mlops.data.splits import SPLITS, SplitSpec, assign_splits
+
+IMAGES_FILE, MANIFEST_FILE, SKIPPED_FILE = "images.npy", "manifest.parquet", "skipped.csv"
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """How raw images become training images (see :func:`to_training_image`)."""
+
+    image_size: int = 128
+    window: int = 450
+    fit: str = "window"
+    workers: int = 0  # 0: one per CPU core
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise ValueError(f"prepare.image_size must be >= 16, got {self.image_size}")
+        if self.window < self.image_size // 4:
+            raise ValueError(f"prepare.window is too small: {self.window}")
+        if self.fit not in ("window", "box"):
+            raise ValueError(f"prepare.fit must be 'window' or 'box', got {self.fit!r}")
+        if self.workers < 0:
+            raise ValueError(f"prepare.workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    pixels: np.ndarray | None
+    md5: str = ""
+    size_bytes: int = 0
+    height: int = 0
+    width: int = 0
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    reason: str = ""
+
+
+def _decode_one(task: tuple[Path, PrepareSpec]) -> _Decoded:
+    """Read, hash and decode one file; failures come back as a reason, not an exception."""
+    path, spec = task
+    try:
+        data = path.read_bytes()
+        image = decode_rgb(data)
+    except (OSError, ImageDecodeError) as err:
+        return _Decoded(None, reason=str(err))
+    box = cell_box(image)
+    if box is None:
+        return _Decoded(None, reason="blank image (no cell pixels)")
+    pixels = to_training_image(image, spec.image_size, spec.window, spec.fit)
+    return _Decoded(pixels, hashlib.md5(data).hexdigest(), len(data), *image.shape[:2], box)
+
+
+def _decode_all(
+    raw_dir: Path, paths: list[str], spec: PrepareSpec, progress: bool
+) -> Iterator[_Decoded]:
+    tasks = [(raw_dir / p, spec) for p in paths]
+    workers = spec.workers or os.cpu_count() or 1
+    bar = dict(total=len(tasks), desc="prepare", unit="img", disable=not progress)
+    if workers == 1 or len(tasks) < 64:
+        yield from tqdm(map(_decode_one, tasks), **bar)
+        return
+    with Pool(workers) as pool:
+        yield from tqdm(pool.imap(_decode_one, tasks, chunksize=16), **bar)
+
+
+def prepare_dataset(
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    spec: PrepareSpec,
+    split: SplitSpec,
+    progress: bool = True,
+) -> dict:
+    """Build the cache under ``out_dir`` and return the data report (see :func:`data_report`)."""
+    raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
+    if out_dir == raw_dir or raw_dir in out_dir.parents or out_dir in raw_dir.parents:
+        raise ValueError(f"prepare output {out_dir} must lie outside the raw data {raw_dir}")
+    table, skipped = scan_dataset(raw_dir)
+    if table.empty:
+        raise ValueError(f"no usable images under {raw_dir} ({len(skipped)} files skipped)")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    kept = _write_cache(raw_dir, table, skipped, spec, tmp, progress)
+    manifest = table.loc[list(kept)].reset_index(drop=True)
+    manifest = _with_image_columns(manifest, kept.values())
+    manifest["split"] = assign_splits(manifest, split)
+    manifest.to_parquet(tmp / MANIFEST_FILE, index=False)
+    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(tmp / SKIPPED_FILE, index=False)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return data_report(manifest, skipped, spec, split)
+
+
+def _write_cache(
+    raw_dir: Path,
+    table: pd.DataFrame,
+    skipped: list[Skip],
+    spec: PrepareSpec,
+    tmp: Path,
+    progress: bool,
+) -> dict[int, _Decoded]:
+    """Decode into ``tmp/images.npy``; returns the kept table rows with their decode results."""
+    size = spec.image_size
+    cache_path = tmp / IMAGES_FILE
+    cache = np.lib.format.open_memmap(cache_path, "w+", np.uint8, (len(table), size, size, 3))
+    kept: dict[int, _Decoded] = {}
+    paths = table["path"].tolist()
+    for row, decoded in enumerate(_decode_all(raw_dir, paths, spec, progress)):
+        if decoded.pixels is None:
+            skipped.append(Skip(paths[row], decoded.reason))
+            continue
+        cache[len(kept)] = decoded.pixels
+        kept[row] = _Decoded(
+            None, decoded.md5, decoded.size_bytes, decoded.height, decoded.width, decoded.box
+        )
+    cache.flush()
+    del cache
+    if len(kept) < len(table):
+        _truncate_cache(cache_path, len(kept))
+    return kept
+
+
+def _truncate_cache(path: Path, count: int) -> None:
+    """Rewrite the cache with only its first ``count`` images (after skipped files)."""
+    full = np.load(path, mmap_mode="r")
+    short_path = path.with_suffix(".short.npy")
+    short = np.lib.format.open_memmap(short_path, "w+", np.uint8, (count, *full.shape[1:]))
+    short[:] = full[:count]
+    short.flush()
+    del short, full
+    os.replace(short_path, path)
+
+
+def _with_image_columns(manifest: pd.DataFrame, decoded: object) -> pd.DataFrame:
+    rows = list(decoded)
+    boxes = np.array([d.box for d in rows], dtype=np.int64).reshape(-1, 4)
+    return manifest.assign(
+        md5=[d.md5 for d in rows],
+        size_bytes=np.array([d.size_bytes for d in rows], dtype=np.int64),
+        height=np.array([d.height for d in rows], dtype=np.int64),
+        width=np.array([d.width for d in rows], dtype=np.int64),
+        box_x0=boxes[:, 0],
+        box_y0=boxes[:, 1],
+        box_x1=boxes[:, 2],
+        box_y1=boxes[:, 3],
+    )
+
+
+def data_report(
+    manifest: pd.DataFrame, skipped: list[Skip], spec: PrepareSpec, split: SplitSpec
+) -> dict:
+    """Images and subjects per split and class, skipped files by reason, duplicate content."""
+    report: dict = {"images": len(manifest), "skipped": len(skipped)}
+    for name in SPLITS:
+        rows = manifest[manifest["split"] == name]
+        report[name] = {
+            "images": len(rows),
+            "subjects": int(rows["subject"].nunique()),
+            "all_images": int((rows["label"] == 1).sum()),
+            "hem_images": int((rows["label"] == 0).sum()),
+            "all_subjects": int(rows.loc[rows["label"] == 1, "subject"].nunique()),
+            "hem_subjects": int(rows.loc[rows["label"] == 0, "subject"].nunique()),
+        }
+    report["unlabelled"] = int((manifest["split"] == "unlabelled").sum())
+    report["duplicate_images"] = int(manifest["md5"].duplicated().sum())
+    reasons = pd.Series([s.reason for s in skipped], dtype="string")
+    report["skipped_by_reason"] = {k: int(v) for k, v in reasons.value_counts().items()}
+    report["prepare"] = asdict(spec)
+    report["split_spec"] = asdict(split)
+    return report
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write JSON through a temporary file so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

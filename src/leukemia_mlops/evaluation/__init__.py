@@ -1,0 +1,1 @@
+"""Evaluation core: cell and subject metrics, subject-level bootstrap intervals, report plots."""

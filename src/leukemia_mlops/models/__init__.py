@@ -1,0 +1,1 @@
+"""Models: torchvision CNN classifiers and YOLOv3."""

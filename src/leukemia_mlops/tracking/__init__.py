@@ -1,0 +1,1 @@
+"""MLflow tracking: where runs are stored, what each run records."""

@@ -1,0 +1,54 @@
+"""Where MLflow runs live: the local sqlite store under ``mlruns/`` or a tracking server."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+DEFAULT_EXPERIMENT = "leukemia-cnmc"
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@]+):[^@/]*@")
+
+
+def tracking_uri(configured: str | None, mlruns_dir: str | Path = "mlruns") -> str:
+    """The configured URI, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<mlruns>/mlflow.db``.
+
+    MLflow 3 refuses the plain file store, so the local default is sqlite.
+    """
+    if configured:
+        return str(configured)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    mlruns = Path(mlruns_dir)
+    mlruns.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{mlruns.resolve() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str, mlruns_dir: str | Path = "mlruns") -> str | None:
+    """Local stores keep artifacts under ``mlruns/artifacts``; servers choose their own."""
+    if uri.startswith("sqlite:"):
+        return (Path(mlruns_dir).resolve() / "artifacts").as_uri()
+    return None
+
+
+def redact(text: str) -> str:
+    """Hide passwords in URIs (``postgresql://user:secret@host`` -> ``user:***@host``)."""
+    return _CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)
+
+
+def ensure_experiment(uri: str, name: str, mlruns_dir: str | Path = "mlruns") -> str:
+    """The experiment's id, creating it (race-safe across concurrent workers) if missing."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri, mlruns_dir))
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id

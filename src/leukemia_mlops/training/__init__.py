@@ -1,0 +1,1 @@
+"""Training: the Lightning module, metrics, callbacks and the run entry point."""

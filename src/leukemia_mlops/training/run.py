@@ -1,0 +1,161 @@
+"""Train one CNN classifier from a resolved config: the body of ``train`` and of the DVC stage.
+
+A run directory holds ``checkpoints/{best,last}.ckpt``, ``run.json`` (the MLflow run id, the
+config hash and the status) and, when finished, ``metrics.json`` and ``history.csv``. A run
+that stopped before finishing resumes from ``last.ckpt`` into the same MLflow run when it is
+started again with the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from leukemia_mlops.models.classifier import CellClassifier
+from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
+from leukemia_mlops.tracking.provenance import config_hash, dvc_data_hash, flatten, git_commit
+from leukemia_mlops.tracking.store import ensure_experiment, redact, tracking_uri
+from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory
+from leukemia_mlops.training.metrics import MONITOR
+from leukemia_mlops.training.precision import resolve_precision
+
+log = logging.getLogger(__name__)
+HISTORY_KEYS = ("train/loss", "val/loss", "train/f1_weighted", MONITOR, "val/auroc")
+
+
+def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
+    """Fit the configured model; returns the best validation weighted F1."""
+    run_dir = Path(run_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.datamodule)
+    datamodule.setup("fit")
+    module_args = {k: v for k, v in config["model"].items() if k != "family"}
+    pos_weight = datamodule.pos_weight() if cfg.datamodule.balance == "loss" else 1.0
+    module = CellClassifier(**module_args, pos_weight=pos_weight)
+
+    state = _resume_state(run_dir, config_hash(config))
+    uri = tracking_uri(cfg.logger.mlflow.tracking_uri, cfg.paths.mlruns_dir)
+    logger = ResumableMLFlowLogger(
+        experiment_name=cfg.logger.mlflow.experiment_name,
+        tracking_uri=uri,
+        run_name=cfg.logger.mlflow.run_name or f"{cfg.model.backbone}",
+        run_id=state.get("mlflow_run_id"),
+        tags={
+            "backbone": cfg.model.backbone,
+            "family": "cnn",
+            "git_commit": git_commit(),
+            "data_md5": dvc_data_hash(),
+        },
+    )
+    if rank_zero_only.rank == 0:
+        ensure_experiment(uri, cfg.logger.mlflow.experiment_name, cfg.paths.mlruns_dir)
+        _start_run(run_dir, logger, config, state)
+
+    history = EpochHistory(HISTORY_KEYS)
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=MONITOR,
+        mode="max",
+        save_last=cfg.callbacks.checkpoint.save_last,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
+    callbacks = [
+        checkpoint,
+        EarlyStopping(
+            MONITOR,
+            mode="max",
+            patience=cfg.callbacks.early_stopping.patience,
+            min_delta=cfg.callbacks.early_stopping.min_delta,
+        ),
+        BackboneWarmup(cfg.model.warmup_epochs),
+        LearningRateMonitor(logging_interval="epoch"),
+        history,
+    ]
+    trainer_cfg = {
+        **config["trainer"],
+        "precision": resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+    }
+    trainer = instantiate(
+        trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir)
+    )
+    resume = state.get("status") == "running" and (run_dir / "checkpoints/last.ckpt").is_file()
+    trainer.fit(
+        module,
+        datamodule=datamodule,
+        ckpt_path=str(run_dir / "checkpoints/last.ckpt") if resume else None,
+    )
+    best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else 0.0
+    if trainer.is_global_zero:
+        _finish_run(run_dir, cfg, logger, uri, checkpoint, history, best, trainer_cfg)
+    return best
+
+
+def _resume_state(run_dir: Path, digest: str) -> dict[str, Any]:
+    """The unfinished run of this same config to resume, or a clean run directory."""
+    state_file = run_dir / "run.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if state.get("config_hash") == digest and state.get("status") == "running":
+            log.info("resuming MLflow run %s from %s", state["mlflow_run_id"], run_dir)
+            return state
+    if rank_zero_only.rank == 0:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        state_file.unlink(missing_ok=True)
+    return {"config_hash": digest}
+
+
+def _start_run(run_dir: Path, logger: ResumableMLFlowLogger, config: dict, state: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger.log_hyperparams(flatten(config))
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(redact(OmegaConf.to_yaml(OmegaConf.create(config))))
+    logger.experiment.log_artifact(logger.run_id, str(config_file))
+    state.update(mlflow_run_id=logger.run_id, status="running")
+    (run_dir / "run.json").write_text(json.dumps(state, indent=2))
+
+
+def _finish_run(
+    run_dir: Path,
+    cfg: DictConfig,
+    logger: ResumableMLFlowLogger,
+    uri: str,
+    checkpoint: ModelCheckpoint,
+    history: EpochHistory,
+    best: float,
+    trainer_cfg: dict,
+) -> None:
+    """Write metrics and curves, and log the best checkpoint and model to the MLflow run."""
+    from leukemia_mlops.tracking.models import log_classifier
+
+    pd.DataFrame(history.rows).to_csv(run_dir / "history.csv", index=False)
+    best_row = max(history.rows, key=lambda r: r.get(MONITOR, float("-inf")), default={})
+    metrics = {
+        "best_epoch": best_row.get("epoch", -1),
+        **{k.replace("/", "_"): v for k, v in best_row.items() if k != "epoch"},
+    }
+    metrics["precision"] = trainer_cfg["precision"]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if checkpoint.best_model_path:
+        logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
+        if cfg.logger.mlflow.log_model:
+            best_module = CellClassifier.load_from_checkpoint(
+                checkpoint.best_model_path, map_location="cpu", weights_only=True
+            )
+            log_classifier(uri, logger.run_id, best_module.net, cfg.data.prepare.image_size)
+    logger.experiment.log_metric(logger.run_id, "best/" + MONITOR, best)
+    state = json.loads((run_dir / "run.json").read_text())
+    state["status"] = "finished"
+    (run_dir / "run.json").write_text(json.dumps(state, indent=2))

@@ -28,9 +28,12 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+PARAMS_HEADER = "# Generated from conf/ by `make params` (lmo-params): edit conf/, not this file.\n"
+
+
 def to_params_yaml(cfg: DictConfig) -> str:
     """The resolved YAML text of a composed config, as stored in ``params.yaml``."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    return PARAMS_HEADER + OmegaConf.to_yaml(cfg, resolve=True)
 
 
 def write_params(cfg: DictConfig, path: str | Path = PARAMS_FILE) -> bool:
@@ -63,6 +66,8 @@ def build_spec(spec_type: type[T], node: DictConfig, key: str) -> T:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         reason = str(err).splitlines()[0]
-        raise ValueError(f"bad config value under {key}: {reason}") from None
+        field = getattr(err, "full_key", None)
+        raise ValueError(f"bad config value {key}.{field}: {reason}" if field else
+                         f"bad config value under {key}: {reason}") from None
     except ValueError as err:
         raise ValueError(f"bad config value under {key}: {err}") from None

@@ -7,6 +7,9 @@ from typing import Literal
 import cv2
 import numpy as np
 
+# Decode failures are reported per file by the callers; OpenCV's own log would repeat them.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
 #: Pixels whose brightest channel is above this are part of the segmented cell.
 CELL_THRESHOLD = 10
 

@@ -1,0 +1,59 @@
+# leukemia-mlops: `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+# Keep libraries quiet and offline: nothing is downloaded at run time.
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_ENABLE_TELEMETRY := false
+export DO_NOT_TRACK := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup params data repro test test-fast test-slow lint format ui bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## Create .venv and install the pinned stack (a second run does nothing)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+params: setup ## Compose conf/ into params.yaml (the config the DVC pipeline runs with)
+	lmo-params
+
+data: params ## Write the synthetic C-NMC dataset to data/raw unless data is there
+	lmo-synth
+
+repro: data ## Run the whole DVC pipeline (prepare -> sweep -> train -> evaluate)
+	dvc repro
+
+test: setup ## Run every test (fast ones, then the slow end-to-end ones)
+	pytest -m "not slow"
+	pytest -m slow
+
+test-fast: setup ## Run the fast tests only
+	pytest -m "not slow"
+
+lint: setup ## Check style and lint
+	ruff check src tests bench
+	ruff format --check src tests bench
+
+format: setup ## Format the code
+	ruff format src tests bench
+	ruff check --fix src tests bench
+
+ui: setup ## Open the MLflow UI on 127.0.0.1:5000 over the local store
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
+		--default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port 5000 --workers 1
+
+bench: setup ## Run the benchmarks and rewrite BENCHMARKS.md
+	python -m bench.run
+
+clean: ## Remove pipeline outputs (never data/raw)
+	rm -rf data/prepared models reports outputs multirun

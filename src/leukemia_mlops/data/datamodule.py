@@ -30,6 +30,7 @@ class CellDataset(Dataset):
         self.paths = manifest.loc[rows, "path"].astype(str).to_numpy()
         self.transform = transform
         self._images: np.ndarray | None = None
+        self._seeded_with: int | None = None
 
     @property
     def images(self) -> np.ndarray:
@@ -38,12 +39,24 @@ class CellDataset(Dataset):
             self._images = np.load(self.prepared_dir / IMAGES_FILE, mmap_mode="r")
         return self._images
 
+    def _seed_transform(self) -> None:
+        """Seed albumentations (which ignores global seeds) from torch's seed for this process.
+
+        In a DataLoader worker that seed is the loader's base seed plus the worker id, so
+        workers differ and a seeded run repeats exactly.
+        """
+        seed = torch.initial_seed()
+        if seed != self._seeded_with:
+            self.transform.set_random_seed(seed % 2**32)
+            self._seeded_with = seed
+
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = np.asarray(self.images[self.rows[index]])
         if self.transform is not None:
+            self._seed_transform()
             image = self.transform(image=image)["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return tensor, torch.tensor(self.labels[index], dtype=torch.float32)

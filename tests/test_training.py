@@ -1,0 +1,126 @@
+"""CNN training on tiny synthetic data: real Lightning, real MLflow store."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from leukemia_mlops.models.backbones import HEADS, WeightsError, build_classifier
+from leukemia_mlops.models.classifier import CellClassifier
+from leukemia_mlops.tracking.store import tracking_uri
+from leukemia_mlops.training.run import run_training
+
+
+def finished_run(cfg, run_dir):
+    run = json.loads((run_dir / "run.json").read_text())
+    client = MlflowClient(tracking_uri(None, cfg.paths.mlruns_dir))
+    return client, client.get_run(run["mlflow_run_id"])
+
+
+def test_fit_lowers_the_loss_and_records_everything(tiny_config, tmp_path):
+    cfg = tiny_config(
+        "trainer.max_epochs=4",
+        "model.warmup_epochs=0",
+        "model.optimizer.lr=3e-3",
+        "datamodule.augment_strength=0",
+        "logger.mlflow.log_model=true",
+    )
+    run_dir = tmp_path / "run"
+    best = run_training(cfg, run_dir)
+
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history["epoch"]) == [0, 1, 2, 3]
+    assert history["train/loss"].iloc[-1] < history["train/loss"].iloc[0]
+    assert (run_dir / "checkpoints/best.ckpt").is_file()
+    assert (run_dir / "checkpoints/last.ckpt").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val_f1_weighted"] == pytest.approx(best)
+
+    client, run = finished_run(cfg, run_dir)
+    assert run.data.tags["backbone"] == "resnet18"
+    assert run.data.tags["git_commit"]
+    assert run.data.params["model.optimizer.lr"] == "0.003"
+    for key in (
+        "train/loss",
+        "val/f1_weighted",
+        "val/auroc",
+        "val/sensitivity",
+        "val/specificity",
+        "val/balanced_accuracy",
+        "val/accuracy",
+    ):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 4, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoints"} <= artifacts
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert any(m.source_run_id == run.info.run_id for m in models)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+def test_same_seed_gives_the_same_metrics(tiny_config, tmp_path):
+    cfg = tiny_config("trainer.max_epochs=1", "datamodule.balance=sampler")
+    first = run_training(cfg, tmp_path / "a")
+    second = run_training(cfg, tmp_path / "b")
+    assert first == second
+    a = pd.read_csv(tmp_path / "a/history.csv")
+    b = pd.read_csv(tmp_path / "b/history.csv")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_checkpoints_load_with_weights_only(tiny_config, tmp_path):
+    run_training(tiny_config("trainer.max_epochs=1"), tmp_path / "run")
+    module = CellClassifier.load_from_checkpoint(
+        tmp_path / "run/checkpoints/best.ckpt", map_location="cpu", weights_only=True
+    )
+    assert module.hparams.backbone == "resnet18"
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_backbone_builds_and_runs(name):
+    net = build_classifier(name).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2,)
+    assert torch.isfinite(out).all()
+
+
+def test_weights_from_a_local_file(tmp_path):
+    source = build_classifier("resnet18")
+    path = tmp_path / "backbone.pth"
+    torch.save(source.backbone.state_dict(), path)
+    loaded = build_classifier("resnet18", weights=str(path))
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(loaded.backbone.state_dict()[key], value)
+    # A Lightning-style checkpoint of the whole module works too.
+    ckpt = tmp_path / "module.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in source.state_dict().items()}}, ckpt)
+    again = build_classifier("resnet18", weights=str(ckpt))
+    assert torch.equal(again.backbone.conv1.weight, source.backbone.conv1.weight)
+
+
+def test_weights_errors_are_clear(tmp_path):
+    with pytest.raises(WeightsError, match="no such file"):
+        build_classifier("resnet18", weights=str(tmp_path / "missing.pth"))
+    wrong = tmp_path / "wrong.pth"
+    torch.save(build_classifier("mobilenet_v3_large").backbone.state_dict(), wrong)
+    with pytest.raises(WeightsError, match="does not fit this backbone"):
+        build_classifier("resnet18", weights=str(wrong))
+
+
+def test_imagenet_weights_offline_name_the_file_to_place(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match=r"place resnet18-.*\.pth at"):
+        build_classifier("resnet18", weights="imagenet")
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": Exploit()}, path)
+    with pytest.raises(WeightsError, match="cannot load .* safely"):
+        build_classifier("resnet18", weights=str(path))

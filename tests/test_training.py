@@ -122,5 +122,5 @@ def test_malicious_pickle_is_refused(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"conv1.weight": Exploit()}, path)
-    with pytest.raises(WeightsError, match="cannot load .* safely"):
+    with pytest.raises(WeightsError, match=r"cannot load .* safely"):
         build_classifier("resnet18", weights=str(path))

@@ -67,7 +67,10 @@ def build_spec(spec_type: type[T], node: DictConfig, key: str) -> T:
     except OmegaConfBaseException as err:
         reason = str(err).splitlines()[0]
         field = getattr(err, "full_key", None)
-        raise ValueError(f"bad config value {key}.{field}: {reason}" if field else
-                         f"bad config value under {key}: {reason}") from None
+        raise ValueError(
+            f"bad config value {key}.{field}: {reason}"
+            if field
+            else f"bad config value under {key}: {reason}"
+        ) from None
     except ValueError as err:
         raise ValueError(f"bad config value under {key}: {err}") from None

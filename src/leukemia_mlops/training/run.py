@@ -1,4 +1,8 @@
-"""Train one CNN classifier from a resolved config: the body of ``train`` and of the DVC stage.
+"""Train one model from a resolved config: the body of ``train`` and of the DVC stage.
+
+``model.family`` picks the model and its data: ``cnn`` (a torchvision classifier over single
+cells) or ``yolo`` (a YOLOv3 detector over single cells and composed scenes); both are scored
+with the same classification metrics and share the logger, checkpoints and resume logic.
 
 A run directory holds ``checkpoints/{best,last}.ckpt``, ``run.json`` (the MLflow run id, the
 config hash and the status) and, when finished, ``metrics.json`` and ``history.csv``. A run
@@ -21,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from leukemia_mlops.data.detection import DetectionDataModule
 from leukemia_mlops.models.classifier import CellClassifier
+from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
 from leukemia_mlops.tracking.provenance import config_hash, dvc_data_hash, flatten, git_commit
 from leukemia_mlops.tracking.store import ensure_experiment, redact, tracking_uri
@@ -30,7 +36,17 @@ from leukemia_mlops.training.metrics import MONITOR
 from leukemia_mlops.training.precision import resolve_precision
 
 log = logging.getLogger(__name__)
-HISTORY_KEYS = ("train/loss", "val/loss", "train/f1_weighted", MONITOR, "val/auroc")
+# Keys a family does not log are left out of its rows (the mAPs are the detectors').
+HISTORY_KEYS = (
+    "train/loss",
+    "val/loss",
+    "train/f1_weighted",
+    MONITOR,
+    "val/auroc",
+    "val/map_50",
+    "val/map",
+)
+OVERLAYS = 4  # validation scenes drawn with a detector's predictions
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
@@ -38,22 +54,18 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     run_dir = Path(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.datamodule)
-    datamodule.setup("fit")
-    module_args = {k: v for k, v in config["model"].items() if k != "family"}
-    pos_weight = datamodule.pos_weight() if cfg.datamodule.balance == "loss" else 1.0
-    module = CellClassifier(**module_args, pos_weight=pos_weight)
+    datamodule, module, backbone = _build(cfg, config)
 
     state = _resume_state(run_dir, config_hash(config))
     uri = tracking_uri(cfg.logger.mlflow.tracking_uri, cfg.paths.mlruns_dir)
     logger = ResumableMLFlowLogger(
         experiment_name=cfg.logger.mlflow.experiment_name,
         tracking_uri=uri,
-        run_name=cfg.logger.mlflow.run_name or f"{cfg.model.backbone}",
+        run_name=cfg.logger.mlflow.run_name or backbone,
         run_id=state.get("mlflow_run_id"),
         tags={
-            "backbone": cfg.model.backbone,
-            "family": "cnn",
+            "backbone": backbone,
+            "family": cfg.model.family,
             "git_commit": git_commit(),
             "data_md5": dvc_data_hash(),
         },
@@ -99,8 +111,24 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     )
     best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else 0.0
     if trainer.is_global_zero:
-        _finish_run(run_dir, cfg, logger, uri, checkpoint, history, best, trainer_cfg)
+        _finish_run(run_dir, cfg, logger, uri, checkpoint, history, best, trainer_cfg, datamodule)
     return best
+
+
+def _build(
+    cfg: DictConfig, config: dict[str, Any]
+) -> tuple[pl.LightningDataModule, pl.LightningModule, str]:
+    """The datamodule, the module and the backbone name (for tags) of ``model.family``."""
+    module_args = {k: v for k, v in config["model"].items() if k not in ("family", "scenes")}
+    if cfg.model.family == "cnn":
+        datamodule = instantiate(cfg.datamodule)
+        datamodule.setup("fit")
+        pos_weight = datamodule.pos_weight() if cfg.datamodule.balance == "loss" else 1.0
+        return datamodule, CellClassifier(**module_args, pos_weight=pos_weight), cfg.model.backbone
+    if cfg.model.family == "yolo":
+        datamodule = DetectionDataModule.from_config(config)
+        return datamodule, YoloDetector(**module_args), cfg.model.variant
+    raise ValueError(f"model.family must be 'cnn' or 'yolo', got {cfg.model.family!r}")
 
 
 def _resume_state(run_dir: Path, digest: str) -> dict[str, Any]:
@@ -136,10 +164,9 @@ def _finish_run(
     history: EpochHistory,
     best: float,
     trainer_cfg: dict,
+    datamodule: pl.LightningDataModule,
 ) -> None:
     """Write metrics and curves, and log the best checkpoint and model to the MLflow run."""
-    from leukemia_mlops.tracking.models import log_classifier
-
     pd.DataFrame(history.rows).to_csv(run_dir / "history.csv", index=False)
     best_row = max(history.rows, key=lambda r: r.get(MONITOR, float("-inf")), default={})
     metrics = {
@@ -150,12 +177,36 @@ def _finish_run(
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if checkpoint.best_model_path:
         logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
-        if cfg.logger.mlflow.log_model:
-            best_module = CellClassifier.load_from_checkpoint(
-                checkpoint.best_model_path, map_location="cpu", weights_only=True
-            )
-            log_classifier(uri, logger.run_id, best_module.net, cfg.data.prepare.image_size)
+        _log_best_model(cfg, logger, uri, checkpoint.best_model_path, datamodule)
     logger.experiment.log_metric(logger.run_id, "best/" + MONITOR, best)
     state = json.loads((run_dir / "run.json").read_text())
     state["status"] = "finished"
     (run_dir / "run.json").write_text(json.dumps(state, indent=2))
+
+
+def _log_best_model(
+    cfg: DictConfig,
+    logger: ResumableMLFlowLogger,
+    uri: str,
+    path: str,
+    datamodule: pl.LightningDataModule,
+) -> None:
+    """Log the best network as an MLflow model; detectors also get prediction overlays."""
+    from leukemia_mlops.tracking.models import log_classifier
+
+    if cfg.model.family == "cnn":
+        if cfg.logger.mlflow.log_model:
+            best_module = CellClassifier.load_from_checkpoint(
+                path, map_location="cpu", weights_only=True
+            )
+            log_classifier(uri, logger.run_id, best_module.net, cfg.data.prepare.image_size)
+        return
+    # The initial weights are in the checkpoint already; their file may be gone by now.
+    detector = YoloDetector.load_from_checkpoint(
+        path, map_location="cpu", weights_only=True, weights="none"
+    )
+    images, targets = datamodule.overlay_batch(OVERLAYS)
+    for i, overlay in enumerate(detector.draw_predictions(images, targets)):
+        logger.experiment.log_image(logger.run_id, overlay, f"overlays/val_scene_{i}.png")
+    if cfg.logger.mlflow.log_model:
+        log_classifier(uri, logger.run_id, detector.predictor(), cfg.model.img_size)

@@ -22,7 +22,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from leukemia_mlops.data.synthetic import SyntheticSpec, generate_cnmc
 
         raw_dir = Path(cfg.paths.raw_dir)
-        if raw_dir.exists() and any(raw_dir.iterdir()):
+        # Hidden entries (an interrupted generator's partial folder) do not count as data.
+        if raw_dir.exists() and any(not p.name.startswith(".") for p in raw_dir.iterdir()):
             log.info("%s already holds data: left as it is", raw_dir)
             return
         if cfg.data.source != "synthetic":

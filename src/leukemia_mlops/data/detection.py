@@ -1,0 +1,295 @@
+"""Detection data for YOLO: single cells with their segmentation box, and composed scenes.
+
+Every sample is ``(uint8 CHW image, {"boxes": [N, 4] float xyxy pixels, "labels": [N] int64,
+"image_label": int64})``; ``image_label`` is the cell's class for single-cell images and -1 for
+scenes, so the detector can score single cells with the same classification metrics as the
+CNNs. Images are letterboxed to the model's input size, then (for training) augmented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from leukemia_mlops.data.datamodule import CellDataModule
+from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
+from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, crop_cell
+
+Target = dict[str, torch.Tensor]
+Sample = tuple[torch.Tensor, Target]
+SCENE = -1  # image_label of a scene: it holds cells of both classes
+BOX_COLUMNS = ["box_x0", "box_y0", "box_x1", "box_y1"]
+
+
+def cache_boxes(manifest: pd.DataFrame, size: int, window: int) -> np.ndarray:
+    """Manifest cell boxes (original pixels) in the frame of the ``size`` px cache images.
+
+    Mirrors ``to_training_image`` with ``fit="window"``: ``center_window`` shifts each axis by
+    half the difference to ``window`` (cropping or padding), then one resize scales by
+    ``size / window``.
+    """
+    boxes = manifest[BOX_COLUMNS].to_numpy(np.float64)
+    extent = manifest[["width", "height"]].to_numpy(np.int64)
+    crop = (extent - window) // 2  # start of the crop along x, y where the image is larger
+    pad = (window - extent) // 2  # start of the pasted image where it is smaller
+    offset = np.where(extent >= window, -crop, pad)
+    shifted = boxes + np.tile(offset, 2)
+    return (np.clip(shifted, 0, window) * (size / window)).astype(np.float32)
+
+
+def letterbox(img_size: int) -> list[A.BasicTransform]:
+    """Scale the longest side to ``img_size`` and pad the other centred with black."""
+    return [
+        A.LongestMaxSize(max_size=img_size, area_for_downscale="image"),
+        A.PadIfNeeded(img_size, img_size, position="center", border_mode=cv2.BORDER_CONSTANT),
+    ]
+
+
+def detection_transforms(img_size: int, strength: float = 0.0, flips: bool = False) -> A.Compose:
+    """Letterbox, then (for training) flips, 90-degree turns, a small scale/shift and stain jitter.
+
+    Unlike the CNN pipeline there is no free rotation: the box of a rotated cell is the box of
+    its rotated box, visibly larger than the cell.
+    """
+    if strength < 0:
+        raise ValueError(f"datamodule.augment_strength must be >= 0, got {strength}")
+    steps = letterbox(img_size)
+    if flips:
+        steps += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
+    if strength > 0:
+        steps += [
+            A.Affine(
+                scale=(1 - 0.05 * strength, 1 + 0.05 * strength),
+                translate_percent=(-0.05 * strength, 0.05 * strength),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                p=min(1.0, 0.5 * strength),
+            ),
+            A.ColorJitter(
+                brightness=0.15 * strength,
+                contrast=0.15 * strength,
+                saturation=0.15 * strength,
+                hue=0.03 * strength,
+                p=min(1.0, 0.8 * strength),
+            ),
+        ]
+    bbox_params = A.BboxParams(
+        format="pascal_voc", label_fields=["labels"], min_visibility=0.3, clip=True
+    )
+    return A.Compose(steps, bbox_params=bbox_params)
+
+
+def seed_per_process(transform: A.Compose) -> None:
+    """Seed albumentations (which ignores global seeds) from torch's seed for this process.
+
+    In a DataLoader worker that is the loader's base seed plus the worker id, so forked workers
+    do not repeat each other's augmentations and a seeded run repeats exactly. The seed is
+    kept on the transform, which the scene and cell datasets share.
+    """
+    seed = torch.initial_seed()
+    if getattr(transform, "torch_seed", None) != seed:
+        transform.set_random_seed(seed % 2**32)
+        transform.torch_seed = seed
+
+
+def make_sample(
+    transform: A.Compose,
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    image_label: int,
+) -> Sample:
+    """Apply ``transform`` to an image and its boxes; boxes pushed out of view are dropped."""
+    seed_per_process(transform)
+    out = transform(
+        image=image,
+        bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+        labels=np.asarray(labels, np.int64),
+    )
+    tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+    target = {
+        "boxes": torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4)),
+        "labels": torch.as_tensor(np.asarray(out["labels"], np.int64).reshape(-1)),
+        "image_label": torch.tensor(image_label, dtype=torch.int64),
+    }
+    return tensor, target
+
+
+def collate(batch: list[Sample]) -> tuple[torch.Tensor, list[Target]]:
+    """``(uint8 images [B, 3, H, W], targets)``: boxes vary in number, so targets stay a list."""
+    images, targets = zip(*batch, strict=True)
+    return torch.stack(images), list(targets)
+
+
+class CellSource:
+    """The cached cells of one split, with their manifest boxes in the cache frame."""
+
+    def __init__(self, prepared_dir: Path, split: str, window: int):
+        manifest = pd.read_parquet(Path(prepared_dir) / MANIFEST_FILE)
+        rows = manifest[manifest["split"] == split]
+        self.prepared_dir = Path(prepared_dir)
+        self.split = split
+        self.rows = rows.index.to_numpy()
+        self.labels = rows["label"].to_numpy(np.int64)
+        size = np.load(self.prepared_dir / IMAGES_FILE, mmap_mode="r").shape[1]
+        self.boxes = cache_boxes(rows, size, window)
+        self._images: np.ndarray | None = None
+
+    @property
+    def images(self) -> np.ndarray:
+        # Opened lazily so that each DataLoader worker maps the file itself.
+        if self._images is None:
+            self._images = np.load(self.prepared_dir / IMAGES_FILE, mmap_mode="r")
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image(self, index: int) -> np.ndarray:
+        return np.asarray(self.images[self.rows[index]])
+
+
+class CellBoxDataset(Dataset):
+    """Single cells: the image, its one box and its label (also the image label)."""
+
+    def __init__(self, source: CellSource, transform: A.Compose):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Sample:
+        label = int(self.source.labels[index])
+        return make_sample(
+            self.transform, self.source.image(index), self.source.boxes[index], [label], label
+        )
+
+
+class SceneDataset(Dataset):
+    """``length`` scenes composed from the cells of one source (hence one split).
+
+    With a ``seed`` scene ``i`` is always the same (validation); without one every access
+    composes a new scene from torch's generator, which Lightning seeds per worker.
+    """
+
+    def __init__(
+        self,
+        source: CellSource,
+        length: int,
+        spec: SceneSpec,
+        transform: A.Compose,
+        seed: int | None = None,
+    ):
+        self.source, self.length, self.spec = source, length, spec
+        self.transform, self.seed = transform, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Sample:
+        seed = self.seed if self.seed is not None else int(torch.randint(2**62, ()))
+        rng = np.random.default_rng([seed, index])
+        cells = [
+            crop_cell(self.source.image(i), self.source.labels[i], self.source.split)
+            for i in choose_cells(len(self.source), rng, self.spec)
+        ]
+        scene = compose_scene(cells, rng, self.spec)
+        return make_sample(self.transform, scene.image, scene.boxes, scene.labels, SCENE)
+
+
+class DetectionDataModule(CellDataModule):
+    """Train: composed scenes plus every single cell; val: single cells plus fixed scenes
+    (for mAP); test: single cells. The loaders are the CNN's; ``datamodule.balance`` does not
+    apply (scenes mix both classes and the YOLO loss has no class weights)."""
+
+    def __init__(
+        self,
+        prepared_dir: str,
+        img_size: int = 128,
+        window: int = 450,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        augment_strength: float = 1.0,
+        flips: bool = True,
+        train_scenes: int = 256,
+        val_scenes: int = 32,
+        min_cells: int = 4,
+        max_cells: int = 9,
+        spacing: float = 0.25,
+        noise: int = 4,
+        seed: int = 0,
+    ):
+        super().__init__(prepared_dir, batch_size, num_workers, pin_memory, "none")
+        if train_scenes < 0 or val_scenes < 0:
+            raise ValueError(
+                f"model.scenes train_scenes and val_scenes must be >= 0, "
+                f"got {train_scenes}, {val_scenes}"
+            )
+        self.window = window
+        self.transform = detection_transforms(img_size, augment_strength, flips)
+        self.eval_transform = detection_transforms(img_size)
+        self.spec = SceneSpec(min_cells, max_cells, spacing, noise)
+        self.scene_counts = {"train": train_scenes, "val": val_scenes}
+        self.seed = seed
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DetectionDataModule:
+        """From a resolved run config: ``datamodule`` loader settings, ``model.img_size``,
+        ``model.scenes`` and ``data.prepare.window`` (only ``fit=window`` caches map boxes)."""
+        if config["data"]["prepare"]["fit"] != "window":
+            raise ValueError("YOLO training needs data.prepare.fit=window (cells at true scale)")
+        loader = config["datamodule"]
+        keys = ("batch_size", "num_workers", "pin_memory", "augment_strength", "flips")
+        return cls(
+            loader["prepared_dir"],
+            img_size=config["model"]["img_size"],
+            window=config["data"]["prepare"]["window"],
+            seed=config["seed"],
+            **{key: loader[key] for key in keys},
+            **config["model"]["scenes"],
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if not (self.prepared_dir / MANIFEST_FILE).is_file():
+            raise FileNotFoundError(f"no prepared data in {self.prepared_dir}: run `lmo-prepare`")
+        sources = {
+            s: CellSource(self.prepared_dir, s, self.window) for s in ("train", "val", "test")
+        }
+        for split in ("train", "val"):
+            if len(sources[split]) == 0:
+                raise ValueError(f"the {split} split is empty: check data.split")
+        self.val_scenes = SceneDataset(
+            sources["val"], self.scene_counts["val"], self.spec, self.eval_transform, self.seed
+        )
+        train_scenes = SceneDataset(
+            sources["train"], self.scene_counts["train"], self.spec, self.transform
+        )
+        self.datasets = {
+            "train": ConcatDataset(
+                [train_scenes, CellBoxDataset(sources["train"], self.transform)]
+            ),
+            "val": ConcatDataset(
+                [CellBoxDataset(sources["val"], self.eval_transform), self.val_scenes]
+            ),
+            "test": CellBoxDataset(sources["test"], self.eval_transform),
+        }
+
+    def overlay_batch(self, count: int) -> tuple[torch.Tensor, list[Target]]:
+        """The first ``count`` validation scenes (cells without scenes), to draw predictions on."""
+        self.setup()
+        dataset = self.val_scenes if len(self.val_scenes) else self.datasets["val"]
+        return collate([dataset[i] for i in range(min(count, len(dataset)))])
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False, **kwargs) -> DataLoader:
+        return super()._loader(dataset, shuffle, collate_fn=collate, **kwargs)

@@ -1,0 +1,279 @@
+"""LightningModule training YOLOv3 / YOLOv3-tiny to find cells and tell ALL blasts from HEM.
+
+Besides detection metrics (box mAP), every single-cell image gets a probability of ALL from its
+detections, scored with the CNNs' :class:`ClassificationMetrics`, so ``val/f1_weighted`` means
+the same for both families and drives checkpoints and early stopping alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.utils import draw_bounding_boxes
+
+from leukemia_mlops.data.detection import Target
+from leukemia_mlops.data.naming import ALL, HEM
+from leukemia_mlops.models.backbones import WeightsError, load_backbone_weights
+from leukemia_mlops.models.yolo import (
+    YoloConfig,
+    YoloV3,
+    build,
+    decode,
+    load_darknet_weights,
+    postprocess,
+)
+from leukemia_mlops.models.yolo.common import conv_layers
+from leukemia_mlops.training.metrics import ClassificationMetrics
+
+SCHEDULERS = ("cosine", "none")
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+CLASS_NAMES = {ALL: "ALL", HEM: "HEM"}
+CLASS_COLORS = {ALL: "red", HEM: "lime"}
+
+
+def load_weights(net: YoloV3, weights: str) -> None:
+    """Initialise the backbone from ``weights``: ``none``; a ``.pt``/``.pth`` state dict or
+    ``.ckpt`` checkpoint; otherwise a Darknet file (``.weights``, ``darknet53.conv.74``), of
+    which the backbone's convolutions are read (a full ``yolov3.weights`` works too)."""
+    if weights == "none":
+        return
+    path = Path(weights)
+    if path.suffix in TORCH_SUFFIXES:
+        load_backbone_weights(net.backbone, path)
+        return
+    if not path.is_file():
+        raise WeightsError(f"model.weights: no such file {path}")
+    try:
+        load_darknet_weights(net, path, cutoff=len(conv_layers(net.backbone)))
+    except ValueError as err:
+        raise WeightsError(f"model.weights: {err}") from None
+
+
+def cell_probability(
+    outputs: Sequence[Tensor], anchors: Tensor, strides: Sequence[int], conf_threshold: float
+) -> Tensor:
+    """P(ALL) per image, for images of one cell: ``s_ALL / (s_ALL + s_HEM)``.
+
+    ``s_c`` is the best score (objectness x probability of class ``c``) that any predicted box
+    gives class ``c``, counting only scores above ``conf_threshold`` (the detections'
+    threshold); an image where no box passes gets 0.5.
+    """
+    det = decode([o.detach().float() for o in outputs], anchors, strides)
+    scores = det[..., 4:5] * det[..., 5:]
+    best = scores.masked_fill(scores <= conf_threshold, 0).amax(1)
+    total = best[:, ALL] + best[:, HEM]
+    return torch.where(total > 0, best[:, ALL] / total.clamp_min(1e-12), 0.5)
+
+
+class DecodedYolo(nn.Module):
+    """The network with box decoding: float images in [0, 1] -> ``[B, N, 5 + C]`` (xyxy pixels,
+    objectness, class probabilities), a single tensor, as MLflow model signatures need."""
+
+    def __init__(self, net: YoloV3):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: Tensor) -> Tensor:
+        return decode(self.net(images), self.net.anchors, self.net.strides)
+
+
+class YoloDetector(pl.LightningModule):
+    """YOLOv3 cell detector over uint8 batches ``(images, targets)`` (see ``data.detection``).
+
+    ``anchors`` are (w, h) fractions of ``img_size`` per scale, fine to coarse, so they follow
+    the input size (null: the variant's COCO anchors, in pixels). ``loss`` holds
+    :class:`YoloConfig`'s loss keys. Hyperparameters are plain values (the optimizer is a
+    ``_target_`` mapping) so that checkpoints load with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(
+        self,
+        variant: str = "yolov3_tiny",
+        img_size: int = 128,
+        num_classes: int = 2,
+        anchors: list[list[list[float]]] | None = None,
+        width_mult: float = 1.0,
+        loss: dict[str, Any] | None = None,
+        weights: str = "none",
+        optimizer: dict[str, Any] | None = None,
+        backbone_lr_ratio: float = 1.0,
+        scheduler: str = "cosine",
+        warmup_epochs: int = 0,
+        conf_threshold: float = 0.01,
+        iou_threshold: float = 0.5,
+    ):
+        super().__init__()
+        if num_classes != 2:
+            raise ValueError(f"model.num_classes must be 2 (HEM=0, ALL=1), got {num_classes}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"model.scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        if not 0 < backbone_lr_ratio <= 1:
+            raise ValueError(f"model.backbone_lr_ratio must be in (0, 1], got {backbone_lr_ratio}")
+        optimizer = dict(optimizer or {"_target_": "torch.optim.AdamW", "lr": 1e-3})
+        if float(optimizer.get("lr", 0)) <= 0:
+            raise ValueError(f"model.optimizer.lr must be > 0, got {optimizer.get('lr')}")
+        self.save_hyperparameters()
+        self.hparams.optimizer = optimizer
+        if anchors is not None:
+            anchors = [[[w * img_size, h * img_size] for w, h in scale] for scale in anchors]
+        config = {
+            "variant": variant,
+            "num_classes": num_classes,
+            "img_size": img_size,
+            "anchors": anchors,
+            "width_mult": width_mult,
+            **(loss or {}),
+        }
+        self.net, self.criterion = build(YoloConfig.from_mapping(config))
+        load_weights(self.net, weights)
+        self.train_metrics = ClassificationMetrics("train")
+        self.val_metrics = ClassificationMetrics("val")
+        self.test_metrics = ClassificationMetrics("test")
+        self.val_map = MeanAveragePrecision(iou_type="bbox")
+        self.test_map = MeanAveragePrecision(iou_type="bbox")
+        names = ("loss", "box_loss", "obj_loss", "cls_loss")
+        self.train_losses = MetricCollection(
+            {name: MeanMetric() for name in names}, prefix="train/", compute_groups=False
+        )
+
+    @property
+    def backbone(self) -> nn.Module:
+        """Darknet, frozen during warm-up (see :class:`BackboneWarmup`)."""
+        return self.net.backbone
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return self.net(images)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, targets = batch
+        return images.float().div_(255), targets
+
+    def training_step(self, batch: tuple[Tensor, list[Target]], batch_idx: int) -> Tensor:
+        images, targets = batch
+        outputs = self(images)
+        loss, parts = self.criterion(outputs, targets)
+        self.train_losses["loss"].update(loss.detach(), len(targets))
+        for name, value in parts.items():
+            self.train_losses[f"{name}_loss"].update(value, len(targets))
+        self._update_cells(outputs, targets, self.train_metrics)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, list[Target]], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, list[Target]], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: tuple[Tensor, list[Target]], stage: str) -> None:
+        images, targets = batch
+        outputs = self(images)
+        loss, _ = self.criterion(outputs, targets)
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(targets), sync_dist=True)
+        outputs = [o.float() for o in outputs]
+        detections = postprocess(
+            outputs,
+            self.net.anchors,
+            self.net.strides,
+            self.hparams.conf_threshold,
+            self.hparams.iou_threshold,
+        )
+        truth = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        getattr(self, f"{stage}_map").update(detections, truth)
+        metrics = getattr(self, f"{stage}_metrics")
+        self._update_cells(outputs, targets, metrics)
+        for collection in metrics.collections():
+            self.log_dict(collection, on_epoch=True)
+
+    def _update_cells(
+        self, outputs: list[Tensor], targets: list[Target], metrics: ClassificationMetrics
+    ) -> None:
+        """Score the single-cell images of a batch (scenes have ``image_label`` -1)."""
+        labels = torch.stack([t["image_label"] for t in targets])
+        cells = labels >= 0
+        if cells.any():
+            probs = cell_probability(
+                outputs, self.net.anchors, self.net.strides, self.hparams.conf_threshold
+            )
+            metrics.update(probs[cells], labels[cells])
+
+    def _log_map(self, stage: str) -> None:
+        metric = getattr(self, f"{stage}_map")
+        result = metric.compute()
+        metric.reset()
+        self.log_dict({f"{stage}/map": result["map"], f"{stage}/map_50": result["map_50"]})
+
+    def on_validation_epoch_end(self) -> None:
+        """Log mAP, and the finished training epoch's metrics together with validation's, so
+        that all are logged before the epoch's checkpoint (resume-safe, as for the CNNs)."""
+        self._log_map("val")
+        if self.trainer.sanity_checking or self.train_losses["loss"].update_count == 0:
+            return
+        self.log_dict(self.train_losses.compute())
+        self.train_losses.reset()
+        for collection in self.train_metrics.collections():
+            self.log_dict(collection.compute())
+            collection.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_map("test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        settings = dict(self.hparams.optimizer)
+        lr = float(settings["lr"])
+        groups = [
+            {
+                "params": list(self.net.backbone.parameters()),
+                "lr": lr * self.hparams.backbone_lr_ratio,
+                "name": "backbone",
+            },
+            {
+                "params": [*self.net.neck.parameters(), *self.net.head.parameters()],
+                "lr": lr,
+                "name": "head",
+            },
+        ]
+        optimizer = instantiate(settings, _partial_=True)(groups)
+        if self.hparams.scheduler == "none":
+            return {"optimizer": optimizer}
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
+
+    def predictor(self) -> DecodedYolo:
+        """The network with decoding, for serving (see :func:`log_classifier`)."""
+        return DecodedYolo(self.net)
+
+    @torch.no_grad()
+    def draw_predictions(
+        self, images: Tensor, targets: list[Target], min_score: float = 0.25
+    ) -> list[np.ndarray]:
+        """uint8 images ``[B, 3, H, W]`` as HWC arrays with the true boxes (white) and the
+        detections scoring at least ``min_score`` (ALL red, HEM green, with their scores)."""
+        self.eval()
+        outputs = self(images.to(self.device).float().div(255))
+        detections = postprocess(
+            outputs, self.net.anchors, self.net.strides, min_score, self.hparams.iou_threshold
+        )
+        drawn = []
+        for image, target, found in zip(images.cpu(), targets, detections, strict=True):
+            if len(target["boxes"]):
+                image = draw_bounding_boxes(image, target["boxes"].cpu(), colors="white")
+            labels = found["labels"].tolist()
+            if labels:
+                names = [
+                    f"{CLASS_NAMES[label]} {score:.2f}"
+                    for label, score in zip(labels, found["scores"].tolist(), strict=True)
+                ]
+                colors = [CLASS_COLORS[label] for label in labels]
+                image = draw_bounding_boxes(image, found["boxes"].cpu(), names, colors, width=2)
+            drawn.append(image.permute(1, 2, 0).numpy())
+        return drawn

@@ -11,52 +11,53 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from leukemia_mlops.data.augment import train_transforms
+from leukemia_mlops.data.augment import seed_per_process, train_transforms
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
 
 BALANCE_MODES = ("none", "sampler", "loss")
 
 
-class CellDataset(Dataset):
-    """Cells of one split as ``(uint8 CHW tensor, float label)``; normalisation is the model's."""
+class SplitImages:
+    """The cached images of one split and their manifest rows.
 
-    def __init__(self, prepared_dir: Path, split: str, transform: A.Compose | None = None):
-        manifest = pd.read_parquet(Path(prepared_dir) / MANIFEST_FILE)
-        rows = manifest.index[manifest["split"] == split].to_numpy()
+    The cache is memory-mapped lazily, so that each DataLoader worker maps the file itself.
+    """
+
+    def __init__(self, prepared_dir: str | Path, split: str):
         self.prepared_dir = Path(prepared_dir)
-        self.rows = rows
-        self.labels = manifest.loc[rows, "label"].to_numpy(np.int64)
-        self.subjects = manifest.loc[rows, "subject"].astype(str).to_numpy()
-        self.paths = manifest.loc[rows, "path"].astype(str).to_numpy()
-        self.transform = transform
+        manifest = pd.read_parquet(self.prepared_dir / MANIFEST_FILE)
+        self.manifest = manifest[manifest["split"] == split]
+        self.split = split
+        self.rows = self.manifest.index.to_numpy()
+        self.labels = self.manifest["label"].to_numpy(np.int64)
+        self.subjects = self.manifest["subject"].astype(str).to_numpy()
+        self.paths = self.manifest["path"].astype(str).to_numpy()
         self._images: np.ndarray | None = None
-        self._seeded_with: int | None = None
 
     @property
     def images(self) -> np.ndarray:
-        # Opened lazily so that each DataLoader worker maps the file itself.
         if self._images is None:
             self._images = np.load(self.prepared_dir / IMAGES_FILE, mmap_mode="r")
         return self._images
 
-    def _seed_transform(self) -> None:
-        """Seed albumentations (which ignores global seeds) from torch's seed for this process.
-
-        In a DataLoader worker that seed is the loader's base seed plus the worker id, so
-        workers differ and a seeded run repeats exactly.
-        """
-        seed = torch.initial_seed()
-        if seed != self._seeded_with:
-            self.transform.set_random_seed(seed % 2**32)
-            self._seeded_with = seed
-
     def __len__(self) -> int:
         return len(self.rows)
 
+    def image(self, index: int) -> np.ndarray:
+        return np.asarray(self.images[self.rows[index]])
+
+
+class CellDataset(SplitImages, Dataset):
+    """Cells of one split as ``(uint8 CHW tensor, float label)``; normalisation is the model's."""
+
+    def __init__(self, prepared_dir: str | Path, split: str, transform: A.Compose | None = None):
+        super().__init__(prepared_dir, split)
+        self.transform = transform
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = np.asarray(self.images[self.rows[index]])
+        image = self.image(index)
         if self.transform is not None:
-            self._seed_transform()
+            seed_per_process(self.transform)
             image = self.transform(image=image)["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return tensor, torch.tensor(self.labels[index], dtype=torch.float32)

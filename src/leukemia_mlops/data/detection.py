@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from leukemia_mlops.data.datamodule import CellDataModule
+from leukemia_mlops.data.augment import dihedral_flips, jitter, seed_per_process
+from leukemia_mlops.data.datamodule import CellDataModule, SplitImages
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
 from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, crop_cell
 
@@ -59,45 +60,14 @@ def detection_transforms(img_size: int, strength: float = 0.0, flips: bool = Fal
     Unlike the CNN pipeline there is no free rotation: the box of a rotated cell is the box of
     its rotated box, visibly larger than the cell.
     """
-    if strength < 0:
-        raise ValueError(f"datamodule.augment_strength must be >= 0, got {strength}")
     steps = letterbox(img_size)
     if flips:
-        steps += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
-    if strength > 0:
-        steps += [
-            A.Affine(
-                scale=(1 - 0.05 * strength, 1 + 0.05 * strength),
-                translate_percent=(-0.05 * strength, 0.05 * strength),
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                p=min(1.0, 0.5 * strength),
-            ),
-            A.ColorJitter(
-                brightness=0.15 * strength,
-                contrast=0.15 * strength,
-                saturation=0.15 * strength,
-                hue=0.03 * strength,
-                p=min(1.0, 0.8 * strength),
-            ),
-        ]
+        steps += dihedral_flips()
+    steps += jitter(strength, rotate=0.0)
     bbox_params = A.BboxParams(
         format="pascal_voc", label_fields=["labels"], min_visibility=0.3, clip=True
     )
     return A.Compose(steps, bbox_params=bbox_params)
-
-
-def seed_per_process(transform: A.Compose) -> None:
-    """Seed albumentations (which ignores global seeds) from torch's seed for this process.
-
-    In a DataLoader worker that is the loader's base seed plus the worker id, so forked workers
-    do not repeat each other's augmentations and a seeded run repeats exactly. The seed is
-    kept on the transform, which the scene and cell datasets share.
-    """
-    seed = torch.initial_seed()
-    if getattr(transform, "torch_seed", None) != seed:
-        transform.set_random_seed(seed % 2**32)
-        transform.torch_seed = seed
 
 
 def make_sample(
@@ -129,32 +99,13 @@ def collate(batch: list[Sample]) -> tuple[torch.Tensor, list[Target]]:
     return torch.stack(images), list(targets)
 
 
-class CellSource:
+class CellSource(SplitImages):
     """The cached cells of one split, with their manifest boxes in the cache frame."""
 
     def __init__(self, prepared_dir: Path, split: str, window: int):
-        manifest = pd.read_parquet(Path(prepared_dir) / MANIFEST_FILE)
-        rows = manifest[manifest["split"] == split]
-        self.prepared_dir = Path(prepared_dir)
-        self.split = split
-        self.rows = rows.index.to_numpy()
-        self.labels = rows["label"].to_numpy(np.int64)
+        super().__init__(prepared_dir, split)
         size = np.load(self.prepared_dir / IMAGES_FILE, mmap_mode="r").shape[1]
-        self.boxes = cache_boxes(rows, size, window)
-        self._images: np.ndarray | None = None
-
-    @property
-    def images(self) -> np.ndarray:
-        # Opened lazily so that each DataLoader worker maps the file itself.
-        if self._images is None:
-            self._images = np.load(self.prepared_dir / IMAGES_FILE, mmap_mode="r")
-        return self._images
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def image(self, index: int) -> np.ndarray:
-        return np.asarray(self.images[self.rows[index]])
+        self.boxes = cache_boxes(self.manifest, size, window)
 
 
 class CellBoxDataset(Dataset):

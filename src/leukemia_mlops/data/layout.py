@@ -28,7 +28,16 @@ UNLABELLED = -1
 PRELIM = "C-NMC_test_prelim_phase_data"
 FINAL = "C-NMC_test_final_phase_data"
 LABELS_HEADER = ("Patient_ID", "new_names", "labels")
-COLUMNS = ["path", "label", "subject", "image_id", "cell_id", "fold", "source_split"]
+#: The columns of a scanned dataset table and their dtypes.
+COLUMN_TYPES = {
+    "path": "string",
+    "label": "int64",
+    "subject": "string",
+    "image_id": "Int64",
+    "cell_id": "Int64",
+    "fold": "Int64",
+    "source_split": "string",
+}
 _FOLD = re.compile(r"^fold_(\d+)$")
 
 
@@ -86,17 +95,7 @@ def scan_dataset(raw_dir: str | Path) -> tuple[pd.DataFrame, list[Skip]]:
             f"{root} holds no C-NMC layout: expected C-NMC_Leukemia/training_data/fold_*/, "
             "C-NMC_training_data/fold_*/ or all/ and hem/ sub-folders"
         )
-    table = pd.DataFrame(scan.rows, columns=COLUMNS).astype(
-        {
-            "label": "int64",
-            "subject": "string",
-            "image_id": "Int64",
-            "cell_id": "Int64",
-            "fold": "Int64",
-            "source_split": "string",
-            "path": "string",
-        }
-    )
+    table = pd.DataFrame(scan.rows, columns=list(COLUMN_TYPES)).astype(COLUMN_TYPES)
     return table, scan.skipped
 
 

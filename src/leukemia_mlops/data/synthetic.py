@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from leukemia_mlops.data.layout import COLUMN_TYPES
 from leukemia_mlops.data.naming import ALL, HEM, LABEL_NAMES, format_cell_name
 
 DATASET_DIR = "C-NMC_Leukemia"
@@ -552,17 +553,7 @@ def _table(cells: list[_Cell]) -> pd.DataFrame:
         }
         for c in cells
     ]
-    return pd.DataFrame(rows).astype(
-        {
-            "path": "string",
-            "label": "int64",
-            "subject": "string",
-            "image_id": "Int64",
-            "cell_id": "Int64",
-            "fold": "Int64",
-            "source_split": "string",
-        }
-    )
+    return pd.DataFrame(rows, columns=list(COLUMN_TYPES)).astype(COLUMN_TYPES)
 
 
 def generate_cnmc(

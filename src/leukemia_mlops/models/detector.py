@@ -12,17 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.utils import draw_bounding_boxes
 
 from leukemia_mlops.data.detection import Target
 from leukemia_mlops.data.naming import ALL, HEM
 from leukemia_mlops.models.backbones import WeightsError, load_backbone_weights
+from leukemia_mlops.models.base import FineTunedModule, checked_optimizer
 from leukemia_mlops.models.yolo import (
     YoloConfig,
     YoloV3,
@@ -34,7 +32,6 @@ from leukemia_mlops.models.yolo import (
 from leukemia_mlops.models.yolo.common import conv_layers
 from leukemia_mlops.training.metrics import ClassificationMetrics
 
-SCHEDULERS = ("cosine", "none")
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 CLASS_NAMES = {ALL: "ALL", HEM: "HEM"}
 CLASS_COLORS = {ALL: "red", HEM: "lime"}
@@ -86,7 +83,7 @@ class DecodedYolo(nn.Module):
         return decode(self.net(images), self.net.anchors, self.net.strides)
 
 
-class YoloDetector(pl.LightningModule):
+class YoloDetector(FineTunedModule):
     """YOLOv3 cell detector over uint8 batches ``(images, targets)`` (see ``data.detection``).
 
     ``anchors`` are (w, h) fractions of ``img_size`` per scale, fine to coarse, so they follow
@@ -114,13 +111,7 @@ class YoloDetector(pl.LightningModule):
         super().__init__()
         if num_classes != 2:
             raise ValueError(f"model.num_classes must be 2 (HEM=0, ALL=1), got {num_classes}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"model.scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-        if not 0 < backbone_lr_ratio <= 1:
-            raise ValueError(f"model.backbone_lr_ratio must be in (0, 1], got {backbone_lr_ratio}")
-        optimizer = dict(optimizer or {"_target_": "torch.optim.AdamW", "lr": 1e-3})
-        if float(optimizer.get("lr", 0)) <= 0:
-            raise ValueError(f"model.optimizer.lr must be > 0, got {optimizer.get('lr')}")
+        optimizer = checked_optimizer(optimizer, backbone_lr_ratio, scheduler)
         self.save_hyperparameters()
         self.hparams.optimizer = optimizer
         if anchors is not None:
@@ -135,20 +126,9 @@ class YoloDetector(pl.LightningModule):
         }
         self.net, self.criterion = build(YoloConfig.from_mapping(config))
         load_weights(self.net, weights)
-        self.train_metrics = ClassificationMetrics("train")
-        self.val_metrics = ClassificationMetrics("val")
-        self.test_metrics = ClassificationMetrics("test")
+        self.init_metrics(("loss", "box_loss", "obj_loss", "cls_loss"))
         self.val_map = MeanAveragePrecision(iou_type="bbox")
         self.test_map = MeanAveragePrecision(iou_type="bbox")
-        names = ("loss", "box_loss", "obj_loss", "cls_loss")
-        self.train_losses = MetricCollection(
-            {name: MeanMetric() for name in names}, prefix="train/", compute_groups=False
-        )
-
-    @property
-    def backbone(self) -> nn.Module:
-        """Darknet, frozen during warm-up (see :class:`BackboneWarmup`)."""
-        return self.net.backbone
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return self.net(images)
@@ -212,41 +192,11 @@ class YoloDetector(pl.LightningModule):
         self.log_dict({f"{stage}/map": result["map"], f"{stage}/map_50": result["map_50"]})
 
     def on_validation_epoch_end(self) -> None:
-        """Log mAP, and the finished training epoch's metrics together with validation's, so
-        that all are logged before the epoch's checkpoint (resume-safe, as for the CNNs)."""
         self._log_map("val")
-        if self.trainer.sanity_checking or self.train_losses["loss"].update_count == 0:
-            return
-        self.log_dict(self.train_losses.compute())
-        self.train_losses.reset()
-        for collection in self.train_metrics.collections():
-            self.log_dict(collection.compute())
-            collection.reset()
+        super().on_validation_epoch_end()
 
     def on_test_epoch_end(self) -> None:
         self._log_map("test")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        settings = dict(self.hparams.optimizer)
-        lr = float(settings["lr"])
-        groups = [
-            {
-                "params": list(self.net.backbone.parameters()),
-                "lr": lr * self.hparams.backbone_lr_ratio,
-                "name": "backbone",
-            },
-            {
-                "params": [*self.net.neck.parameters(), *self.net.head.parameters()],
-                "lr": lr,
-                "name": "head",
-            },
-        ]
-        optimizer = instantiate(settings, _partial_=True)(groups)
-        if self.hparams.scheduler == "none":
-            return {"optimizer": optimizer}
-        epochs = max(int(self.trainer.max_epochs or 1), 1)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
 
     def predictor(self) -> DecodedYolo:
         """The network with decoding, for serving (see :func:`log_classifier`)."""

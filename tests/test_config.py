@@ -26,7 +26,17 @@ def test_write_params_only_rewrites_on_change(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "group", ["model=resnet50", "model=vgg16", "data=cnmc", "trainer=ddp_cpu", "trainer=gpu"]
+    "group",
+    [
+        "model=resnet50",
+        "model=vgg16",
+        "model=yolov3",
+        "data=cnmc",
+        "trainer=ddp_cpu",
+        "trainer=gpu",
+        "experiment=cnmc_efficientnet",
+        "experiment=smoke",
+    ],
 )
 def test_groups_compose(group):
     cfg = compose([group])

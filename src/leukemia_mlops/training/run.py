@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ from leukemia_mlops.training.metrics import MONITOR
 from leukemia_mlops.training.precision import resolve_precision
 
 log = logging.getLogger(__name__)
+# Notices that are expected here: batches are normalised by the module on purpose, and the
+# pytree deprecation is Lightning's own.
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 # Keys a family does not log are left out of its rows (the mAPs are the detectors').
 HISTORY_KEYS = (
     "train/loss",
@@ -108,6 +113,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         module,
         datamodule=datamodule,
         ckpt_path=str(run_dir / "checkpoints/last.ckpt") if resume else None,
+        weights_only=True,
     )
     best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else 0.0
     if trainer.is_global_zero:

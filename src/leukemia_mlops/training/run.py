@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 

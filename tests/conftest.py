@@ -12,10 +12,14 @@ os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+import pytorch_lightning as pl
+
 from leukemia_mlops.config import compose
+from leukemia_mlops.data.datamodule import CellDataModule
 from leukemia_mlops.data.prepare import PrepareSpec, prepare_dataset
 from leukemia_mlops.data.splits import SplitSpec
 from leukemia_mlops.data.synthetic import SyntheticSpec, generate_cnmc
+from leukemia_mlops.models.classifier import CellClassifier
 
 TINY_SPEC = SyntheticSpec(
     n_train_subjects=8, n_prelim_subjects=4, cells_per_subject=8, n_final_images=3, seed=3
@@ -74,3 +78,22 @@ def tiny_config(tmp_path: Path, tiny_prepared: Path):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet18 trained for one epoch on the tiny cache (a poor model is enough here)."""
+    path = tmp_path_factory.mktemp("tiny_checkpoint") / "model.ckpt"
+    pl.seed_everything(0)
+    module = CellClassifier(backbone="resnet18", channels_last=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, datamodule=CellDataModule(str(tiny_prepared), 16, num_workers=0))
+    trainer.save_checkpoint(path)
+    return path

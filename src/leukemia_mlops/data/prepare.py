@@ -53,7 +53,7 @@ class PrepareSpec:
 
 
 @dataclass(frozen=True)
-class _Decoded:
+class Decoded:
     pixels: np.ndarray | None
     md5: str = ""
     size_bytes: int = 0
@@ -63,32 +63,35 @@ class _Decoded:
     reason: str = ""
 
 
-def _decode_one(task: tuple[Path, PrepareSpec]) -> _Decoded:
-    """Read, hash and decode one file; failures come back as a reason, not an exception."""
+def decode_file(task: tuple[Path, PrepareSpec]) -> Decoded:
+    """Read, hash and decode one file as ``prepare`` does (``predict`` shares it).
+
+    Failures come back as a reason, not an exception, so one bad file never stops a run.
+    """
     path, spec = task
     try:
         data = path.read_bytes()
         image = decode_rgb(data)
     except (OSError, ImageDecodeError) as err:
-        return _Decoded(None, reason=str(err))
+        return Decoded(None, reason=str(err))
     box = cell_box(image)
     if box is None:
-        return _Decoded(None, reason="blank image (no cell pixels)")
+        return Decoded(None, reason="blank image (no cell pixels)")
     pixels = to_training_image(image, spec.image_size, spec.window, spec.fit)
-    return _Decoded(pixels, hashlib.md5(data).hexdigest(), len(data), *image.shape[:2], box)
+    return Decoded(pixels, hashlib.md5(data).hexdigest(), len(data), *image.shape[:2], box)
 
 
 def _decode_all(
     raw_dir: Path, paths: list[str], spec: PrepareSpec, progress: bool
-) -> Iterator[_Decoded]:
+) -> Iterator[Decoded]:
     tasks = [(raw_dir / p, spec) for p in paths]
     workers = spec.workers or os.cpu_count() or 1
     bar = dict(total=len(tasks), desc="prepare", unit="img", disable=not progress)
     if workers == 1 or len(tasks) < 64:
-        yield from tqdm(map(_decode_one, tasks), **bar)
+        yield from tqdm(map(decode_file, tasks), **bar)
         return
     with Pool(workers) as pool:
-        yield from tqdm(pool.imap(_decode_one, tasks, chunksize=16), **bar)
+        yield from tqdm(pool.imap(decode_file, tasks, chunksize=16), **bar)
 
 
 def prepare_dataset(
@@ -127,19 +130,19 @@ def _write_cache(
     spec: PrepareSpec,
     tmp: Path,
     progress: bool,
-) -> dict[int, _Decoded]:
+) -> dict[int, Decoded]:
     """Decode into ``tmp/images.npy``; returns the kept table rows with their decode results."""
     size = spec.image_size
     cache_path = tmp / IMAGES_FILE
     cache = np.lib.format.open_memmap(cache_path, "w+", np.uint8, (len(table), size, size, 3))
-    kept: dict[int, _Decoded] = {}
+    kept: dict[int, Decoded] = {}
     paths = table["path"].tolist()
     for row, decoded in enumerate(_decode_all(raw_dir, paths, spec, progress)):
         if decoded.pixels is None:
             skipped.append(Skip(paths[row], decoded.reason))
             continue
         cache[len(kept)] = decoded.pixels
-        kept[row] = _Decoded(
+        kept[row] = Decoded(
             None, decoded.md5, decoded.size_bytes, decoded.height, decoded.width, decoded.box
         )
     cache.flush()

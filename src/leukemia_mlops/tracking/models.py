@@ -13,7 +13,8 @@ def log_classifier(uri: str, run_id: str, net: nn.Module, image_size: int) -> No
     from mlflow.models import infer_signature
 
     net = net.eval().float().to(memory_format=torch.contiguous_format)
-    example = np.zeros((1, 3, image_size, image_size), np.float32)
+    # A batch of two: torch.export would fix a batch dimension of one into the saved model.
+    example = np.zeros((2, 3, image_size, image_size), np.float32)
     with torch.no_grad():
         output = net(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)

@@ -1,0 +1,87 @@
+"""``python -m leukemia_mlops.cli.predict MODEL INPUT... --out predictions.csv``.
+
+MODEL is a Lightning checkpoint, an ONNX file or an MLflow model URI (``runs:/<id>/model``,
+``models:/<name>@<alias>``); INPUT are image files or folders (searched recursively). Images
+are preprocessed as ``prepare`` does, with the settings the model declares, else those of
+``params.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from leukemia_mlops.cli.args import run_cli
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", help=".ckpt or .onnx file, or runs:/ or models:/ URI")
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders")
+    parser.add_argument("--out", default="predictions.csv", help="CSV to write")
+    parser.add_argument("--batch-size", type=int, default=64)
+    decision = parser.add_mutually_exclusive_group()
+    decision.add_argument("--threshold", type=float, help="call ALL above this probability")
+    decision.add_argument(
+        "--metrics", help="the model's evaluation metrics.json, whose threshold to use"
+    )
+    parser.add_argument("--params", default="params.yaml", help="config for missing settings")
+    return parser
+
+
+def _threshold(args: argparse.Namespace) -> float:
+    """--threshold, else the evaluation's (chosen on validation), else 0.5."""
+    if args.threshold is not None:
+        return args.threshold
+    if args.metrics is None:
+        return 0.5
+    threshold = json.loads(Path(args.metrics).read_text()).get("threshold")
+    if not isinstance(threshold, int | float):
+        raise ValueError(f"{args.metrics} holds no decision threshold")
+    return float(threshold)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+
+    def body() -> None:
+        from leukemia_mlops.config import load_params
+        from leukemia_mlops.evaluation.predict import (
+            PREPROCESSING_KEYS,
+            is_mlflow_uri,
+            load_scorer,
+            predict_paths,
+        )
+        from leukemia_mlops.tracking.store import tracking_uri
+
+        params = load_params(args.params) if Path(args.params).is_file() else None
+        uri = None
+        if is_mlflow_uri(args.model):
+            mlflow = params.logger.mlflow.tracking_uri if params else None
+            uri = tracking_uri(mlflow, params.paths.mlruns_dir if params else "mlruns")
+        scorer = load_scorer(args.model, uri)
+        missing = [key for key in PREPROCESSING_KEYS if key not in scorer.preprocessing]
+        if missing and params is None:
+            raise FileNotFoundError(
+                f"{args.params} not found: it must give {', '.join(missing)} "
+                "(the model does not declare them)"
+            )
+        settings = {**{k: params.data.prepare[k] for k in missing}, **scorer.preprocessing}
+        table = predict_paths(
+            scorer,
+            args.inputs,
+            args.out,
+            **settings,
+            batch_size=args.batch_size,
+            threshold=_threshold(args),
+        )
+        failed = int((table["error"] != "").sum())
+        print(f"{len(table)} files scored into {args.out} ({failed} could not be read)")
+
+    run_cli(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Evaluate a trained classifier on the held-out subjects of the prepare cache.
+
+The decision threshold is chosen on the validation split only and then applied to the test
+split, whose labels never influence any choice. Test metrics carry subject-level bootstrap
+intervals, because the test set samples subjects, not independent cells.
+
+``out_dir`` receives ``metrics.json`` (NaN as null), ``predictions.csv``, ``subjects.csv``,
+the report figures as PNG with their DVC plot tables (``roc.csv``, ``pr.csv``,
+``reliability.csv``) and ``gradcam.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from leukemia_mlops.data.datamodule import CellDataset
+from leukemia_mlops.data.prepare import MANIFEST_FILE, write_json
+from leukemia_mlops.evaluation.bootstrap import bootstrap_ci
+from leukemia_mlops.evaluation.gradcam import gradcam_gallery
+from leukemia_mlops.evaluation.metrics import (
+    BinaryMetrics,
+    binary_metrics,
+    choose_threshold,
+    subject_metrics,
+)
+from leukemia_mlops.evaluation.plots import (
+    CLASS_NAMES,
+    confusion_matrix_plot,
+    pr_curve_plot,
+    reliability_plot,
+    roc_curve_plot,
+)
+from leukemia_mlops.evaluation.predict import Scorer, TorchScorer, load_classifier
+from leukemia_mlops.tracking.store import tracking_uri
+
+CONFIDENCE = 0.95
+GALLERY_PER_GROUP = 4
+PLOTS = {"roc": roc_curve_plot, "pr": pr_curve_plot, "reliability": reliability_plot}
+
+
+@dataclass(frozen=True)
+class EvaluateSpec:
+    """The ``evaluate`` config group, checked when the stage reads it."""
+
+    n_resamples: int = 1000
+    tta: bool = False
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.n_resamples < 1:
+            raise ValueError(f"evaluate.n_resamples must be >= 1, got {self.n_resamples}")
+        if self.batch_size < 1:
+            raise ValueError(f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+
+
+class Scored(NamedTuple):
+    """One split's cells and the model's probabilities of ALL for them."""
+
+    split: str
+    data: CellDataset
+    probs: np.ndarray
+
+
+def score_split(scorer: Scorer, split: str, data: CellDataset, batch_size: int) -> Scored:
+    """Score a split of the cache batch by batch (the memory map is read one batch at a time)."""
+    starts = range(0, len(data), batch_size)
+    batches = (data.images[data.rows[s : s + batch_size]] for s in starts)
+    bar = tqdm(batches, total=len(starts), desc=f"score {split}", unit="batch")
+    return Scored(split, data, np.concatenate([scorer(batch) for batch in bar]))
+
+
+def _with_intervals(
+    test: Scored, threshold: float, n_resamples: int, seed: int
+) -> dict[str, float]:
+    """Every binary metric as ``name``, ``name_low`` and ``name_high`` (subject bootstrap)."""
+    intervals = bootstrap_ci(
+        test.probs,
+        test.data.labels,
+        test.data.subjects,
+        BinaryMetrics(threshold),
+        n_resamples=n_resamples,
+        confidence=CONFIDENCE,
+        seed=seed,
+    )
+    return {
+        f"{name}{suffix}": value
+        for name, interval in intervals.items()
+        for suffix, value in zip(("", "_low", "_high"), interval[:3], strict=True)
+    }
+
+
+def threshold_report(
+    val: Scored, test: Scored, n_resamples: int, seed: int
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Metrics of one set of probabilities and the per-subject table of the test split.
+
+    The threshold maximising validation weighted F1 is applied to the test split; the test
+    metrics at the default threshold 0.5 (``test_default``) show what that choice is worth.
+    """
+    threshold = choose_threshold(val.probs, val.data.labels)
+    subjects, subject_scores = subject_metrics(
+        test.probs, test.data.labels, test.data.subjects, threshold
+    )
+    metrics = {
+        "threshold": threshold,
+        "val": binary_metrics(val.probs, val.data.labels, threshold),
+        "test": _with_intervals(test, threshold, n_resamples, seed),
+        "test_default": _with_intervals(test, 0.5, n_resamples, seed),
+        "subject": subject_scores,
+    }
+    return metrics, subjects
+
+
+def evaluate_model(
+    checkpoint: str | Path,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    n_resamples: int = 1000,
+    tta: bool = False,
+    seed: int = 0,
+    *,
+    batch_size: int = 64,
+    device: str | None = None,
+    mlflow_run_id: str | None = None,
+    mlflow_uri: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on the val and test splits; returns what ``metrics.json`` holds.
+
+    ``tta`` adds a ``tta`` section: the same report for probabilities averaged over the 8
+    dihedral views. With ``mlflow_run_id`` the metrics and every file of ``out_dir`` are
+    logged into that run (``mlflow_uri`` defaults to :func:`tracking_uri`).
+    """
+    EvaluateSpec(n_resamples, tta, seed, batch_size)  # the same checks as the stage's config
+    data = _eval_splits(Path(prepared_dir))
+    scorer = TorchScorer(load_classifier(checkpoint).net, device=device)
+    val, test = (score_split(scorer, *item, batch_size) for item in data.items())
+    metrics, subjects = threshold_report(val, test, n_resamples, seed)
+    predictions = _predictions([val, test], metrics["threshold"], "")
+    if tta:
+        views = TorchScorer(scorer.net, tta=True, device=device)
+        tta_val, tta_test = (score_split(views, *item, batch_size) for item in data.items())
+        metrics["tta"], _ = threshold_report(tta_val, tta_test, n_resamples, seed)
+        tta_columns = _predictions([tta_val, tta_test], metrics["tta"]["threshold"], "_tta")
+        predictions = predictions.join(tta_columns[["prob_all_tta", "pred_tta"]])
+    metrics["counts"] = {
+        f"{s.split}_{unit}": count
+        for s in (val, test)
+        for unit, count in (("cells", len(s.data)), ("subjects", len(set(s.data.subjects))))
+    }
+    metrics["bootstrap"] = {"n_resamples": n_resamples, "confidence": CONFIDENCE, "seed": seed}
+    metrics = _json_ready(metrics)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions.to_csv(out_dir / "predictions.csv", index=False)
+    subjects.to_csv(out_dir / "subjects.csv", index=False)
+    _write_plots(test, metrics["threshold"], out_dir)
+    _write_gallery(scorer, test, metrics["threshold"], out_dir / "gradcam.png")
+    write_json(out_dir / "metrics.json", metrics)
+    if mlflow_run_id:
+        log_evaluation(mlflow_uri or tracking_uri(None), mlflow_run_id, metrics, out_dir)
+    return metrics
+
+
+def _eval_splits(prepared_dir: Path) -> dict[str, CellDataset]:
+    """The val and test splits of the cache, each required to hold cells."""
+    if not (prepared_dir / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(f"no prepared data in {prepared_dir}: run the prepare stage")
+    data = {split: CellDataset(prepared_dir, split) for split in ("val", "test")}
+    for split, cells in data.items():
+        if len(cells) == 0:
+            raise ValueError(f"the {split} split of {prepared_dir} is empty")
+    return data
+
+
+def _predictions(scored: list[Scored], threshold: float, suffix: str) -> pd.DataFrame:
+    """One row per val and test cell: what it is and what the model called it."""
+    return pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "path": s.data.paths,
+                    "subject": s.data.subjects,
+                    "split": s.split,
+                    "label": s.data.labels,
+                    f"prob_all{suffix}": s.probs,
+                    f"pred{suffix}": (s.probs > threshold).astype(np.int64),
+                }
+            )
+            for s in scored
+        ],
+        ignore_index=True,
+    )
+
+
+def _write_plots(test: Scored, threshold: float, out_dir: Path) -> None:
+    """Test-split figures; their tables lose NaN rows (empty bins, PR's closing point) for DVC."""
+    labels = test.data.labels
+    preds = (test.probs > threshold).astype(np.int64)
+    confusion_matrix_plot(labels, preds, out_dir / "confusion_matrix.png")
+    for name, plot in PLOTS.items():
+        table = plot(test.probs, labels, out_dir / f"{name}.png")
+        table.dropna().to_csv(out_dir / f"{name}.csv", index=False)
+
+
+def gallery_rows(
+    probs: np.ndarray, labels: np.ndarray, threshold: float, per_group: int
+) -> np.ndarray:
+    """The most confident right calls, then the most confidently wrong ones."""
+    order = np.argsort(-np.abs(probs - threshold), kind="stable")
+    right = (probs[order] > threshold) == labels[order].astype(bool)
+    return np.concatenate([order[right][:per_group], order[~right][:per_group]])
+
+
+def _write_gallery(scorer: TorchScorer, test: Scored, threshold: float, path: Path) -> None:
+    """Grad-CAM of the class the model called, for its surest right and wrong test calls."""
+    rows = gallery_rows(test.probs, test.data.labels, threshold, GALLERY_PER_GROUP)
+    images = np.stack([test.data.images[test.data.rows[i]] for i in rows])
+    called = (test.probs[rows] > threshold).astype(np.int64)
+    titles = [
+        f"{'right' if call == label else 'WRONG'}: {CLASS_NAMES[label]} called "
+        f"{CLASS_NAMES[call]}, p(ALL)={prob:.2f}"
+        for call, label, prob in zip(called, test.data.labels[rows], test.probs[rows], strict=True)
+    ]
+    gradcam_gallery(scorer, images, called, titles, path)
+
+
+def _json_ready(value: Any) -> Any:
+    """Plain floats with NaN and infinities as None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """``metrics.json`` as MLflow metric keys, nulls left out.
+
+    Test scores become ``test/<metric>``; everything else ``eval/<path>``, which keeps the
+    evaluation's validation scores apart from training's per-epoch ``val/`` history.
+    """
+    flat: dict[str, float] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}/")
+            elif value is not None:
+                flat[prefix + key] = float(value)
+
+    walk(metrics, "")
+    return {key if key.startswith("test/") else f"eval/{key}": v for key, v in flat.items()}
+
+
+def log_evaluation(uri: str, run_id: str, metrics: dict[str, Any], out_dir: str | Path) -> None:
+    """Log the evaluation metrics and every file of ``out_dir`` (under ``evaluation/``)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(uri)
+    now = int(time.time() * 1000)
+    logged = [Metric(key, value, now, 0) for key, value in mlflow_metrics(metrics).items()]
+    client.log_batch(run_id, metrics=logged)
+    client.log_artifacts(run_id, str(out_dir), "evaluation")

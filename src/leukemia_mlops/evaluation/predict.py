@@ -1,0 +1,268 @@
+"""Scoring cells with a trained classifier, from the prepare cache or from image files.
+
+Every model source (Lightning checkpoint, MLflow model, ONNX file) becomes a *scorer*: uint8
+RGB images ``[B, S, S, 3]`` in, probabilities of ALL ``[B]`` out, the layout of the prepare
+cache. Evaluation, batch prediction and the ONNX parity check all go through it, so they
+cannot disagree on input scaling or on the sigmoid.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from leukemia_mlops.data.prepare import PrepareSpec, decode_file
+from leukemia_mlops.models.classifier import CellClassifier
+
+IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+#: Preprocessing settings a model may declare; they must match what images are prepared with.
+PREPROCESSING_KEYS = ("image_size", "window", "fit")
+_MLFLOW_URI = re.compile(r"^(runs|models):/")
+
+
+class Scorer(Protocol):
+    """uint8 ``[B, S, S, 3]`` RGB images -> float64 probabilities of ALL ``[B]``."""
+
+    preprocessing: dict[str, Any]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def to_network_input(images: np.ndarray) -> np.ndarray:
+    """uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [0, 1], as training feeds the net."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {images.shape}")
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255
+
+
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square (4 rotations, with and without a flip), identity first.
+
+    A cell on a slide has no preferred orientation, so each view is an equally valid input.
+    """
+    flips = (images, images.flip(3))
+    return [torch.rot90(view, k, dims=(2, 3)) for view in flips for k in range(4)]
+
+
+class TorchScorer:
+    """A ``CellClassifierNet`` in eval mode; ``tta`` averages the probabilities of 8 views."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        tta: bool = False,
+        device: str | None = None,
+        preprocessing: dict[str, Any] | None = None,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = _eval_mode(net).float().to(self.device, memory_format=torch.contiguous_format)
+        self.tta = tta
+        self.preprocessing = dict(preprocessing or {})
+
+    def tensor(self, images: np.ndarray) -> torch.Tensor:
+        """The network input for ``images`` on this scorer's device."""
+        return torch.from_numpy(to_network_input(images)).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        batch = self.tensor(images)
+        views = dihedral_views(batch) if self.tta else [batch]
+        probs = torch.stack([torch.sigmoid(self.net(view).float()) for view in views]).mean(0)
+        return probs.double().cpu().numpy()
+
+
+def _eval_mode(net: nn.Module) -> nn.Module:
+    """``net`` in eval mode, where the mode can be set.
+
+    An exported program (MLflow's ``pt2`` model format) refuses ``eval()``: it keeps the mode
+    it was exported in, which ``log_classifier`` sets to eval.
+    """
+    try:
+        return net.eval()
+    except NotImplementedError:
+        return net
+
+
+class OnnxScorer:
+    """An exported network run by ONNX Runtime on the CPU (the network outputs ALL logits)."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (model_input,) = self.session.get_inputs()
+        self.input_name = model_input.name
+        size = model_input.shape[-1]
+        self.preprocessing = {"image_size": size} if isinstance(size, int) else {}
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run(None, {self.input_name: to_network_input(images)})
+        return torch.sigmoid(torch.from_numpy(logits)).double().numpy()
+
+
+def load_classifier(checkpoint: str | Path) -> CellClassifier:
+    """A trained classifier from a Lightning checkpoint, read safely (``weights_only``)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    try:
+        return CellClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and key errors alike mean "not our checkpoint"
+        first_line = next(iter(str(err).splitlines()), "")
+        raise ValueError(
+            f"{path} is not a CellClassifier checkpoint ({type(err).__name__}: {first_line})"
+        ) from None
+
+
+def is_mlflow_uri(source: str | Path) -> bool:
+    """Whether ``source`` names an MLflow model (``runs:/...`` or ``models:/...``)."""
+    return bool(_MLFLOW_URI.match(str(source)))
+
+
+def load_scorer(source: str | Path, tracking_uri: str | None = None) -> Scorer:
+    """A scorer for a ``.ckpt`` or ``.onnx`` file or an MLflow ``runs:/``/``models:/`` URI."""
+    text = str(source)
+    if is_mlflow_uri(text):
+        return _mlflow_scorer(text, tracking_uri)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    if path.suffix == ".onnx":
+        return OnnxScorer(path)
+    if path.suffix == ".ckpt":
+        module = load_classifier(path)
+        declared = {k: module.hparams[k] for k in PREPROCESSING_KEYS if k in module.hparams}
+        return TorchScorer(module.net, preprocessing=declared)
+    raise ValueError(f"model must be a .ckpt or .onnx file or a runs:/ or models:/ URI: {text}")
+
+
+def _mlflow_scorer(uri: str, tracking_uri: str | None) -> TorchScorer:
+    """An MLflow PyTorch model; its input signature tells the image size it was logged with."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    net = mlflow.pytorch.load_model(uri, map_location="cpu")
+    signature = mlflow.models.get_model_info(uri).signature
+    shape = signature.inputs.inputs[0].shape if signature is not None else None
+    return TorchScorer(net, preprocessing={"image_size": shape[-1]} if shape else {})
+
+
+def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders searched recursively (hidden entries skipped), sorted.
+
+    Every file in a folder is listed, not only images, so that a stray file shows up in the
+    output with its reason instead of vanishing silently.
+    """
+    inputs = [Path(item) for item in inputs]
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = (p for p in item.rglob("*") if p.is_file())
+            files += sorted(p for p in found if not _hidden(p.relative_to(item)))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {item}")
+    if not files:
+        raise ValueError(f"no files found in {', '.join(map(str, inputs))}")
+    return files
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _prepare_batch(
+    paths: list[Path], spec: PrepareSpec
+) -> tuple[list[np.ndarray | None], list[str]]:
+    """Each file's training image, or None with the reason (prepare's own decode and checks)."""
+    images, errors = [], []
+    for path in paths:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            images.append(None)
+            errors.append(f"not an image file ({path.suffix or 'no extension'})")
+            continue
+        decoded = decode_file((path, spec))
+        images.append(decoded.pixels)
+        errors.append(decoded.reason)
+    return images, errors
+
+
+def _check_preprocessing(scorer: Scorer, spec: PrepareSpec) -> None:
+    """Refuse settings that differ from those the model declares (a silent scale change)."""
+    conflicts = [
+        f"{key}={getattr(spec, key)} (model: {value})"
+        for key, value in scorer.preprocessing.items()
+        if getattr(spec, key) != value
+    ]
+    if conflicts:
+        raise ValueError(f"preprocessing differs from the model's: {', '.join(conflicts)}")
+
+
+def predict_paths(
+    model_source: str | Path | Scorer,
+    inputs: Iterable[str | Path],
+    out_csv: str | Path,
+    *,
+    image_size: int,
+    window: int = PrepareSpec.window,
+    fit: str = PrepareSpec.fit,
+    batch_size: int = 64,
+    threshold: float = 0.5,
+    tracking_uri: str | None = None,
+) -> pd.DataFrame:
+    """Score image files in batches, appending each batch's rows to ``out_csv`` as it goes.
+
+    ``model_source`` is anything :func:`load_scorer` takes, or a scorer already loaded.
+    Images are prepared as ``prepare`` does with ``image_size``, ``window`` and ``fit``, and
+    only one batch of them is held in memory. Columns: file, prob_all, label (ALL when
+    prob_all > threshold, else HEM), error (why a file could not be scored, else empty).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    spec = PrepareSpec(image_size=image_size, window=window, fit=fit, workers=1)
+    is_source = isinstance(model_source, str | Path)
+    scorer = load_scorer(model_source, tracking_uri) if is_source else model_source
+    _check_preprocessing(scorer, spec)
+    files = list_inputs(inputs)
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    frames = []
+    with tqdm(total=len(files), desc="predict", unit="img") as bar:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            frame = _predict_batch(scorer, chunk, spec, threshold)
+            frame.to_csv(out_csv, mode="a" if start else "w", header=not start, index=False)
+            frames.append(frame)
+            bar.update(len(chunk))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _predict_batch(
+    scorer: Scorer, paths: list[Path], spec: PrepareSpec, threshold: float
+) -> pd.DataFrame:
+    images, errors = _prepare_batch(paths, spec)
+    ok = [i for i, image in enumerate(images) if image is not None]
+    probs = np.full(len(paths), np.nan)
+    if ok:
+        probs[ok] = scorer(np.stack([images[i] for i in ok]))
+    labels = np.where(probs > threshold, "ALL", "HEM")
+    return pd.DataFrame(
+        {
+            "file": [str(p) for p in paths],
+            "prob_all": probs,
+            "label": np.where(np.isnan(probs), "", labels),
+            "error": errors,
+        }
+    )

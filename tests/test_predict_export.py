@@ -1,0 +1,157 @@
+"""Batch prediction from image files and ONNX export, on the tiny synthetic set."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+from conftest import TINY_SIZE as SIZE
+from omegaconf import OmegaConf
+
+from leukemia_mlops.cli import export as export_cli
+from leukemia_mlops.cli import predict as predict_cli
+from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
+from leukemia_mlops.evaluation.export import ParityError, export_onnx
+from leukemia_mlops.evaluation.predict import TorchScorer, load_classifier, predict_paths
+
+# The session fixture training the tiny checkpoint, shared so that both files use one model.
+BROKEN = {"corrupt.png": "not a decodable image", "empty.bmp": "empty file", "notes.txt": ".txt"}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tiny_raw: Path, tiny_prepared: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """Test-split images (some in a subfolder), three unreadable files and a hidden one.
+
+    Returns the folder and, per copied image, its row in the prepare cache.
+    """
+    folder = tmp_path_factory.mktemp("inputs")
+    manifest = pd.read_parquet(tiny_prepared / MANIFEST_FILE)
+    rows = {}
+    for number, row in enumerate(manifest.index[manifest["split"] == "test"][:10]):
+        target = folder / ("nested" if number % 2 else "") / f"cell_{number:02d}.bmp"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(tiny_raw / manifest.loc[row, "path"], target)
+        rows[str(target)] = row
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    (folder / "empty.bmp").write_bytes(b"")
+    (folder / "notes.txt").write_text("a stray note\n")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    return folder, rows
+
+
+@pytest.fixture(scope="module")
+def checkpoint_predictions(
+    tiny_checkpoint, image_folder, tmp_path_factory
+) -> tuple[Path, pd.DataFrame]:
+    """The CSV written and the table returned for the folder, in batches of 4 files."""
+    out = tmp_path_factory.mktemp("predict") / "predictions.csv"
+    return out, predict_paths(
+        tiny_checkpoint, [image_folder[0]], out, image_size=SIZE, batch_size=4
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tiny_prepared, tmp_path_factory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    return path, export_onnx(tiny_checkpoint, path, SIZE, tiny_prepared)
+
+
+def test_predict_streams_a_folder_and_lists_unreadable_files(
+    checkpoint_predictions,
+    image_folder,
+    tiny_prepared,
+    tiny_checkpoint,
+):
+    folder, rows = image_folder
+    _, table = checkpoint_predictions
+    assert list(table.columns) == ["file", "prob_all", "label", "error"]
+    assert sorted(table["file"]) == sorted([*rows, *(str(folder / name) for name in BROKEN)])
+    assert not table["file"].str.contains(".DS_Store").any()
+
+    broken = table[table["error"] != ""].set_index("file")
+    assert sorted(broken.index) == sorted(str(folder / name) for name in BROKEN)
+    for name, reason in BROKEN.items():
+        assert reason in broken.loc[str(folder / name), "error"]
+    assert broken["prob_all"].isna().all() and (broken["label"] == "").all()
+
+    scored = table[table["error"] == ""]
+    cache = np.load(tiny_prepared / IMAGES_FILE, mmap_mode="r")
+    expected = TorchScorer(load_classifier(tiny_checkpoint).net, device="cpu")(
+        np.asarray(cache[[rows[f] for f in scored["file"]]])
+    )
+    np.testing.assert_allclose(scored["prob_all"], expected, rtol=0, atol=1e-6)
+    assert (scored["label"] == np.where(scored["prob_all"] > 0.5, "ALL", "HEM")).all()
+
+
+def test_predictions_csv_equals_the_returned_table(checkpoint_predictions):
+    path, table = checkpoint_predictions
+    on_disk = pd.read_csv(path, keep_default_na=False, na_values={"prob_all": [""]})
+    pd.testing.assert_frame_equal(on_disk, table, check_dtype=False)
+
+
+def test_onnx_export_matches_pytorch(exported):
+    path, report = exported
+    assert report["max_abs_diff"] < 1e-4
+    assert report["parity_source"] == "prepare cache" and report["parity_images"] > 2
+    model = onnx.load(path)
+    (model_input,) = model.graph.input
+    dims = model_input.type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch"
+    assert [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
+
+
+def test_predict_through_onnx_equals_the_checkpoint(
+    exported, image_folder, checkpoint_predictions, tmp_path
+):
+    _, expected = checkpoint_predictions
+    table = predict_paths(
+        exported[0], [image_folder[0]], tmp_path / "p.csv", image_size=SIZE, batch_size=3
+    )
+    assert table["file"].tolist() == expected["file"].tolist()
+    assert table["error"].tolist() == expected["error"].tolist()
+    np.testing.assert_allclose(table["prob_all"], expected["prob_all"], atol=1e-4)
+    with pytest.raises(ValueError, match="image_size=32"):
+        predict_paths(exported[0], [image_folder[0]], tmp_path / "q.csv", image_size=32)
+
+
+def test_a_failed_parity_check_removes_the_export(tiny_checkpoint, tmp_path):
+    path = tmp_path / "model.onnx"
+    with pytest.raises(ParityError, match="differ"):
+        export_onnx(tiny_checkpoint, path, SIZE, n_images=3, tolerance=-1.0)
+    assert not path.exists()
+
+
+def test_predict_cli_uses_params_and_the_evaluation_threshold(
+    tiny_checkpoint,
+    image_folder,
+    tmp_path,
+    capsys,
+):
+    params = tmp_path / "params.yaml"
+    prepare = {"image_size": SIZE, "window": 450, "fit": "window"}
+    OmegaConf.save(OmegaConf.create({"data": {"prepare": prepare}}), params)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"threshold": 0.0}')
+    out = tmp_path / "out.csv"
+    argv = [str(tiny_checkpoint), str(image_folder[0]), "--out", str(out), "--params", str(params)]
+
+    predict_cli.main([*argv, "--metrics", str(metrics)])
+    table = pd.read_csv(out, keep_default_na=False)
+    assert (table.loc[table["error"] == "", "label"] == "ALL").all()
+    assert "could not be read" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exit_info:
+        predict_cli.main([str(tmp_path / "missing.ckpt"), str(image_folder[0])])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: no such model file: {tmp_path}/missing.ckpt"
+
+
+def test_export_cli_reports_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_cli.main(["--checkpoint", str(tmp_path / "no.ckpt"), "--image-size", "32"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: no such checkpoint")

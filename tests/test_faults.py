@@ -1,0 +1,47 @@
+"""Faults survived: a stage killed half-way leaves nothing half-written behind."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tree_digest
+
+from leukemia_mlops.config import compose, write_params
+from leukemia_mlops.data.synthetic import SyntheticSpec, generate_cnmc
+
+pytestmark = pytest.mark.slow
+
+
+def test_prepare_killed_half_way_leaves_no_partial_cache(tmp_path: Path):
+    raw = tmp_path / "data/raw"
+    generate_cnmc(
+        raw, SyntheticSpec(n_train_subjects=9, n_prelim_subjects=2, cells_per_subject=40), workers=2
+    )
+    before = tree_digest(raw)
+    params = tmp_path / "params.yaml"
+    write_params(compose(["data.prepare.workers=1", "data.prepare.image_size=64"]), params)
+    command = [sys.executable, "-m", "leukemia_mlops.cli.prepare", "--params", str(params)]
+
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "data/prepared.tmp"
+    deadline = time.monotonic() + 120
+    while not (partial / "images.npy").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # well inside the decode loop
+    assert process.poll() is None, "prepare finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "data/prepared").exists()
+
+    subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+    images = np.load(tmp_path / "data/prepared/images.npy", mmap_mode="r")
+    manifest = pd.read_parquet(tmp_path / "data/prepared/manifest.parquet")
+    assert len(images) == len(manifest) == sum(1 for _ in raw.rglob("*.bmp"))
+    assert images[-1].any(), "the last image of the cache was never written"
+    assert not partial.exists()
+    assert tree_digest(raw) == before

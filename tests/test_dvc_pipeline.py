@@ -18,8 +18,11 @@ DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 def run(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:"
-           + os.environ["PATH"]}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}:" + os.environ["PATH"],
+    }
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{args}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
     return result.stdout + result.stderr
@@ -32,8 +35,9 @@ def project(tmp_path: Path) -> Path:
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(compose(["data.prepare.image_size=16", "data.prepare.workers=1"]),
-                 root / "params.yaml")
+    write_params(
+        compose(["data.prepare.image_size=16", "data.prepare.workers=1"]), root / "params.yaml"
+    )
     generate_cnmc(root / "data/raw", TINY_SPEC)
     run("git", "init", "-q", cwd=root)
     run(DVC, "init", "-q", cwd=root)

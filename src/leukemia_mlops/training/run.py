@@ -32,6 +32,7 @@ from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
 from leukemia_mlops.tracking.provenance import config_hash, dvc_data_hash, flatten, git_commit
 from leukemia_mlops.tracking.store import ensure_experiment, redact, tracking_uri
+from leukemia_mlops.tracking.sweep_runs import trial_tags
 from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory
 from leukemia_mlops.training.metrics import MONITOR
 from leukemia_mlops.training.precision import resolve_precision
@@ -63,6 +64,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
 
     state = _resume_state(run_dir, config_hash(config))
     uri = tracking_uri(cfg.logger.mlflow.tracking_uri, cfg.paths.mlruns_dir)
+    trial_link = config.get("optuna_trial")  # set by the Optuna sweeper on its trials
     logger = ResumableMLFlowLogger(
         experiment_name=cfg.logger.mlflow.experiment_name,
         tracking_uri=uri,
@@ -73,6 +75,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
             "family": cfg.model.family,
             "git_commit": git_commit(),
             "data_md5": dvc_data_hash(),
+            **trial_tags(trial_link),
         },
     )
     if rank_zero_only.rank == 0:
@@ -101,6 +104,10 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         LearningRateMonitor(logging_interval="epoch"),
         history,
     ]
+    if trial_link:
+        from leukemia_mlops.training.pruning import OptunaPruning
+
+        callbacks.append(OptunaPruning(trial_link, MONITOR))
     trainer_cfg = {
         **config["trainer"],
         "precision": resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),

@@ -1,0 +1,217 @@
+"""MLflow runs of an Optuna sweep: one parent run per study, one nested child run per trial.
+
+A trial's child is its training run, which ``run_training`` nests under the parent with
+:func:`trial_tags`; a trial that failed before its training run started gets a child here.
+Every child ends with the trial's state, sampled params and objective; the parent holds the
+study summary: best value and params, trial counts, the optimization history and the
+parameter importances. The study remembers its parent run, so a resumed sweep and concurrent
+workers log under the same one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from leukemia_mlops.tracking.store import ensure_experiment
+
+if TYPE_CHECKING:
+    import optuna
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute naming its parent run
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting tag
+TRIAL_TAG = "optuna_trial_number"
+STATE_TAG = "optuna_state"
+PARENT_WAIT_S = 60  # how long a worker waits for the study's creator to name the parent
+SUMMARY_ATTEMPTS = 3
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+STATES = ("complete", "pruned", "fail", "running")
+
+
+def trial_tags(link: Mapping[str, Any] | None) -> dict[str, str]:
+    """Tags that nest a sweep trial's training run under its study's parent run."""
+    if not link:
+        return {}
+    tags = {TRIAL_TAG: str(link["number"])}
+    if link.get("parent_run_id"):
+        tags[PARENT_TAG] = str(link["parent_run_id"])
+    return tags
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """How many of the study's trials are complete, pruned, failed and running."""
+    counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    return {state: counts.get(state, 0) for state in STATES}
+
+
+class SweepRuns:
+    """The parent run of one study and the child runs of its trials."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_id: str) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.parent_id = parent_id
+
+    @classmethod
+    def open(
+        cls,
+        uri: str,
+        experiment_name: str,
+        mlruns_dir: str | Path,
+        study: optuna.Study,
+        created: bool,
+    ) -> SweepRuns:
+        """The study's parent run, made by the worker that ``created`` the study (the others
+        wait for it, which also leaves a new tracking database to that worker to create)."""
+        from mlflow import MlflowClient
+
+        parent_id = _named_parent(study, created)
+        client = MlflowClient(uri)
+        experiment_id = ensure_experiment(uri, experiment_name, mlruns_dir)
+        if parent_id is None:
+            parent_id = client.create_run(
+                experiment_id,
+                run_name=study.study_name,
+                tags={"optuna_study": study.study_name, "optuna_direction": study.direction.name},
+            ).info.run_id
+            study.set_user_attr(PARENT_ATTR, parent_id)
+        client.update_run(parent_id, status="RUNNING")
+        return cls(client, experiment_id, parent_id)
+
+    def record_trial(self, trial: optuna.trial.FrozenTrial) -> None:
+        """End the trial's child run with its state, sampled params and objective."""
+        from mlflow.entities import Param, RunTag
+
+        run_id = self._child(trial.number)
+        tags = [RunTag(STATE_TAG, trial.state.name)]
+        if trial.user_attrs.get("error"):
+            tags.append(RunTag("optuna_error", str(trial.user_attrs["error"])[:5000]))
+        params = [Param(_mlflow_key(f"trial/{k}"), str(v)) for k, v in trial.params.items()]
+        self.client.log_batch(run_id, params=params, tags=tags)
+        if trial.value is not None:
+            self.client.log_metric(run_id, "trial/value", trial.value)
+        self.client.set_terminated(run_id, RUN_STATUS.get(trial.state.name, "FAILED"))
+
+    def summarize(self, study: optuna.Study, results_file: Path, status: str) -> None:
+        """Log the study summary to the parent run and end it with ``status``.
+
+        Workers that finish together race to insert the parent's new metric and tag rows
+        (MLflow's sqlite store reads, then inserts); the loser logs its summary again.
+        """
+        from mlflow.exceptions import MlflowException
+
+        for _ in range(SUMMARY_ATTEMPTS - 1):
+            try:
+                self._log_summary(study, results_file)
+                break
+            except MlflowException:
+                time.sleep(0.5)
+        else:
+            self._log_summary(study, results_file)
+        self.client.set_terminated(self.parent_id, status)
+
+    def _log_summary(self, study: optuna.Study, results_file: Path) -> None:
+        from mlflow.entities import RunTag
+
+        client, parent = self.client, self.parent_id
+        counts = state_counts(study)
+        step = counts["complete"] + counts["pruned"] + counts["fail"]
+        for state in ("complete", "pruned", "fail"):
+            client.log_metric(parent, f"trials_{state}", counts[state], step=step)
+        if counts["complete"]:
+            best = study.best_trial
+            client.log_metric(parent, "best_value", best.value, step=step)
+            tags = [RunTag(_mlflow_key(f"best/{k}"), str(v)) for k, v in best.params.items()]
+            client.log_batch(parent, tags=[RunTag("best_trial", str(best.number)), *tags])
+            client.log_figure(parent, _history_figure(study), "optimization_history.png")
+            importances = _importances_figure(study) if counts["complete"] > 1 else None
+            if importances is not None:
+                client.log_figure(parent, importances, "param_importances.png")
+        client.log_artifact(parent, str(results_file))
+
+    def _child(self, number: int) -> str:
+        """The trial's training run, or a new child when the trial failed before it began."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.{TRIAL_TAG} = '{number}' and tags.`{PARENT_TAG}` = '{self.parent_id}'"
+            ),
+            max_results=1,
+        )
+        if found:
+            return found[0].info.run_id
+        tags = trial_tags({"number": number, "parent_run_id": self.parent_id})
+        return self.client.create_run(
+            self.experiment_id, run_name=f"trial_{number}", tags=tags
+        ).info.run_id
+
+
+def _named_parent(study: optuna.Study, created: bool) -> str | None:
+    """The parent run the study names; a worker that did not create the study waits for its
+    creator, which names the parent before it asks for the first trial."""
+    deadline = time.monotonic() + (0 if created else PARENT_WAIT_S)
+    while True:
+        has_trials = bool(study.get_trials(deepcopy=False))  # read before the attribute
+        parent = study.user_attrs.get(PARENT_ATTR)
+        if parent or has_trials or time.monotonic() >= deadline:
+            return parent
+        time.sleep(0.5)
+
+
+def _mlflow_key(key: str) -> str:
+    """An override key as an MLflow param or tag name (``+key`` and ``key@pkg`` included)."""
+    return re.sub(r"[^\w\-. /]", "_", key)
+
+
+def _history_figure(study: optuna.Study) -> Figure:
+    """Every complete trial's objective, and the best one so far."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    pick = max if study.direction == StudyDirection.MAXIMIZE else min
+    best, best_so_far = None, []
+    for trial in done:
+        best = trial.value if best is None else pick(best, trial.value)
+        best_so_far.append(best)
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.subplots()
+    numbers = [t.number for t in done]
+    axes.scatter(numbers, [t.value for t in done], label="trial")
+    axes.step(numbers, best_so_far, where="post", color="tab:red", label="best so far")
+    axes.set(xlabel="trial", ylabel="objective", title=f"{study.study_name}: optimization history")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.legend()
+    return figure
+
+
+def _importances_figure(study: optuna.Study) -> Figure | None:
+    """Importances of the sampled params (Optuna's default evaluator); None while the trials
+    cannot tell them apart."""
+    from matplotlib.figure import Figure
+    from optuna.importance import get_param_importances
+
+    try:
+        importances = get_param_importances(study)
+    except (ValueError, RuntimeError) as err:
+        log.info("no parameter importances yet: %s", err)
+        return None
+    if not importances:
+        return None
+    names = list(importances)[::-1]
+    figure = Figure(figsize=(6, 1 + 0.4 * len(names)), layout="constrained")
+    axes = figure.subplots()
+    axes.barh(names, [importances[name] for name in names])
+    axes.set(xlabel="importance", title=f"{study.study_name}: parameter importances")
+    return figure

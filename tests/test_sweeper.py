@@ -1,0 +1,195 @@
+"""The Optuna sweeper's parts: search-space syntax, key checks, trial outcomes and pruning."""
+
+import math
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper import trial_outcome
+from hydra_plugins.leukemia_optuna_sweeper.search_space import (
+    SearchSpace,
+    check_keys,
+    parse_overrides,
+)
+from leukemia_mlops.config import compose
+from leukemia_mlops.tracking.sweep_runs import PARENT_TAG, TRIAL_TAG, trial_tags
+from leukemia_mlops.training.pruning import OptunaPruning, live_trials, open_trial
+
+MONITOR = "val/f1_weighted"
+
+
+# Hydra's plugin scan re-executes the plugin's modules, which makes new error classes: catch
+# them by their stable bases, ValueError (the contract) and CompactHydraException (one line).
+
+
+def space_of(*lines: str) -> SearchSpace:
+    return SearchSpace.from_overrides(parse_overrides(lines))
+
+
+@pytest.mark.parametrize(
+    ("line", "distribution"),
+    [
+        ("lr=interval(1e-4, 1e-2)", FloatDistribution(1e-4, 1e-2)),
+        ("lr=tag(log, interval(1e-4, 1e-2))", FloatDistribution(1e-4, 1e-2, log=True)),
+        ("epochs=int(interval(0, 2))", IntDistribution(0, 2)),
+        ("units=tag(log, int(interval(8, 64)))", IntDistribution(8, 64, log=True)),
+        ("batch=choice(16, 32, 64)", CategoricalDistribution([16, 32, 64])),
+        ("batch=16,32", CategoricalDistribution([16, 32])),
+        ("model=choice(resnet18, vgg16)", CategoricalDistribution(["resnet18", "vgg16"])),
+        ("flips=choice(true, false)", CategoricalDistribution([True, False])),
+        ("layers=range(1, 10, 2)", IntDistribution(1, 9, step=2)),
+        ("layers=range(10, 0, -3)", IntDistribution(1, 10, step=3)),
+        ("width=tag(log, range(1, 8))", IntDistribution(1, 7, log=True)),
+        ("dropout=range(0.0, 0.5, 0.25)", FloatDistribution(0.0, 0.25, step=0.25)),
+    ],
+)
+def test_each_sweep_form_becomes_its_distribution(line, distribution):
+    space = space_of(line)
+    assert dict(space.distributions) == {line.split("=")[0]: distribution}
+    assert space.fixed == ()
+
+
+def test_plain_overrides_are_fixed_and_the_command_line_wins():
+    space = space_of(
+        "model.optimizer.lr=interval(0.1, 0.2)", "seed=3", "+extra=1", "model.optimizer.lr=0.5"
+    )
+    assert space.distributions == {}
+    assert space.fixed == ("seed=3", "+extra=1", "model.optimizer.lr=0.5")
+
+
+def test_sampled_params_render_back_to_the_same_values():
+    space = space_of(
+        "name=choice('a b', plain)",
+        "sizes=choice([1, 2], [3])",
+        "lr=tag(log, interval(1e-4, 1e-2))",
+        "batch=choice(16, 32)",
+    )
+    params = {"name": "a b", "sizes": "[3]", "lr": 0.00123, "batch": 32}
+    assert [p.value() for p in parse_overrides(space.overrides(params))] == [
+        "a b",
+        [3],
+        0.00123,
+        32,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("model.optimizer.lr=choice()", "empty choice"),
+        ("model.optimizer.lr=interval(0.2, 0.1)", "low <= high"),
+        ("model.optimizer.lr=foo(1, 2)", "Unknown function 'foo'"),
+        ("model.optimizer.lr=tag(lag, interval(0.1, 0.2))", "unknown tag 'lag'"),
+        ("model.optimizer.lr=tag(log, interval(0, 1))", "low > 0"),
+        ("model.optimizer.lr=range(5, 1)", "range is empty"),
+        ("model.optimizer.lr=tag(log, choice(1, 2))", "not to choices"),
+    ],
+)
+def test_bad_search_spaces_are_one_line_errors_naming_the_key(line, message):
+    with pytest.raises(ValueError, match=message) as error:
+        space_of(line)
+    assert isinstance(error.value, CompactHydraException)
+    assert "model.optimizer.lr" in str(error.value) and "\n" not in str(error.value)
+
+
+def groups(name: str) -> list[str]:
+    return {"model": ["resnet18", "vgg16"], "hparams_search": ["cnn_optuna"]}.get(name, [])
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("model.optimizer.lrr=interval(0.1, 0.2)", "model.optimizer.lrr is not in the config"),
+        ("model=choice(resnet18, resnet99)", "config group model has no option 'resnet99'"),
+        ("nothing.here=1", "nothing.here is not in the config"),
+    ],
+)
+def test_keys_are_checked_against_the_config(line, message):
+    with pytest.raises(ValueError, match=message) as error:
+        check_keys(parse_overrides([line]), compose(), groups)
+    assert isinstance(error.value, CompactHydraException) and "\n" not in str(error.value)
+
+
+def test_known_keys_new_keys_and_group_options_pass():
+    lines = [
+        "model=choice(resnet18, vgg16)",
+        "hparams_search=cnn_optuna",
+        "model.optimizer.lr=tag(log, interval(1e-4, 1e-2))",
+        "logger.mlflow.tracking_uri=null",  # a null value is still a key
+        "+brand.new=interval(0, 1)",
+        "~callbacks.checkpoint",
+    ]
+    check_keys(parse_overrides(lines), compose(), groups)
+
+
+def job(status: JobStatus, value: object) -> JobReturn:
+    return JobReturn(status=status, _return_value=value)
+
+
+@pytest.mark.parametrize(
+    ("result", "state", "value"),
+    [
+        (job(JobStatus.COMPLETED, 0.75), TrialState.COMPLETE, 0.75),
+        (job(JobStatus.FAILED, optuna.TrialPruned("epoch 1")), TrialState.PRUNED, None),
+        (job(JobStatus.FAILED, RuntimeError("out of memory")), TrialState.FAIL, None),
+        (job(JobStatus.COMPLETED, math.nan), TrialState.FAIL, None),
+        (job(JobStatus.COMPLETED, None), TrialState.FAIL, None),
+    ],
+)
+def test_job_returns_become_trial_states(result, state, value):
+    assert trial_outcome(result)[:2] == (state, value)
+
+
+def test_trial_tags_nest_a_training_run_under_its_parent():
+    link = {"number": 3, "parent_run_id": "abc", "study_name": "s", "storage": None}
+    assert trial_tags(link) == {TRIAL_TAG: "3", PARENT_TAG: "abc"}
+    assert trial_tags(None) == {}
+
+
+def fake_trainer(score: float, epoch: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(
+        sanity_checking=False,
+        current_epoch=epoch,
+        is_global_zero=True,
+        callback_metrics={MONITOR: score},
+        strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
+    )
+
+
+def stored_trial(tmp_path, pruner: dict | None):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    trial = study.ask()
+    link = {"study_name": "s", "storage": storage, "number": trial.number, "pruner": pruner}
+    return study, trial, link
+
+
+def test_pruning_reaches_a_trial_of_another_process_through_the_storage(tmp_path):
+    pruner = {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.9}
+    study, _, link = stored_trial(tmp_path, pruner)
+    callback = OptunaPruning(link, MONITOR)
+    callback.on_validation_end(fake_trainer(0.95, epoch=0), None)
+    with pytest.raises(optuna.TrialPruned, match="after epoch 1"):
+        callback.on_validation_end(fake_trainer(0.5, epoch=1), None)
+    assert study.trials[0].intermediate_values == {0: 0.95, 1: 0.5}
+
+
+def test_pruning_uses_the_sweepers_own_trial_in_its_process(tmp_path):
+    study, trial, link = stored_trial(tmp_path, None)
+    with live_trials([trial]):
+        assert open_trial(link) is trial
+    assert open_trial(link) is not trial  # re-opened through the storage
+    no_pruning = OptunaPruning(link, MONITOR)
+    no_pruning.on_validation_end(fake_trainer(0.0), None)  # null pruner: never prunes
+    assert study.trials[0].intermediate_values == {0: 0.0}
+
+
+def test_pruning_needs_a_storage_outside_the_sweepers_process():
+    link = {"study_name": "s", "storage": None, "number": 0, "pruner": None}
+    with pytest.raises(RuntimeError, match="no storage"):
+        open_trial(link)

@@ -1,0 +1,245 @@
+"""Optuna sweeps through the real command lines: ``train -m hparams_search=...`` and the stage."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from leukemia_mlops.config import write_params
+from leukemia_mlops.tracking.store import tracking_uri
+from leukemia_mlops.tracking.sweep_runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL_TAG
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 600
+# The same tiny runs as the training tests.
+TINY = [
+    "data.prepare.image_size=48",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "datamodule.num_workers=0",
+    "logger.mlflow.log_model=false",
+]
+# The shipped CNN search space, one epoch a trial, on its quickest model and without pruning.
+CNN = [
+    "hparams_search=cnn_optuna",
+    "trainer.max_epochs=1",
+    "model=resnet18",
+    "hydra.sweeper.pruner.n_startup_trials=100",
+]
+# A test search space with a pruner that prunes every trial after its first epoch.
+PRUNING_SPACE = """\
+# @package _global_
+defaults:
+  - override /hydra/sweeper: leukemia_optuna
+hydra:
+  sweeper:
+    study_name: always_pruned
+    storage: sqlite:///${paths.mlruns_dir}/optuna.db
+    n_trials: 1
+    sampler: {_target_: optuna.samplers.RandomSampler, seed: 0}
+    pruner: {_target_: optuna.pruners.ThresholdPruner, lower: 1.01}
+    params:
+      model.optimizer.lr: tag(log, interval(1e-4, 1e-2))
+"""
+
+
+def sweep_command(tmp_path: Path, prepared: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "leukemia_mlops.train",
+        "-m",
+        f"paths.prepared_dir={prepared}",
+        f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *overrides,
+    ]
+
+
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def sweep(tmp_path: Path, prepared: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = sweep_command(tmp_path, prepared, *CNN, *TINY, *overrides)
+    result = run(command, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def load_study(tmp_path: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'mlruns/optuna.db'}")
+
+
+def mlflow_runs(tmp_path: Path, study: optuna.Study) -> tuple[MlflowClient, object, list]:
+    """The study's parent run and its child runs."""
+    client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
+    parent = client.get_run(study.user_attrs[PARENT_ATTR])
+    runs = client.search_runs([parent.info.experiment_id])
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
+    return client, parent, children
+
+
+def test_a_sweep_nests_its_trials_in_mlflow_and_a_rerun_continues_it(tiny_prepared, tmp_path):
+    sweep(tmp_path, tiny_prepared, "hydra.sweeper.n_trials=3")
+    study = load_study(tmp_path, "cnn_optuna")
+    assert [(t.number, t.state) for t in study.trials] == [
+        (n, TrialState.COMPLETE) for n in (0, 1, 2)
+    ]
+    first_parent = study.user_attrs[PARENT_ATTR]
+    results = yaml.safe_load((tmp_path / "sweep/optuna_results.yaml").read_text())
+    assert results["best_value"] == study.best_value
+    assert results["best_overrides"] == study.best_trial.user_attrs["overrides"]
+    assert (
+        results["best_params"]["model"]["optimizer"]["lr"]
+        == study.best_params["model.optimizer.lr"]
+    )
+
+    sweep(tmp_path, tiny_prepared, "hydra.sweeper.n_trials=1")  # n_trials adds to the study
+    study = load_study(tmp_path, "cnn_optuna")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert study.trials[3].params != study.trials[0].params  # the seeded sampler moved on
+    assert sorted(p.name for p in (tmp_path / "sweep").glob("trial_*")) == [
+        f"trial_{n}" for n in range(4)
+    ]
+
+    client, parent, children = mlflow_runs(tmp_path, study)
+    assert parent.info.run_id == first_parent and parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.tags["best_trial"] == str(study.best_trial.number)
+    assert parent.data.tags["best/model.optimizer.lr"] == str(
+        study.best_params["model.optimizer.lr"]
+    )
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "param_importances.png", "optuna_results.yaml"} <= artifacts
+    assert sorted(int(r.data.tags[TRIAL_TAG]) for r in children) == [0, 1, 2, 3]
+    for child in children:
+        trial = study.trials[int(child.data.tags[TRIAL_TAG])]
+        assert child.data.tags[STATE_TAG] == "COMPLETE" and child.info.status == "FINISHED"
+        assert child.data.params["trial/model.optimizer.lr"] == str(
+            trial.params["model.optimizer.lr"]
+        )
+        assert child.data.metrics["trial/value"] == pytest.approx(trial.value)
+        assert "val/f1_weighted" in child.data.metrics  # the child is the training run itself
+
+
+def test_two_workers_on_one_study_add_distinct_trials(tiny_prepared, tmp_path):
+    def worker(seed: int) -> subprocess.Popen:
+        command = sweep_command(
+            tmp_path,
+            tiny_prepared,
+            *CNN,
+            *TINY,
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.study_name=shared",
+            f"hydra.sweeper.sampler.seed={seed}",
+        )
+        return subprocess.Popen(
+            command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+
+    workers = [worker(1), worker(2)]  # on a new database: they also race to create it
+    for process in workers:
+        _, stderr = process.communicate(timeout=TIMEOUT_S)
+        assert process.returncode == 0, stderr[-3000:]
+    study = load_study(tmp_path, "shared")
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    _, _, children = mlflow_runs(tmp_path, study)
+    assert sorted(int(r.data.tags[TRIAL_TAG]) for r in children) == [0, 1, 2, 3]
+    client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
+    parents = client.search_runs(
+        [children[0].info.experiment_id], filter_string="tags.optuna_study = 'shared'"
+    )
+    assert len(parents) == 1
+
+
+def test_a_pruned_trial_ends_pruned(tiny_prepared, tmp_path):
+    (tmp_path / "conf/hparams_search").mkdir(parents=True)
+    (tmp_path / "conf/hparams_search/always_pruned.yaml").write_text(PRUNING_SPACE)
+    command = sweep_command(
+        tmp_path,
+        tiny_prepared,
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        "hparams_search=always_pruned",
+        *TINY,
+        "trainer.max_epochs=3",
+    )
+    result = run(command, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load_study(tmp_path, "always_pruned")
+    (trial,) = study.trials
+    assert trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [0]  # stopped after its first epoch
+    client, _, (child,) = mlflow_runs(tmp_path, study)
+    assert child.data.tags[STATE_TAG] == "PRUNED" and child.info.status == "KILLED"
+    assert len(client.get_metric_history(child.info.run_id, "val/f1_weighted")) == 1
+
+
+def test_failed_trials_stop_the_sweep_past_the_failure_budget(tiny_prepared, tmp_path):
+    command = sweep_command(
+        tmp_path,
+        tiny_prepared,
+        *CNN,
+        *TINY,
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.max_failure_rate=0.5",  # one failure of three is allowed
+        "model.scheduler=choice(bogus)",  # every trial crashes while building its model
+    )
+    result = run(command, tmp_path)
+    assert result.returncode != 0
+    assert "2 of 2 trials failed, more than max_failure_rate=0.5" in result.stderr
+    study = load_study(tmp_path, "cnn_optuna")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert "model.scheduler must be one of" in study.trials[0].user_attrs["error"]
+    _, parent, children = mlflow_runs(tmp_path, study)
+    assert parent.info.status == "FAILED"
+    assert sorted(r.data.tags[STATE_TAG] for r in children) == ["FAIL", "FAIL"]
+    assert all("model.scheduler" in r.data.tags["optuna_error"] for r in children)
+
+
+def test_a_bad_search_space_fails_before_any_trial(tiny_prepared, tmp_path):
+    command = sweep_command(tmp_path, tiny_prepared, *CNN, *TINY, "model=choice(resnet18, nope)")
+    result = run(command, tmp_path)
+    assert result.returncode == 1
+    assert "config group model has no option 'nope'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlruns/optuna.db").exists()
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_sweep_stage_writes_the_best_params(tiny_prepared, tiny_config, tmp_path):
+    params = tmp_path / "params.yaml"
+    write_params(tiny_config("sweep.n_trials=2", "sweep.max_epochs=1"), params)
+    command = [sys.executable, "-m", "leukemia_mlops.cli.sweep", "--params", str(params)]
+    result = run(command, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    best = yaml.safe_load((tmp_path / "reports/best_params.yaml").read_text())
+    study = load_study(tmp_path, best["study_name"])
+    assert best["study_name"].startswith("cnn_optuna-")
+    assert (best["trial"], best["value"]) == (study.best_trial.number, study.best_value)
+    assert best["overrides"] == study.best_trial.user_attrs["overrides"]
+    assert f"model={study.best_params['model']}" in best["overrides"]
+    lr = study.best_params["model.optimizer.lr"]
+    assert f"model.optimizer.lr={lr}" in best["overrides"]
+    assert best["params"]["model"]["backbone"] == study.best_params["model"]
+    assert best["params"]["model"]["optimizer"]["lr"] == lr
+    assert best["params"]["datamodule"]["batch_size"] == study.best_params["datamodule.batch_size"]
+    metrics = yaml.safe_load((tmp_path / "reports/sweep.json").read_text())
+    assert metrics == {
+        "best_value": study.best_value,
+        "best_trial": study.best_trial.number,
+        "trials": {"complete": 2, "pruned": 0, "failed": 0},
+    }
+    trial_dir = tmp_path / "multirun/sweep" / best["study_name"] / "trial_0"
+    trial_config = yaml.safe_load((trial_dir / "config.yaml").read_text())
+    assert trial_config["trainer"]["max_epochs"] == 1  # sweep.max_epochs
+    assert trial_config["data"]["prepare"]["image_size"] == 48  # pinned from params.yaml

@@ -13,12 +13,17 @@ from omegaconf.errors import OmegaConfBaseException
 from leukemia_mlops.config import PARAMS_FILE, load_params
 
 
-def stage_config(description: str, argv: Sequence[str] | None = None) -> DictConfig:
-    """Parse ``[--params FILE] [key=value ...]`` and return the config the stage runs with."""
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """``[--params FILE] [key=value ...]``, the arguments every stage command takes."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=str(PARAMS_FILE), help="config file (params.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=1")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def stage_config(description: str, argv: Sequence[str] | None = None) -> DictConfig:
+    """Parse the stage arguments and return the config the stage runs with."""
+    args = stage_parser(description).parse_args(argv)
     return load_params(args.params, args.overrides)
 
 

@@ -60,7 +60,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     run_dir = Path(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule, module, backbone = _build(cfg, config)
+    datamodule, module, backbone = build_data_and_module(cfg, config)
 
     state = _resume_state(run_dir, config_hash(config))
     uri = tracking_uri(cfg.logger.mlflow.tracking_uri, cfg.paths.mlruns_dir)
@@ -128,7 +128,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     return best
 
 
-def _build(
+def build_data_and_module(
     cfg: DictConfig, config: dict[str, Any]
 ) -> tuple[pl.LightningDataModule, pl.LightningModule, str]:
     """The datamodule, the module and the backbone name (for tags) of ``model.family``."""

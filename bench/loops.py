@@ -1,0 +1,154 @@
+"""Training through the project's Lightning path and through a plain PyTorch loop, timed alike.
+
+Both build the datamodule and module the way ``run_training`` does (same loader, network,
+optimizer, precision and memory layout); the plain loop then drives ``module.net`` itself, so
+the difference between the two is what Lightning and the module's extras (metrics, hooks) cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from bench.timing import BatchClock, Rate, endless
+from bench.workspace import Workspace
+from leukemia_mlops.models.detector import YoloDetector
+from leukemia_mlops.training.precision import resolve_precision
+from leukemia_mlops.training.run import build_data_and_module
+
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def model_overrides(model: str, image_size: int) -> list[str]:
+    """Select ``model`` at ``image_size`` (the YOLO input size is a model setting)."""
+    family = "yolo" if model.startswith("yolo") else "cnn"
+    return [f"model={model}"] + ([f"model.img_size={image_size}"] if family == "yolo" else [])
+
+
+def layout_name(channels_last: bool) -> str:
+    return "channels-last" if channels_last else "NCHW"
+
+
+def precision_of(cfg: DictConfig) -> str:
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    if precision not in PRECISIONS:
+        raise ValueError(f"the benchmarks time {PRECISIONS} on the CPU, not {precision!r}")
+    return precision
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """Seeded datamodule and module, exactly as ``run_training`` builds them."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule, module, _ = build_data_and_module(cfg, OmegaConf.to_container(cfg, resolve=True))
+    return datamodule, module
+
+
+class ClockCallback(pl.Callback):
+    """Feeds a :class:`BatchClock` from Lightning's hooks and stops the fit when it has enough.
+
+    Forward is timed by hooks on ``module.net``; the optimizer phase runs from
+    ``on_before_optimizer_step`` to the end of the batch (the step and Lightning's bookkeeping).
+    """
+
+    def __init__(self, clock: BatchClock):
+        self.clock = clock
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.net.register_forward_pre_hook(lambda *_: self.clock.enter("forward"))
+        pl_module.net.register_forward_hook(lambda *_: self.clock.exit("forward"))
+        self.clock.start()
+
+    def on_before_backward(self, *_: Any) -> None:
+        self.clock.enter("backward")
+
+    def on_after_backward(self, *_: Any) -> None:
+        self.clock.exit("backward")
+
+    def on_before_optimizer_step(self, *_: Any) -> None:
+        self.clock.enter("optimizer")
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, _: int
+    ) -> None:
+        self.clock.exit("optimizer")
+        if self.clock.tick(len(batch[0])):
+            trainer.should_stop = True
+
+
+def fit_lightning(cfg: DictConfig, callbacks: list[pl.Callback], **trainer_args: Any) -> None:
+    """``Trainer.fit`` as the project configures it, minus validation, logger and checkpoints."""
+    datamodule, module = build(cfg)
+    settings = {
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        "precision": precision_of(cfg),
+        "logger": False,
+        "enable_checkpointing": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        **trainer_args,
+    }
+    trainer = instantiate(settings, callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule)
+
+
+def lightning_rate(cfg: DictConfig, clock: BatchClock) -> Rate:
+    """Training images/s through ``Trainer.fit``, for as many epochs as the clock needs."""
+    fit_lightning(cfg, [ClockCallback(clock)], max_epochs=10**6, min_epochs=None)
+    return clock.rate()
+
+
+def _loss_of(module: pl.LightningModule) -> Callable[[Any, Any], torch.Tensor]:
+    if isinstance(module, YoloDetector):
+        return lambda outputs, targets: module.criterion(outputs, targets)[0]
+    return lambda logits, labels: module.loss(logits.float(), labels)
+
+
+def plain_rate(cfg: DictConfig, clock: BatchClock) -> Rate:
+    """Training images/s of a hand-written loop over the same loader, network and optimizer."""
+    datamodule, module = build(cfg)
+    datamodule.setup("fit")
+    net, loss_of = module.net.train(), _loss_of(module)
+    optimizer = instantiate(cfg.model.optimizer, net.parameters())
+    bf16 = precision_of(cfg) == "bf16-mixed"
+    batches = endless(datamodule.train_dataloader())
+    clock.start()
+    while True:
+        inputs, targets = module.on_after_batch_transfer(next(batches), 0)  # to float, layout
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            clock.enter("forward")
+            outputs = net(inputs)
+            clock.exit("forward")
+            loss = loss_of(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        clock.enter("backward")
+        loss.backward()
+        clock.exit("backward")
+        clock.enter("optimizer")
+        optimizer.step()
+        clock.exit("optimizer")
+        if clock.tick(len(inputs)):
+            return clock.rate()
+
+
+LOOPS = {"lightning": lightning_rate, "plain": plain_rate}
+
+
+def train_rate(ws: Workspace, loop: str, image_size: int, *overrides: str) -> Rate:
+    """Images/s of ``loop`` on the training data at ``image_size``; measured once per run."""
+
+    def measure() -> Rate:
+        prepared = ws.prepared(ws.train_spec, image_size)
+        cfg = ws.config(prepared, image_size, *overrides)
+        return LOOPS[loop](cfg, BatchClock(ws.sizes.warmup, ws.sizes.budget_s))
+
+    return ws.memo(("train", loop, image_size, overrides), measure)
+
+
+def project_rate(ws: Workspace, model: str, image_size: int) -> Rate:
+    """The project's own training speed: Lightning, configured precision and layout."""
+    return train_rate(ws, "lightning", image_size, *model_overrides(model, image_size))

@@ -1,0 +1,119 @@
+"""Shared timing: a batch clock that skips warm-up, stops on a time budget and splits phases.
+
+Every speed figure in the benchmarks comes from :class:`BatchClock`, so warm-up, stopping and
+the images/s arithmetic are the same for the measured stage and its baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Items processed in a measured window, and the seconds spent in named phases of it."""
+
+    items: int
+    seconds: float
+    batches: int
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def per_s(self) -> float:
+        return self.items / self.seconds
+
+    def share(self, *names: str) -> float:
+        """Fraction of the window's wall time spent in the named phases."""
+        return sum(self.phases.get(name, 0.0) for name in names) / self.seconds
+
+    def as_dict(self) -> dict:
+        return {
+            "items": self.items,
+            "seconds": self.seconds,
+            "batches": self.batches,
+            "per_s": self.per_s,
+            "phases": self.phases,
+        }
+
+
+class BatchClock:
+    """Times batches after ``warmup`` ones, until ``budget_s`` seconds have been measured.
+
+    ``tick(items)`` ends a batch and says whether to stop. The window runs from the end of the
+    last warm-up batch to the end of the last batch, so waiting for data counts. A warm-up
+    batch slower than the budget itself is measured instead: its one-time setup is then a
+    small part of it, and a second such batch would only double a long run.
+    ``enter``/``exit`` time phases inside a batch (forward, backward, ...).
+    """
+
+    def __init__(self, warmup: int, budget_s: float, min_batches: int = 1):
+        self.warmup, self.budget_s, self.min_batches = warmup, budget_s, min_batches
+        self._seen = 0
+        self._last = 0.0
+        self._window_start: float | None = None
+        self._items = 0
+        self._batches = 0
+        self._open: dict[str, float] = {}
+        self._pending: dict[str, float] = defaultdict(float)
+        self._phases: dict[str, float] = defaultdict(float)
+
+    def start(self) -> None:
+        """Call just before the first batch is requested."""
+        self._last = time.perf_counter()
+
+    def enter(self, phase: str) -> None:
+        self._open[phase] = time.perf_counter()
+
+    def exit(self, phase: str) -> None:
+        self._pending[phase] += time.perf_counter() - self._open.pop(phase)
+
+    def tick(self, items: int) -> bool:
+        """End a batch of ``items``; True once enough has been measured."""
+        now = time.perf_counter()
+        self._seen += 1
+        if self._window_start is None and (
+            self._seen > self.warmup or now - self._last > self.budget_s
+        ):
+            self._window_start = self._last
+        self._last = now
+        if self._window_start is not None:
+            self._items += items
+            self._batches += 1
+            for phase, seconds in self._pending.items():
+                self._phases[phase] += seconds
+        self._pending.clear()
+        if self._window_start is None:
+            return False
+        return self._batches >= self.min_batches and now - self._window_start >= self.budget_s
+
+    def rate(self) -> Rate:
+        if self._window_start is None or self._batches == 0:
+            raise RuntimeError("nothing was measured: the run ended during warm-up")
+        return Rate(self._items, self._last - self._window_start, self._batches, dict(self._phases))
+
+
+def endless(batches: Iterable[T]) -> Iterator[T]:
+    """Iterate ``batches`` (a DataLoader) again and again, for clocks that outlast an epoch."""
+    while True:
+        yield from batches
+
+
+def rate_of(call: Callable[[], int], clock: BatchClock) -> Rate:
+    """Call ``call`` (which returns the items it processed) until ``clock`` has measured enough."""
+    clock.start()
+    while not clock.tick(call()):
+        pass
+    return clock.rate()
+
+
+def stopwatch(call: Callable[[], T]) -> tuple[T, float]:
+    """``call()``'s result and its wall time in seconds, for one-pass stages."""
+    start = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - start

@@ -41,12 +41,12 @@ test-fast: setup ## Run the fast tests only
 	pytest -m "not slow"
 
 lint: setup ## Check style and lint
-	ruff check src tests bench
-	ruff format --check src tests bench
+	ruff check src tests bench hydra_plugins
+	ruff format --check src tests bench hydra_plugins
 
 format: setup ## Format the code
-	ruff format src tests bench
-	ruff check --fix src tests bench
+	ruff format src tests bench hydra_plugins
+	ruff check --fix src tests bench hydra_plugins
 
 ui: setup ## Open the MLflow UI on 127.0.0.1:5000 over the local store
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \

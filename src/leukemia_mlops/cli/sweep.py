@@ -81,6 +81,7 @@ def sweep_command(cfg: DictConfig, study_name: str, sweep_dir: Path) -> list[str
         f"hydra.sweeper.study_name={study_name}",
         f"hydra.sweep.dir={sweep_dir}",
         *(f"++{key}={Transformer.str(value)}" for key, value in pinned.items()),
+        *cfg.sweep.get("fixed", []),
     ]
 
 

@@ -32,6 +32,7 @@ BENCHMARKS = (
     "accuracy",
     "trial",
     "memory",
+    "yolo",
 )
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("bench/results")

@@ -217,7 +217,7 @@ def test_a_bad_search_space_fails_before_any_trial(tiny_prepared, tmp_path):
 
 def test_the_sweep_stage_writes_the_best_params(tiny_prepared, tiny_config, tmp_path):
     params = tmp_path / "params.yaml"
-    write_params(tiny_config("sweep.n_trials=2", "sweep.max_epochs=1"), params)
+    write_params(tiny_config("sweep.n_trials=2", "sweep.max_epochs=1", "sweep.fixed=[]"), params)
     command = [sys.executable, "-m", "leukemia_mlops.cli.sweep", "--params", str(params)]
     result = run(command, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,8 +6,9 @@ multirun through the Optuna sweeper) pinned to params.yaml's settings, with
 ``reports/best_params.yaml`` (the best trial's Hydra overrides, and the swept part of its
 config as one nested mapping) and ``reports/sweep.json`` (the best value and the trial counts).
 
-Every run is a fresh study ``<hparams_search>-<UTC time>``, unless ``sweep.study_name`` names
-one to continue; the study lives in the search space's storage, the trials' directories under
+The study is ``<hparams_search>-<hash of the config it runs with>`` unless ``sweep.study_name``
+names one: a changed config starts a fresh study, and the reports of an unchanged one are
+reproducible. The study lives in the search space's storage, the trials' directories under
 ``multirun/sweep/<study>/``.
 """
 
@@ -19,7 +20,6 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from leukemia_mlops.cli.args import run_cli, stage_config
 from leukemia_mlops.config import CONF_DIR
+from leukemia_mlops.tracking.provenance import config_hash
 
 log = logging.getLogger(__name__)
 # The params.yaml sections the trials run with; the model is what the search space picks.
@@ -42,9 +43,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         from hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper import RESULTS_FILE
 
-        study_name = cfg.sweep.study_name or (
-            f"{cfg.sweep.hparams_search}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-        )
+        digest = config_hash(OmegaConf.to_container(cfg, resolve=True))[:10]
+        study_name = cfg.sweep.study_name or f"{cfg.sweep.hparams_search}-{digest}"
         sweep_dir = SWEEPS_DIR / study_name
         command = sweep_command(cfg, study_name, sweep_dir)
         log.info("%s", shlex.join(command))
@@ -92,7 +92,6 @@ def write_reports(results: Mapping[str, Any], reports_dir: Path) -> None:
     reports_dir.mkdir(parents=True, exist_ok=True)
     best = {
         "study_name": results["study_name"],
-        "storage": results["storage"],
         "trial": results["best_trial"],
         "value": results["best_value"],
         "overrides": results["best_overrides"],

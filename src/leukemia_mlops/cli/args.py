@@ -29,15 +29,33 @@ def stage_config(description: str, argv: Sequence[str] | None = None) -> DictCon
 
 def run_cli(body: Callable[[], None]) -> None:
     """Run a command body; expected failures print one clear line and exit with status 2."""
+    from hydra.errors import InstantiationException
+    from mlflow.exceptions import MlflowException
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         body()
     except (
         ValueError,
+        TypeError,
+        EOFError,
         FileNotFoundError,
         FileExistsError,
         KeyError,
         OmegaConfBaseException,
+        InstantiationException,
+        MlflowException,
     ) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error's message, through Hydra's instantiation wrapper."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         image_size, prepared_dir = args.image_size, args.prepared_dir
         if image_size is None or (prepared_dir is None and Path(args.params).is_file()):
             cfg = load_params(args.params)
-            image_size = image_size or cfg.data.prepare.image_size
+            image_size = cfg.data.prepare.image_size if image_size is None else image_size
             if prepared_dir is None and Path(cfg.paths.prepared_dir).is_dir():
                 prepared_dir = cfg.paths.prepared_dir
         report = export_onnx(args.checkpoint, args.out, image_size, prepared_dir)

@@ -13,9 +13,8 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = stage_config(__doc__, argv)
-
     def body() -> None:
+        cfg = stage_config(__doc__, argv)
         from leukemia_mlops.data.prepare import PrepareSpec, prepare_dataset, write_json
         from leukemia_mlops.data.splits import SplitSpec
 

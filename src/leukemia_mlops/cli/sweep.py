@@ -38,9 +38,8 @@ SWEEPS_DIR = Path("multirun/sweep")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = stage_config(__doc__, argv)
-
     def body() -> None:
+        cfg = stage_config(__doc__, argv)
         from hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper import RESULTS_FILE
 
         digest = config_hash(OmegaConf.to_container(cfg, resolve=True))[:10]

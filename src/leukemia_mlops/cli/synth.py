@@ -16,9 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = stage_config(__doc__, argv)
-
     def body() -> None:
+        cfg = stage_config(__doc__, argv)
         from leukemia_mlops.data.synthetic import SyntheticSpec, generate_cnmc
 
         raw_dir = Path(cfg.paths.raw_dir)

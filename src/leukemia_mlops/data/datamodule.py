@@ -33,6 +33,19 @@ class SplitImages:
         self.subjects = self.manifest["subject"].astype(str).to_numpy()
         self.paths = self.manifest["path"].astype(str).to_numpy()
         self._images: np.ndarray | None = None
+        self._check_cache(len(manifest))
+
+    def _check_cache(self, rows: int) -> None:
+        """Fail early, in one line, on a cache that does not match its manifest."""
+        path = self.prepared_dir / IMAGES_FILE
+        try:
+            count = len(np.load(path, mmap_mode="r"))
+        except (OSError, EOFError, ValueError) as err:
+            raise ValueError(
+                f"{path} is not a readable image cache ({err}): rerun prepare"
+            ) from None
+        if count != rows:
+            raise ValueError(f"{path} holds {count} images for {rows} manifest rows: rerun prepare")
 
     @property
     def images(self) -> np.ndarray:

@@ -112,6 +112,9 @@ def prepare_dataset(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     kept = _write_cache(raw_dir, table, skipped, spec, tmp, progress)
+    if not kept:
+        shutil.rmtree(tmp)
+        raise ValueError(f"no image under {raw_dir} could be decoded ({len(skipped)} skipped)")
     manifest = table.loc[list(kept)].reset_index(drop=True)
     manifest = _with_image_columns(manifest, kept.values())
     manifest["split"] = assign_splits(manifest, split)

@@ -60,6 +60,10 @@ def export_onnx(
     """
     import onnx
 
+    if image_size < 1:
+        raise ValueError(f"image size must be positive, got {image_size}")
+    if prepared_dir is not None and not Path(prepared_dir).is_dir():
+        raise FileNotFoundError(f"no prepare cache at {prepared_dir} for the parity check")
     scorer = TorchScorer(load_classifier(checkpoint).net, device="cpu")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

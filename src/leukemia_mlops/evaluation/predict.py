@@ -8,6 +8,7 @@ cannot disagree on input scaling or on the sigmoid.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +27,7 @@ IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 #: Preprocessing settings a model may declare; they must match what images are prepared with.
 PREPROCESSING_KEYS = ("image_size", "window", "fit")
 _MLFLOW_URI = re.compile(r"^(runs|models):/")
+_ALLOW_PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
 class Scorer(Protocol):
@@ -150,7 +152,16 @@ def _mlflow_scorer(uri: str, tracking_uri: str | None) -> TorchScorer:
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    net = mlflow.pytorch.load_model(uri, map_location="cpu")
+    # MLflow unpickles a model saved in its pickle format unless this is false (its default is
+    # true): refuse such files, as torch.load(weights_only=True) does, unless the user opts in.
+    # Models logged by this project are pt2 archives, which load without pickle.
+    opted_in = _ALLOW_PICKLE in os.environ
+    os.environ.setdefault(_ALLOW_PICKLE, "false")
+    try:
+        net = mlflow.pytorch.load_model(uri, map_location="cpu")
+    finally:
+        if not opted_in:
+            del os.environ[_ALLOW_PICKLE]
     signature = mlflow.models.get_model_info(uri).signature
     shape = signature.inputs.inputs[0].shape if signature is not None else None
     return TorchScorer(net, preprocessing={"image_size": shape[-1]} if shape else {})

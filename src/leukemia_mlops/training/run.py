@@ -12,6 +12,7 @@ started again with the same config.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -108,6 +109,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         from leukemia_mlops.training.pruning import OptunaPruning
 
         callbacks.append(OptunaPruning(trial_link, MONITOR))
+    _check_trainer_keys(config["trainer"])
     trainer_cfg = {
         **config["trainer"],
         "precision": resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
@@ -142,6 +144,14 @@ def build_data_and_module(
         datamodule = DetectionDataModule.from_config(config)
         return datamodule, YoloDetector(**module_args), cfg.model.variant
     raise ValueError(f"model.family must be 'cnn' or 'yolo', got {cfg.model.family!r}")
+
+
+def _check_trainer_keys(trainer: dict[str, Any]) -> None:
+    """Name an unknown ``trainer.*`` key instead of failing inside Lightning."""
+    known = set(inspect.signature(pl.Trainer.__init__).parameters)
+    unknown = sorted(set(trainer) - known - {"_target_"})
+    if unknown:
+        raise ValueError(f"unknown key trainer.{unknown[0]} (not a Lightning Trainer argument)")
 
 
 def _resume_state(run_dir: Path, digest: str) -> dict[str, Any]:

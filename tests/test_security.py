@@ -1,0 +1,330 @@
+"""Security: no loader runs a pickle payload, secrets stay out of MLflow, no path escapes.
+
+* a checkpoint or weights file carrying a live pickle payload is refused by every loader:
+  ``model.weights``, ``predict``, ``evaluate``, ``export``, resuming a run, and an MLflow model
+  saved in pickle format; and every ``torch.load``/``load_from_checkpoint``/resume call in the
+  code passes ``weights_only=True``;
+* a tracking URI's password never reaches the params or the ``config.yaml`` of a real run;
+* names in the prelim labels CSV cannot make ``prepare`` read a file outside the dataset;
+* ``make ui`` serves on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_SIZE, tree_digest
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+from servers import MlflowServer
+
+from leukemia_mlops.cli import evaluate as evaluate_cli
+from leukemia_mlops.cli import export as export_cli
+from leukemia_mlops.cli import predict as predict_cli
+from leukemia_mlops.cli import train as train_cli
+from leukemia_mlops.config import write_params
+from leukemia_mlops.data.prepare import PrepareSpec, prepare_dataset
+from leukemia_mlops.data.splits import SplitSpec
+from leukemia_mlops.models.backbones import WeightsError, build_classifier
+from leukemia_mlops.tracking.provenance import config_hash
+from leukemia_mlops.training.run import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+PRELIM = "C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data"
+LABELS_CSV = f"{PRELIM}_labels.csv"
+UNSUPPORTED_GLOBAL = r"Unsupported global: GLOBAL (builtins\.)?exec\b"
+
+
+class Payload:
+    """Unpickling this runs ``exec``: it writes ``marker``, standing for any command."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('payload ran')",)
+
+
+@pytest.fixture(autouse=True)
+def keep_mlflow_global_state(monkeypatch):
+    """Training in-process sets MLflow's global tracking URI (and its env var): undo it."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def server_process(tmp_path_factory):
+    """An MLflow server (sqlite store) on 127.0.0.1, booting while the first tests run."""
+    base = tmp_path_factory.mktemp("tracking_server")
+    server = MlflowServer(f"sqlite:///{base / 'mlflow.db'}", base / "artifacts", base / "log")
+    server.launch()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tracking_server(server_process) -> MlflowServer:
+    return server_process.wait()
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    return tmp_path / "PAYLOAD_RAN"
+
+
+@pytest.fixture
+def evil_ckpt(tiny_checkpoint: Path, marker: Path, tmp_path: Path) -> Path:
+    """The real tiny checkpoint with a payload riding along."""
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    state["callbacks"] = {"EpochHistory": Payload(marker)}
+    path = tmp_path / "evil.ckpt"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture
+def evil_pth(tiny_checkpoint: Path, marker: Path, tmp_path: Path) -> Path:
+    """A backbone state dict with a payload in it."""
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    state["net.backbone.fc.bias"] = Payload(marker)
+    path = tmp_path / "evil.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_the_payload_is_live(evil_ckpt, evil_pth, marker):
+    """Control: a plain ``torch.load`` does run it (so the refusals below mean something)."""
+    for path in (evil_ckpt, evil_pth):
+        torch.load(path, map_location="cpu", weights_only=False)
+        assert marker.read_text() == "payload ran"
+        marker.unlink()
+
+
+def refused_by_cli(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_model_weights_refuse_a_payload(evil_pth, evil_ckpt, marker, tiny_config, tmp_path, capsys):
+    for path in (evil_pth, evil_ckpt):
+        with pytest.raises(WeightsError, match=r"cannot load .* safely"):
+            build_classifier("resnet18", weights=str(path))
+    params = tmp_path / "params.yaml"
+    write_params(tiny_config(f"model.weights={evil_pth}"), params)
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--params", str(params)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: model.weights: cannot load {evil_pth} safely" in err
+    assert re.search(UNSUPPORTED_GLOBAL, err)
+    assert not marker.exists()
+
+
+def test_predict_evaluate_and_export_refuse_a_payload(
+    evil_ckpt, marker, tiny_raw, tiny_config, tmp_path, capsys
+):
+    images = tiny_raw / PRELIM
+    params = tmp_path / "params.yaml"
+    write_params(tiny_config(), params)
+    line = refused_by_cli(
+        predict_cli.main,
+        [str(evil_ckpt), str(images), "--out", str(tmp_path / "p.csv"), "--params", str(params)],
+        capsys,
+    )
+    assert line.startswith(f"error: {evil_ckpt} is not a CellClassifier checkpoint")
+    assert "Weights only load failed" in line
+
+    best = tmp_path / "models/cnn/checkpoints/best.ckpt"
+    best.parent.mkdir(parents=True)
+    shutil.copyfile(evil_ckpt, best)
+    line = refused_by_cli(evaluate_cli.main, ["--params", str(params)], capsys)
+    assert line.startswith(f"error: {best} is not a CellClassifier checkpoint")
+
+    out = tmp_path / "model.onnx"
+    argv = ["--checkpoint", str(evil_ckpt), "--image-size", "48", "--out", str(out)]
+    line = refused_by_cli(export_cli.main, argv, capsys)
+    assert line.startswith(f"error: {evil_ckpt} is not a CellClassifier checkpoint")
+    assert not out.exists()
+    assert not marker.exists()
+
+
+def test_resuming_from_a_last_checkpoint_with_a_payload_is_refused(
+    evil_ckpt, marker, tiny_config, tracking_server, tmp_path
+):
+    """An unfinished run resumes from ``last.ckpt``: a planted one must not run its payload."""
+    cfg = tiny_config(
+        f"logger.mlflow.tracking_uri={tracking_server.url}",
+        "logger.mlflow.experiment_name=resume-payload",
+    )
+    run_dir = tmp_path / "models/cnn"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(evil_ckpt, run_dir / "checkpoints/last.ckpt")
+    client = MlflowClient(tracking_server.url)
+    run = client.create_run(client.create_experiment("resume-payload"))
+    state = {
+        "config_hash": config_hash(OmegaConf.to_container(cfg, resolve=True)),
+        "mlflow_run_id": run.info.run_id,
+        "status": "running",
+    }
+    (run_dir / "run.json").write_text(json.dumps(state))
+    with pytest.raises(Exception, match="Weights only load failed") as error:
+        run_training(cfg, run_dir)
+    assert re.search(UNSUPPORTED_GLOBAL, str(error.value))
+    assert not marker.exists()
+
+
+def test_an_mlflow_model_in_pickle_format_is_refused(marker, tracking_server, tmp_path):
+    """``predict runs:/...`` loads MLflow models: one saved in MLflow's pickle format is
+    refused (MLflow would unpickle it by default; the predict loader turns that off)."""
+    from mlflow.exceptions import MlflowException
+
+    from leukemia_mlops.evaluation.predict import load_scorer
+
+    uri = tracking_server.url
+    model_dir = tmp_path / "model"
+    data = model_dir / "data"
+    data.mkdir(parents=True)
+    torch.save(Payload(marker), data / "model.pth")
+    (data / "pickle_module_info.txt").write_text("pickle")
+    (model_dir / "MLmodel").write_text(
+        "flavors:\n  pytorch:\n    model_data: data\n    pytorch_version: 2.14.1\n"
+        "  python_function:\n    loader_module: mlflow.pytorch\n    data: data\n"
+        "    env: {}\n"
+    )
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("evil"))
+    client.log_artifacts(run.info.run_id, str(model_dir), "model")
+    with pytest.raises(MlflowException, match="Deserializing model using pickle is disallowed"):
+        load_scorer(f"runs:/{run.info.run_id}/model", uri)
+    assert not marker.exists()
+
+
+FORBIDDEN = {
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("dill", "load"),
+    ("joblib", "load"),
+    ("yaml", "unsafe_load"),
+    ("jit", "load"),
+}
+
+
+def _keyword(call: ast.Call, name: str):
+    for keyword in call.keywords:
+        if keyword.arg == name:
+            return keyword.value.value if isinstance(keyword.value, ast.Constant) else keyword
+    return None
+
+
+def _owner(func: ast.Attribute) -> str:
+    value = func.value
+    return value.id if isinstance(value, ast.Name) else getattr(value, "attr", "")
+
+
+def unsafe_loads(path: Path) -> list[str]:
+    """Calls in ``path`` that could unpickle without ``weights_only=True``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        name, owner = node.func.attr, _owner(node.func)
+        where = f"{path.relative_to(ROOT)}:{node.lineno}"
+        checked = (name == "load" and owner == "torch") or name == "load_from_checkpoint"
+        resume = name == "fit" and _keyword(node, "ckpt_path") is not None
+        if (checked or resume) and _keyword(node, "weights_only") is not True:
+            found.append(f"{where} {owner}.{name} without weights_only=True")
+        if (owner, name) in FORBIDDEN:
+            found.append(f"{where} {owner}.{name}")
+        if name == "load" and owner in ("np", "numpy") and _keyword(node, "allow_pickle"):
+            found.append(f"{where} np.load(allow_pickle=True)")
+        if name == "load" and owner == "yaml":
+            found.append(f"{where} yaml.load (use yaml.safe_load)")
+    return found
+
+
+def test_every_checkpoint_loader_in_the_code_is_weights_only():
+    files = sorted((ROOT / "src").rglob("*.py")) + sorted((ROOT / "hydra_plugins").rglob("*.py"))
+    assert len(files) > 20
+    unsafe = [hit for path in files for hit in unsafe_loads(path)]
+    assert unsafe == []
+    # The scan does see the loaders it checks.
+    sources = "".join(p.read_text() for p in files)
+    assert sources.count("weights_only=True") >= 5
+
+
+def test_a_tracking_password_stays_out_of_params_and_config_artifacts(
+    tiny_config, tracking_server, tmp_path
+):
+    secret = "s3cr3t-" + os.urandom(4).hex()
+    server = tracking_server
+    uri = server.url.replace("http://", f"http://alice:{secret}@")
+    cfg = tiny_config(f"logger.mlflow.tracking_uri={uri}", "trainer.max_epochs=1", "seed=1")
+    run_dir = tmp_path / "models/cnn"
+    run_training(cfg, run_dir)
+    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(server.url)
+    run = client.get_run(run_id)
+    redacted = server.url.replace("http://", "http://alice:***@")
+    assert run.data.params["logger.mlflow.tracking_uri"] == redacted
+    assert secret not in json.dumps([run.data.params, run.data.tags])
+    config = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl")))
+    assert f"tracking_uri: {redacted}" in config.read_text()
+    assert secret not in config.read_text()
+    assert secret not in (run_dir / "config.yaml").read_text()
+    assert secret not in (run_dir / "run.json").read_text()
+
+
+def test_prelim_csv_names_cannot_reach_outside_the_dataset(tiny_raw, tmp_path):
+    root = tmp_path / "raw"
+    shutil.copytree(tiny_raw, root, copy_function=os.link)
+    bait = next((tiny_raw / PRELIM).glob("*.bmp"))
+    outside = tmp_path / "outside.bmp"
+    shutil.copyfile(bait, outside)  # a valid image next to the dataset root
+    labels = root / LABELS_CSV
+    text = labels.read_text()
+    labels.unlink()  # the file is a hard link to the shared fixture: never write through it
+    rows = [
+        "../../../../outside.bmp",
+        str(outside),
+        "sub/../../../../../outside.bmp",
+        "..\\..\\..\\..\\outside.bmp",
+    ]
+    original = "UID_3_99_1_all.bmp"
+    labels.write_text(text + "".join(f"{original},{name},1\n" for name in rows))
+    before = tree_digest(root)
+
+    out = tmp_path / "prepared"
+    prepare_dataset(root, out, PrepareSpec(image_size=TINY_SIZE, workers=1), SplitSpec(), False)
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    for path in manifest["path"]:
+        assert (root / path).resolve().is_relative_to(root.resolve()), path
+    assert not manifest["path"].str.contains("outside|\\.\\.").any()
+    assert len(manifest) == len(list(tiny_raw.rglob("*.bmp")))  # only the dataset's own files
+    skipped = pd.read_csv(out / "skipped.csv")
+    listed = skipped.loc[skipped["reason"].str.contains("but missing"), "path"].tolist()
+    # Reported as named in the CSV (a name without a slash: in the prelim folder), never opened.
+    assert sorted(listed) == sorted(n if "/" in n else f"{PRELIM}/{n}" for n in rows)
+    assert tree_digest(root) == before
+
+
+def test_make_ui_serves_on_localhost_only():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^ui:.*\n((?:\t.*\n|.*\\\n)+)", makefile, re.MULTILINE)
+    assert recipe is not None
+    command = recipe.group(1).replace("\\\n", " ")
+    assert "mlflow ui" in command or "mlflow server" in command
+    assert re.search(r"--host[ =]127\.0\.0\.1\b", command), command
+    assert "0.0.0.0" not in makefile

@@ -55,5 +55,5 @@ ui: setup ## Open the MLflow UI on 127.0.0.1:5000 over the local store
 bench: setup ## Run the benchmarks and rewrite BENCHMARKS.md
 	python -m bench.run
 
-clean: ## Remove pipeline outputs (never data/raw)
-	rm -rf data/prepared models reports outputs multirun
+clean: ## Remove pipeline outputs kept outside git (never data/raw or the committed reports)
+	rm -rf data/prepared models outputs multirun

@@ -146,12 +146,26 @@ def build_data_and_module(
     raise ValueError(f"model.family must be 'cnn' or 'yolo', got {cfg.model.family!r}")
 
 
+#: Trainer arguments that must be whole numbers (or null), checked before Lightning sees them.
+_INTEGER_TRAINER_KEYS = (
+    "max_epochs",
+    "min_epochs",
+    "accumulate_grad_batches",
+    "log_every_n_steps",
+    "num_nodes",
+)
+
+
 def _check_trainer_keys(trainer: dict[str, Any]) -> None:
-    """Name an unknown ``trainer.*`` key instead of failing inside Lightning."""
+    """Name an unknown or mistyped ``trainer.*`` key instead of failing inside Lightning."""
     known = set(inspect.signature(pl.Trainer.__init__).parameters)
     unknown = sorted(set(trainer) - known - {"_target_"})
     if unknown:
         raise ValueError(f"unknown key trainer.{unknown[0]} (not a Lightning Trainer argument)")
+    for key in _INTEGER_TRAINER_KEYS:
+        value = trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"trainer.{key} must be a whole number, got {value!r}")
 
 
 def _resume_state(run_dir: Path, digest: str) -> dict[str, Any]:

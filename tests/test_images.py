@@ -4,9 +4,11 @@ import pytest
 
 from leukemia_mlops.data.images import (
     ImageDecodeError,
+    area_downscale,
+    bgr_to_rgb,
     cell_box,
     center_window,
-    decode_rgb,
+    decode_bgr,
     to_training_image,
 )
 
@@ -23,10 +25,12 @@ def disc(size: int, radius: int, colour=(200, 100, 150)) -> np.ndarray:
     return image
 
 
-def test_decode_returns_rgb_from_bgr_files():
+def test_decode_keeps_bgr_order_until_converted_to_rgb():
     bgr = np.zeros((8, 8, 3), np.uint8)
     bgr[..., 0] = 255  # blue in OpenCV's order
-    assert decode_rgb(encode(bgr, ".bmp"))[0, 0].tolist() == [0, 0, 255]
+    decoded = decode_bgr(encode(bgr, ".bmp"))
+    assert decoded[0, 0].tolist() == [255, 0, 0]
+    assert bgr_to_rgb(decoded)[0, 0].tolist() == [0, 0, 255]
 
 
 @pytest.mark.parametrize(
@@ -39,7 +43,7 @@ def test_decode_returns_rgb_from_bgr_files():
     ids=["grayscale", "rgba", "16-bit"],
 )
 def test_decode_brings_other_modes_to_8bit_rgb(image):
-    decoded = decode_rgb(encode(image))
+    decoded = decode_bgr(encode(image))
     assert decoded.shape == (10, 12, 3) and decoded.dtype == np.uint8
     assert int(decoded.max()) == 90
 
@@ -50,13 +54,13 @@ def test_decode_brings_other_modes_to_8bit_rgb(image):
 )
 def test_decode_rejects_bad_bytes(data, message):
     with pytest.raises(ImageDecodeError, match=message):
-        decode_rgb(data)
+        decode_bgr(data)
 
 
 def test_decode_rejects_truncated_bmp():
     data = encode(disc(64, 20), ".bmp")
     with pytest.raises(ImageDecodeError):
-        decode_rgb(data[: len(data) // 3])
+        decode_bgr(data[: len(data) // 3])
 
 
 def test_cell_box_finds_the_non_black_region():
@@ -64,6 +68,27 @@ def test_cell_box_finds_the_non_black_region():
     image[10:20, 30:45] = 100
     assert cell_box(image) == (30, 10, 45, 20)
     assert cell_box(np.zeros((5, 5, 3), np.uint8)) is None
+
+
+@pytest.mark.parametrize("channel", [0, 1, 2])
+def test_cell_box_counts_a_pixel_bright_in_any_one_channel(channel):
+    image = np.zeros((40, 30, 3), np.uint8)
+    image[5, 7, channel] = 11
+    image[30, 20, channel] = 10  # at the threshold: background
+    assert cell_box(image) == (7, 5, 8, 6)
+
+
+@pytest.mark.parametrize("source", [450, 1000, 257])
+def test_area_downscale_matches_one_area_resize_within_a_grey_level(source):
+    rng = np.random.default_rng(source)
+    image = cv2.resize(rng.integers(0, 256, (40, 40, 3), np.uint8), (source, source))
+    image = cv2.add(image, disc(source, source // 3))
+    reference = cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA)
+    scaled = area_downscale(image, 128)
+    assert scaled.shape == (128, 128, 3)
+    assert np.abs(scaled.astype(int) - reference).mean() < 0.5
+    flat = np.full((source, source, 3), 77, np.uint8)
+    assert (area_downscale(flat, 128) == 77).all()
 
 
 def test_center_window_crops_and_pads_around_the_centre():

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from conftest import TINY_SIZE, tree_digest
 
-from leukemia_mlops.data.images import decode_rgb, to_training_image
+from leukemia_mlops.data.images import bgr_to_rgb, decode_bgr, to_training_image
 from leukemia_mlops.data.naming import HEM, format_cell_name, parse_cell_name
 from leukemia_mlops.data.prepare import PrepareSpec, prepare_dataset
 from leukemia_mlops.data.splits import SplitSpec
@@ -24,7 +24,7 @@ def test_cache_equals_freshly_decoded_images(tiny_raw, tiny_prepared):
     assert images.shape == (len(manifest), TINY_SIZE, TINY_SIZE, 3) and images.dtype == np.uint8
     for index in range(0, len(manifest), 7):
         row = manifest.iloc[index]
-        raw = decode_rgb((tiny_raw / row["path"]).read_bytes())
+        raw = bgr_to_rgb(decode_bgr((tiny_raw / row["path"]).read_bytes()))
         assert np.array_equal(images[index], to_training_image(raw, TINY_SIZE, 450))
         assert (row["width"], row["height"]) == (raw.shape[1], raw.shape[0])
         assert row["size_bytes"] == (tiny_raw / row["path"]).stat().st_size
@@ -38,7 +38,7 @@ def test_manifest_columns_and_boxes(tiny_prepared):
         "subject",
         "fold",
         "source_split",
-        "md5",
+        "content_hash",
         "size_bytes",
         "box_x0",
         "box_y0",
@@ -49,7 +49,7 @@ def test_manifest_columns_and_boxes(tiny_prepared):
     assert expected <= set(manifest.columns)
     assert (manifest["box_x1"] > manifest["box_x0"]).all()
     assert (manifest["box_x1"] <= manifest["width"]).all()
-    assert manifest["md5"].str.len().eq(32).all()
+    assert manifest["content_hash"].str.len().eq(32).all()
 
 
 def test_bad_files_are_skipped_with_reasons_and_raw_data_is_untouched(tiny_raw, tmp_path):

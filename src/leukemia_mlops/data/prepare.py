@@ -5,27 +5,33 @@ the previous cache or none, never a half one):
 
 * ``images.npy``: uint8 array ``[N, size, size, 3]`` (RGB), opened with ``mmap_mode="r"``;
 * ``manifest.parquet``: one row per cached image (row ``i`` is ``images[i]``) with its path,
-  label, subject, fold, source split, content hash, file size, original size, cell box and
-  assigned split;
+  label, subject, fold, source split, content hash (xxh3-128), file size, original size, cell
+  box and assigned split;
 * ``skipped.csv``: every file left out, with the reason.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import xxhash
 from tqdm import tqdm
 
-from leukemia_mlops.data.images import ImageDecodeError, cell_box, decode_rgb, to_training_image
+from leukemia_mlops.data.images import (
+    ImageDecodeError,
+    bgr_to_rgb,
+    cell_box,
+    decode_bgr,
+    to_training_image,
+)
 from leukemia_mlops.data.layout import Skip, scan_dataset
 from leukemia_mlops.data.splits import SPLITS, SplitSpec, assign_splits
 
@@ -55,7 +61,7 @@ class PrepareSpec:
 @dataclass(frozen=True)
 class Decoded:
     pixels: np.ndarray | None
-    md5: str = ""
+    content_hash: str = ""
     size_bytes: int = 0
     height: int = 0
     width: int = 0
@@ -63,35 +69,70 @@ class Decoded:
     reason: str = ""
 
 
-def decode_file(task: tuple[Path, PrepareSpec]) -> Decoded:
+def decode_file(path: Path, spec: PrepareSpec) -> Decoded:
     """Read, hash and decode one file as ``prepare`` does (``predict`` shares it).
 
     Failures come back as a reason, not an exception, so one bad file never stops a run.
     """
-    path, spec = task
     try:
         data = path.read_bytes()
-        image = decode_rgb(data)
+        image = decode_bgr(data)
     except (OSError, ImageDecodeError) as err:
         return Decoded(None, reason=str(err))
     box = cell_box(image)
     if box is None:
         return Decoded(None, reason="blank image (no cell pixels)")
-    pixels = to_training_image(image, spec.image_size, spec.window, spec.fit)
-    return Decoded(pixels, hashlib.md5(data).hexdigest(), len(data), *image.shape[:2], box)
+    pixels = bgr_to_rgb(to_training_image(image, spec.image_size, spec.window, spec.fit, box))
+    content_hash = xxhash.xxh3_128_hexdigest(data)
+    return Decoded(pixels, content_hash, len(data), *image.shape[:2], box)
+
+
+#: Files per task: few enough to balance the processes, enough to open the cache once per many.
+CHUNK_FILES = 32
+
+#: (cache file, spec, [(cache row, raw file), ...]): one unit of work for a decode process.
+Chunk = tuple[Path, PrepareSpec, list[tuple[int, Path]]]
+
+
+def _decode_chunk(chunk: Chunk) -> list[tuple[int, Decoded]]:
+    """Decode files straight into their rows of the memory-mapped cache.
+
+    Only the small per-file records travel back to the parent process, never the pixels.
+    """
+    cache_path, spec, files = chunk
+    cache = np.load(cache_path, mmap_mode="r+")
+    results = []
+    for row, path in files:
+        decoded = decode_file(path, spec)
+        if decoded.pixels is not None:
+            cache[row] = decoded.pixels
+        results.append((row, replace(decoded, pixels=None)))
+    del cache
+    return results
 
 
 def _decode_all(
-    raw_dir: Path, paths: list[str], spec: PrepareSpec, progress: bool
-) -> Iterator[Decoded]:
-    tasks = [(raw_dir / p, spec) for p in paths]
-    workers = spec.workers or os.cpu_count() or 1
-    bar = dict(total=len(tasks), desc="prepare", unit="img", disable=not progress)
-    if workers == 1 or len(tasks) < 64:
-        yield from tqdm(map(decode_file, tasks), **bar)
+    cache_path: Path, files: list[Path], spec: PrepareSpec, progress: bool
+) -> Iterator[tuple[int, Decoded]]:
+    """Every file's record, in completion order, once its pixels are in the cache."""
+    rows = list(enumerate(files))
+    chunks = [
+        (cache_path, spec, rows[start : start + CHUNK_FILES])
+        for start in range(0, len(rows), CHUNK_FILES)
+    ]
+    workers = min(spec.workers or os.cpu_count() or 1, len(chunks))
+    with tqdm(total=len(files), desc="prepare", unit="img", disable=not progress) as bar:
+        for done in _map_chunks(chunks, workers):
+            bar.update(len(done))
+            yield from done
+
+
+def _map_chunks(chunks: list[Chunk], workers: int) -> Iterator[list[tuple[int, Decoded]]]:
+    if workers == 1:
+        yield from map(_decode_chunk, chunks)
         return
     with Pool(workers) as pool:
-        yield from tqdm(pool.imap(decode_file, tasks, chunksize=16), **bar)
+        yield from pool.imap_unordered(_decode_chunk, chunks)
 
 
 def prepare_dataset(
@@ -134,34 +175,26 @@ def _write_cache(
     tmp: Path,
     progress: bool,
 ) -> dict[int, Decoded]:
-    """Decode into ``tmp/images.npy``; returns the kept table rows with their decode results."""
+    """Decode into ``tmp/images.npy``; returns the kept table rows (in order) with their records."""
     size = spec.image_size
     cache_path = tmp / IMAGES_FILE
-    cache = np.lib.format.open_memmap(cache_path, "w+", np.uint8, (len(table), size, size, 3))
-    kept: dict[int, Decoded] = {}
+    np.lib.format.open_memmap(cache_path, "w+", np.uint8, (len(table), size, size, 3))
     paths = table["path"].tolist()
-    for row, decoded in enumerate(_decode_all(raw_dir, paths, spec, progress)):
-        if decoded.pixels is None:
-            skipped.append(Skip(paths[row], decoded.reason))
-            continue
-        cache[len(kept)] = decoded.pixels
-        kept[row] = Decoded(
-            None, decoded.md5, decoded.size_bytes, decoded.height, decoded.width, decoded.box
-        )
-    cache.flush()
-    del cache
+    records = dict(_decode_all(cache_path, [raw_dir / p for p in paths], spec, progress))
+    kept = {row: records[row] for row in sorted(records) if not records[row].reason}
+    skipped.extend(Skip(paths[r], records[r].reason) for r in sorted(records) if r not in kept)
     if len(kept) < len(table):
-        _truncate_cache(cache_path, len(kept))
+        _compact_cache(cache_path, list(kept))
     return kept
 
 
-def _truncate_cache(path: Path, count: int) -> None:
-    """Rewrite the cache with only its first ``count`` images (after skipped files)."""
+def _compact_cache(path: Path, rows: list[int]) -> None:
+    """Rewrite the cache with only the given rows, in order (drops skipped files' empty rows)."""
     full = np.load(path, mmap_mode="r")
     short_path = path.with_suffix(".short.npy")
-    short = np.lib.format.open_memmap(short_path, "w+", np.uint8, (count, *full.shape[1:]))
-    short[:] = full[:count]
-    short.flush()
+    short = np.lib.format.open_memmap(short_path, "w+", np.uint8, (len(rows), *full.shape[1:]))
+    for index, row in enumerate(rows):
+        short[index] = full[row]
     del short, full
     os.replace(short_path, path)
 
@@ -170,7 +203,7 @@ def _with_image_columns(manifest: pd.DataFrame, decoded: object) -> pd.DataFrame
     rows = list(decoded)
     boxes = np.array([d.box for d in rows], dtype=np.int64).reshape(-1, 4)
     return manifest.assign(
-        md5=[d.md5 for d in rows],
+        content_hash=[d.content_hash for d in rows],
         size_bytes=np.array([d.size_bytes for d in rows], dtype=np.int64),
         height=np.array([d.height for d in rows], dtype=np.int64),
         width=np.array([d.width for d in rows], dtype=np.int64),
@@ -197,7 +230,7 @@ def data_report(
             "hem_subjects": int(rows.loc[rows["label"] == 0, "subject"].nunique()),
         }
     report["unlabelled"] = int((manifest["split"] == "unlabelled").sum())
-    report["duplicate_images"] = int(manifest["md5"].duplicated().sum())
+    report["duplicate_images"] = int(manifest["content_hash"].duplicated().sum())
     reasons = pd.Series([s.reason for s in skipped], dtype="string")
     report["skipped_by_reason"] = {k: int(v) for k, v in reasons.value_counts().items()}
     report["prepare"] = asdict(spec)

@@ -202,7 +202,7 @@ def _prepare_batch(
             images.append(None)
             errors.append(f"not an image file ({path.suffix or 'no extension'})")
             continue
-        decoded = decode_file((path, spec))
+        decoded = decode_file(path, spec)
         images.append(decoded.pixels)
         errors.append(decoded.reason)
     return images, errors

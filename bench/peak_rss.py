@@ -1,9 +1,10 @@
 """Child process for the memory benchmark: run one stage, then print its peak RSS as JSON.
 
-``python -m bench.peak_rss prepare RAW OUT PREPARE_SPEC_JSON SPLIT_SPEC_JSON`` or
-``python -m bench.peak_rss train CONFIG_YAML``. A fresh process per measurement, so that the
-peak belongs to that stage alone. Imports stay inside the stages: the prepare stage does not
-load torch, and its peak should not carry it.
+``python -m bench.peak_rss prepare RAW OUT PREPARE_SPEC_JSON SPLIT_SPEC_JSON``,
+``python -m bench.peak_rss train CONFIG_YAML`` or
+``python -m bench.peak_rss predict RAW OUT_CSV IMAGE_SIZE``. A fresh process per
+measurement, so that the peak belongs to that stage alone. Imports stay inside the stages:
+the prepare stage does not load torch, and its peak should not carry it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,18 @@ def train(config: str) -> None:
     fit_lightning(OmegaConf.load(config), [], max_epochs=1)
 
 
+def predict(raw: str, out_csv: str, image_size: str) -> None:
+    """``predict`` over every file under ``raw`` with an untrained resnet18 (its memory does
+    not depend on the weights)."""
+    from leukemia_mlops.evaluation.predict import TorchScorer, predict_paths
+    from leukemia_mlops.models.backbones import build_classifier
+
+    size = int(image_size)
+    scorer = TorchScorer(build_classifier("resnet18"), preprocessing={"image_size": size})
+    predict_paths(scorer, [raw], out_csv, image_size=size)
+
+
 if __name__ == "__main__":
     stage, *args = sys.argv[1:]
-    {"prepare": prepare, "train": train}[stage](*args)
+    {"prepare": prepare, "train": train, "predict": predict}[stage](*args)
     print(json.dumps(peak_mib()))

@@ -58,13 +58,15 @@ def machine_lines(machine: dict[str, Any]) -> str:
     return "\n".join(f"- {key}: {fmt(value)}" for key, value in machine.items())
 
 
-def render(records: list[dict[str, Any]], machine: dict[str, Any], date: str) -> str:
-    """The whole document: the machine, then every section that has a stored result."""
+def render(records: list[dict[str, Any]], machine: dict[str, Any], date: str, log: str = "") -> str:
+    """The whole document: the machine, every section that has a stored result, then ``log``
+    (the hand-kept profiling log of missed targets, their causes and fixes)."""
     parts = [HEADER, f"Last run: {date}\n", "## Machine\n", machine_lines(machine), ""]
     for record in records:
         parts += [f"## {record['title']}\n", _stamp(record, machine), record["method"], ""]
         parts += [table(record["columns"], record["rows"]), ""]
         parts += [f"- {line}" for line in record["readings"]] + [""]
+    parts.append(log)
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -2,7 +2,8 @@
 
 Each benchmark's result goes to ``DIR/bench/results/NAME.json`` as soon as it is measured, and
 ``DIR/BENCHMARKS.md`` is rebuilt from every stored result (so ``--only`` updates its sections
-and keeps the others). ``DIR`` defaults to the repository root.
+and keeps the others), followed by the profiling log ``bench/profiling.md``. ``DIR`` defaults
+to the repository root.
 
 Benchmark modules are imported only when run: worker processes started with ``spawn`` import
 this module again, and should not pay for torch and ONNX Runtime on the way.
@@ -36,6 +37,8 @@ BENCHMARKS = (
 )
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("bench/results")
+#: Hand-kept: targets missed, what profiling showed, what changed (before/after figures).
+PROFILING_LOG = REPO / "bench/profiling.md"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
                 "machine": machine,
             }
             (results / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-            (args.out / "BENCHMARKS.md").write_text(render(stored(results), machine, started))
+            text = render(stored(results), machine, started, PROFILING_LOG.read_text())
+            (args.out / "BENCHMARKS.md").write_text(text)
             print(f"[bench] {name}: {seconds:.0f} s", file=sys.stderr, flush=True)
 
 

@@ -33,6 +33,7 @@ class Sizes:
     budget_s: float  # seconds a clock measures
     prep_images: int
     memory_images: tuple[int, int]
+    predict_images: tuple[int, int]
     accuracy_images: int
     accuracy_size: int
     accuracy_epochs: int
@@ -50,6 +51,7 @@ FULL = Sizes(
     budget_s=20.0,
     prep_images=1000,
     memory_images=(1000, 4000),
+    predict_images=(1000, 10000),
     accuracy_images=300,
     accuracy_size=64,
     accuracy_epochs=3,
@@ -65,6 +67,7 @@ QUICK = Sizes(
     budget_s=0.5,
     prep_images=100,
     memory_images=(100, 400),  # prepare starts worker processes from 64 images
+    predict_images=(50, 200),
     accuracy_images=100,
     accuracy_size=32,
     accuracy_epochs=1,

@@ -1,5 +1,6 @@
 """Faults survived: a stage killed half-way leaves nothing half-written behind."""
 
+import random
 import signal
 import subprocess
 import sys
@@ -20,7 +21,9 @@ pytestmark = pytest.mark.slow
 def test_prepare_killed_half_way_leaves_no_partial_cache(tmp_path: Path):
     raw = tmp_path / "data/raw"
     generate_cnmc(
-        raw, SyntheticSpec(n_train_subjects=9, n_prelim_subjects=2, cells_per_subject=40), workers=2
+        raw,
+        SyntheticSpec(n_train_subjects=9, n_prelim_subjects=2, cells_per_subject=200),
+        workers=2,
     )
     before = tree_digest(raw)
     params = tmp_path / "params.yaml"
@@ -32,11 +35,11 @@ def test_prepare_killed_half_way_leaves_no_partial_cache(tmp_path: Path):
     deadline = time.monotonic() + 120
     while not (partial / "images.npy").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)  # well inside the decode loop
+    time.sleep(random.uniform(0.1, 0.5))  # inside the decode loop (about 2 s of it)
     assert process.poll() is None, "prepare finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (tmp_path / "data/prepared").exists()
+    assert partial.exists() and not (tmp_path / "data/prepared").exists()
 
     subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
     images = np.load(tmp_path / "data/prepared/images.npy", mmap_mode="r")

@@ -1,7 +1,11 @@
 """Optuna sweeps through the real command lines: ``train -m hparams_search=...`` and the stage."""
 
+import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -243,3 +247,51 @@ def test_the_sweep_stage_writes_the_best_params(tiny_prepared, tiny_config, tmp_
     trial_config = yaml.safe_load((trial_dir / "config.yaml").read_text())
     assert trial_config["trainer"]["max_epochs"] == 1  # sweep.max_epochs
     assert trial_config["data"]["prepare"]["image_size"] == 48  # pinned from params.yaml
+
+
+def test_a_sweep_stage_killed_mid_trial_is_finished_by_its_rerun(
+    tiny_prepared, tiny_config, tmp_path
+):
+    cfg = tiny_config("sweep.n_trials=3", "sweep.max_epochs=1")
+    cfg.sweep.fixed = [
+        "model=resnet18",
+        "hydra.sweeper.heartbeat_interval=1",
+        "hydra.sweeper.grace_period=3",
+    ]
+    params = tmp_path / "params.yaml"
+    write_params(cfg, params)
+    command = [sys.executable, "-m", "leukemia_mlops.cli.sweep", "--params", str(params)]
+    stage = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the stage and its Hydra multirun die together
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not list(tmp_path.glob("multirun/sweep/*/trial_1")):
+        assert stage.poll() is None, "the sweep ended before it could be killed"
+        assert time.monotonic() < deadline, "trial 1 never started"
+        time.sleep(0.2)
+    time.sleep(random.uniform(0.0, 1.0))
+    os.killpg(stage.pid, signal.SIGKILL)
+    stage.wait()
+    study_name = next(tmp_path.glob("multirun/sweep/*")).name
+    assert load_study(tmp_path, study_name).trials[1].state == TrialState.RUNNING
+
+    rerun = run(command, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    study = load_study(tmp_path, study_name)
+    killed, *_ = study.trials[1:]
+    assert killed.state == TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]  # exactly n_trials finished
+    _, parent, children = mlflow_runs(tmp_path, study)
+    assert parent.info.status == "FINISHED"
+    assert sorted(int(r.data.tags[TRIAL_TAG]) for r in children) == [0, 1, 2, 3]
+    killed_run = next(r for r in children if r.data.tags[TRIAL_TAG] == "1")
+    assert killed_run.info.status == "FAILED" and killed_run.data.tags[STATE_TAG] == "FAIL"
+    report = yaml.safe_load((tmp_path / "reports/sweep.json").read_text())
+    assert report["trials"] == {"complete": 3, "pruned": 0, "failed": 1}

@@ -9,8 +9,17 @@ non-finite objective as FAIL. The sweep goes on past failures until more than
 ``n_trials`` is the number of trials this command ADDS to the study: running the same
 command again with the same ``storage`` and ``study_name`` continues the study, and k workers
 started together on one storage add k * n_trials trials (Optuna's RDB storage gives them
-distinct numbers). Every job gets ``optuna_trial: {study_name, storage, number, pruner,
-parent_run_id}`` in its config, for the pruning callback and the MLflow nesting (see
+distinct numbers). With ``top_up`` it is the number of finished (complete or pruned) trials
+the study should hold: the command adds only the missing ones, waits for the trials other
+workers are running, and a rerun after a crash finishes the same campaign.
+
+A worker records a heartbeat for its running trials every ``heartbeat_interval`` seconds.
+Before every round each worker fails the trials whose heartbeat is older than
+``grace_period`` (their worker was killed) and queues each for ``max_retry`` retries with the
+same parameters, which the next ``ask`` hands out first.
+
+Every job gets ``optuna_trial: {study_name, storage, number, pruner, parent_run_id}`` in its
+config, for the pruning callback and the MLflow nesting (see
 ``leukemia_mlops.training.pruning`` and ``leukemia_mlops.tracking.sweep_runs``), and runs in
 ``<hydra.sweep.dir>/trial_<number>``. The sweep directory gets ``optuna_results.yaml``.
 """
@@ -18,7 +27,10 @@ parent_run_id}`` in its config, for the pruning callback and the MLflow nesting 
 import logging
 import math
 import numbers
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +80,10 @@ class LeukemiaOptunaSweeperConf:
     )
     pruner: dict[str, Any] | None = None
     max_failure_rate: float = 0.25
+    top_up: bool = False  # n_trials counts the study's finished trials, not this run's
+    heartbeat_interval: int = 60  # seconds; 0: no heartbeats (killed workers' trials stay RUNNING)
+    grace_period: int | None = None  # seconds without a heartbeat before a trial is failed
+    max_retry: int = 1  # retries of a trial whose worker died
     params: dict[str, str] = field(default_factory=dict)
 
 
@@ -96,6 +112,10 @@ class LeukemiaOptunaSweeper(Sweeper):
         sampler: DictConfig,
         pruner: DictConfig | None,
         max_failure_rate: float,
+        top_up: bool,
+        heartbeat_interval: int,
+        grace_period: int | None,
+        max_retry: int,
         params: DictConfig,
     ) -> None:
         if direction not in DIRECTIONS:
@@ -104,6 +124,12 @@ class LeukemiaOptunaSweeper(Sweeper):
             raise SweepError(
                 "hydra.sweeper needs n_trials >= 0, n_jobs >= 1 and max_failure_rate in [0, 1]"
             )
+        if heartbeat_interval < 0 or max_retry < 0 or (grace_period or 1) <= 0:
+            raise SweepError(
+                "hydra.sweeper needs heartbeat_interval >= 0, max_retry >= 0, grace_period > 0"
+            )
+        if top_up and storage and not heartbeat_interval:
+            raise SweepError("hydra.sweeper.top_up needs heartbeats: set heartbeat_interval")
         self.direction = direction
         self.n_trials = n_trials
         self.n_jobs = n_jobs
@@ -112,6 +138,8 @@ class LeukemiaOptunaSweeper(Sweeper):
         self.sampler = OmegaConf.to_container(sampler, resolve=True)
         self.pruner = OmegaConf.to_container(pruner, resolve=True) if pruner else None
         self.max_failure_rate = max_failure_rate
+        self.top_up = top_up
+        self.heartbeat = {"interval": heartbeat_interval, "grace": grace_period, "retry": max_retry}
         # Sweep syntax is kept as written; other values become override text (None: null).
         self.params = {
             str(k): v if isinstance(v, str) else Transformer.str(v)
@@ -174,7 +202,7 @@ class LeukemiaOptunaSweeper(Sweeper):
 
         from leukemia_mlops.training.pruning import make_pruner, open_storage
 
-        storage = open_storage(self.storage)
+        storage = open_storage(self.storage, **self._heartbeat_settings())
         pruner = make_pruner(self.pruner)
         try:
             study = optuna.create_study(
@@ -197,6 +225,21 @@ class LeukemiaOptunaSweeper(Sweeper):
         study.sampler = instantiate(sampler)
         return study, created
 
+    def _heartbeat_settings(self) -> dict[str, Any]:
+        """RDBStorage's heartbeat arguments (none when heartbeats are off)."""
+        import optuna
+
+        if not self.heartbeat["interval"]:
+            return {}
+        retry = None
+        if self.heartbeat["retry"]:
+            retry = optuna.storages.RetryFailedTrialCallback(max_retry=self.heartbeat["retry"])
+        return {
+            "heartbeat_interval": self.heartbeat["interval"],
+            "grace_period": self.heartbeat["grace"],
+            "heartbeat_stale_trial_callback": retry,
+        }
+
     def _open_runs(self, study: "optuna.Study", created: bool) -> "SweepRuns":
         from leukemia_mlops.tracking.store import tracking_uri
         from leukemia_mlops.tracking.sweep_runs import SweepRuns
@@ -216,16 +259,22 @@ class LeukemiaOptunaSweeper(Sweeper):
 
         allowed_failures = int(self.max_failure_rate * self.n_trials)
         failures, launched, returns, last_error = 0, 0, [], None
-        while launched < self.n_trials:
+        while True:
+            _fail_stale_trials(study, runs)
+            missing = self._missing(study, launched)
+            if missing <= 0:
+                if not (self.top_up and _states(study, TrialState.RUNNING)):
+                    return returns
+                time.sleep(self.heartbeat["interval"])  # others' trials: finish or go stale
+                continue
             trials = [
-                study.ask(dict(space.distributions))
-                for _ in range(min(self.n_jobs, self.n_trials - launched))
+                study.ask(dict(space.distributions)) for _ in range(min(self.n_jobs, missing))
             ]
             for trial in trials:
                 trial.set_user_attr("overrides", space.overrides(trial.params))
             jobs = [self._job_overrides(space, trial, runs.parent_id) for trial in trials]
             try:
-                with live_trials(trials):
+                with live_trials(trials), _heartbeats(study, trials, self.heartbeat["interval"]):
                     results = self.launcher.launch(jobs, initial_job_idx=launched)
             except BaseException:
                 for trial in trials:
@@ -244,7 +293,17 @@ class LeukemiaOptunaSweeper(Sweeper):
                     f"{self.max_failure_rate} of n_trials={self.n_trials} allows; "
                     f"last error: {last_error}"
                 )
-        return returns
+
+    def _missing(self, study: "optuna.Study", launched: int) -> int:
+        """How many more trials to start: this run's rest, or with ``top_up`` the study's
+        (trials running on any worker count as on their way)."""
+        from optuna.trial import TrialState
+
+        if not self.top_up:
+            return self.n_trials - launched
+        return self.n_trials - len(
+            _states(study, TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        )
 
     def _job_overrides(
         self, space: SearchSpace, trial: "optuna.Trial", parent_id: str
@@ -306,6 +365,56 @@ class LeukemiaOptunaSweeper(Sweeper):
                 value = OmegaConf.to_container(value, resolve=True)
             OmegaConf.update(nested, override.key_or_group, value, force_add=True)
         return OmegaConf.to_container(nested)
+
+
+def _states(study: "optuna.Study", *states: "optuna.trial.TrialState") -> list:
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def _fail_stale_trials(study: "optuna.Study", runs: "SweepRuns") -> None:
+    """Fail (and queue retries of) the trials whose worker stopped beating; end their runs."""
+    import optuna
+    from optuna.trial import TrialState
+
+    running = {t.number for t in _states(study, TrialState.RUNNING)}
+    if not running:
+        return
+    optuna.storages.fail_stale_trials(study)
+    for trial in study.get_trials(deepcopy=True, states=(TrialState.FAIL,)):
+        if trial.number in running:
+            log.warning("trial %d failed: its worker stopped sending heartbeats", trial.number)
+            trial.user_attrs["error"] = "its worker stopped sending heartbeats (killed?)"
+            runs.record_trial(trial)
+
+
+@contextmanager
+def _heartbeats(
+    study: "optuna.Study", trials: list["optuna.Trial"], interval: int
+) -> Iterator[None]:
+    """Record the trials' heartbeats every ``interval`` seconds while their jobs run."""
+    storage = study._storage
+    if not interval or not hasattr(storage, "record_heartbeat"):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                for trial in trials:
+                    storage.record_heartbeat(trial._trial_id)
+            except Exception as err:  # a storage hiccup: the next beat may get through
+                log.warning("cannot record a trial heartbeat: %s", err)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def trial_outcome(

@@ -1,8 +1,10 @@
 """``python -m leukemia_mlops.cli.sweep``: the DVC sweep stage; tunes hyperparameters with Optuna.
 
 Runs ``python -m leukemia_mlops.train -m hparams_search=<sweep.hparams_search>`` (a Hydra
-multirun through the Optuna sweeper) pinned to params.yaml's settings, with
-``sweep.n_trials`` trials of ``sweep.max_epochs`` epochs, then writes
+multirun through the Optuna sweeper) pinned to params.yaml's settings, until the study holds
+``sweep.n_trials`` finished trials of ``sweep.max_epochs`` epochs (the sweeper's ``top_up``:
+a rerun after a crash finishes the same campaign, its killed trial failed and retried), then
+writes
 ``reports/best_params.yaml`` (the best trial's Hydra overrides, and the swept part of its
 config as one nested mapping) and ``reports/sweep.json`` (the best value and the trial counts).
 
@@ -77,6 +79,7 @@ def sweep_command(cfg: DictConfig, study_name: str, sweep_dir: Path) -> list[str
         "-m",
         f"hparams_search={cfg.sweep.hparams_search}",
         f"hydra.sweeper.n_trials={cfg.sweep.n_trials}",
+        "hydra.sweeper.top_up=true",
         f"hydra.sweeper.study_name={study_name}",
         f"hydra.sweep.dir={sweep_dir}",
         *(f"++{key}={Transformer.str(value)}" for key, value in pinned.items()),

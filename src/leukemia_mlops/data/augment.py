@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import albumentations as A
 import cv2
-import torch
 
 
 def dihedral_flips() -> list[A.BasicTransform]:
@@ -44,15 +43,3 @@ def jitter(strength: float, rotate: float = 20.0) -> list[A.BasicTransform]:
 def train_transforms(strength: float = 1.0, flips: bool = True) -> A.Compose:
     """The classifier's training augmentation."""
     return A.Compose([*(dihedral_flips() if flips else []), *jitter(strength)])
-
-
-def seed_per_process(transform: A.Compose) -> None:
-    """Seed albumentations (which ignores global seeds) from torch's seed for this process.
-
-    In a DataLoader worker that seed is the loader's base seed plus the worker id, so workers
-    differ and a seeded run repeats exactly. The seed is remembered on the transform.
-    """
-    seed = torch.initial_seed()
-    if getattr(transform, "torch_seed", None) != seed:
-        transform.set_random_seed(seed % 2**32)
-        transform.torch_seed = seed

@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
-from leukemia_mlops.data.augment import seed_per_process, train_transforms
+from leukemia_mlops.data.augment import train_transforms
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
+from leukemia_mlops.data.sampling import SeededIndex, SeededSampler
 
 BALANCE_MODES = ("none", "sampler", "loss")
 
@@ -61,23 +62,33 @@ class SplitImages:
 
 
 class CellDataset(SplitImages, Dataset):
-    """Cells of one split as ``(uint8 CHW tensor, float label)``; normalisation is the model's."""
+    """Cells of one split as ``(uint8 CHW tensor, float label)``; normalisation is the model's.
+
+    Items are indices, or ``(index, seed)`` pairs from a :class:`SeededSampler` that seed the
+    augmentation of that one item (the same image in the same epoch always looks the same).
+    """
 
     def __init__(self, prepared_dir: str | Path, split: str, transform: A.Compose | None = None):
         super().__init__(prepared_dir, split)
         self.transform = transform
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | SeededIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
         image = self.image(index)
         if self.transform is not None:
-            seed_per_process(self.transform)
+            if seed is not None:
+                self.transform.set_random_seed(seed)
             image = self.transform(image=image)["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return tensor, torch.tensor(self.labels[index], dtype=torch.float32)
 
 
 class CellDataModule(pl.LightningDataModule):
-    """Train/val/test loaders; class imbalance handled by a weighted sampler or the loss."""
+    """Train/val/test loaders; class imbalance handled by a weighted sampler or the loss.
+
+    The training order and augmentations come from ``seed`` and the epoch alone (see
+    :class:`SeededSampler`), so they do not depend on the number of workers or on a resume.
+    """
 
     def __init__(
         self,
@@ -88,6 +99,7 @@ class CellDataModule(pl.LightningDataModule):
         balance: str = "loss",
         augment_strength: float = 1.0,
         flips: bool = True,
+        seed: int = 0,
     ):
         super().__init__()
         if balance not in BALANCE_MODES:
@@ -96,7 +108,8 @@ class CellDataModule(pl.LightningDataModule):
             raise ValueError(f"datamodule.batch_size must be >= 1, got {batch_size}")
         self.prepared_dir = Path(prepared_dir)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
-        self.balance = balance
+        self.balance, self.seed = balance, seed
+        self.first_epoch = 0  # of the first training loader: past 0 when resumed
         self.transform = train_transforms(augment_strength, flips)
         self.datasets: dict[str, CellDataset] = {}
 
@@ -119,15 +132,24 @@ class CellDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
-        sampler = None
+        weights = None
         if self.balance == "sampler":
             counts = np.bincount(dataset.labels, minlength=2).astype(np.float64)
             weights = 1.0 / counts[dataset.labels]
-            generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
-            sampler = WeightedRandomSampler(weights, len(dataset), generator=generator)
+        sampler = SeededSampler(len(dataset), self.seed, weights)
+        # Lightning calls set_epoch only after a resumed run's first loader has started.
+        sampler.set_epoch(self.first_epoch)
         # A last batch of one breaks batch-norm; drop the remainder when there is a full batch.
-        drop_last = len(dataset) > self.batch_size
-        return self._loader(dataset, shuffle=sampler is None, sampler=sampler, drop_last=drop_last)
+        drop_last = len(sampler) > self.batch_size
+        return self._loader(dataset, sampler=sampler, drop_last=drop_last)
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in checkpoints: the epoch a run resumed from this one starts with."""
+        finished = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        return {"next_epoch": self.trainer.current_epoch + int(finished)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.first_epoch = int(state_dict.get("next_epoch", 0))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["val"])
@@ -135,11 +157,10 @@ class CellDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["test"])
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, **kwargs) -> DataLoader:
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -8,6 +8,7 @@ CNNs. Images are letterboxed to the model's input size, then (for training) augm
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,10 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from leukemia_mlops.data.augment import dihedral_flips, jitter, seed_per_process
+from leukemia_mlops.data.augment import dihedral_flips, jitter
 from leukemia_mlops.data.datamodule import CellDataModule, SplitImages
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
+from leukemia_mlops.data.sampling import SeededIndex
 from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, crop_cell
 
 Target = dict[str, torch.Tensor]
@@ -76,9 +78,12 @@ def make_sample(
     boxes: np.ndarray,
     labels: np.ndarray,
     image_label: int,
+    seed: int | None = None,
 ) -> Sample:
-    """Apply ``transform`` to an image and its boxes; boxes pushed out of view are dropped."""
-    seed_per_process(transform)
+    """Apply ``transform`` (seeded with ``seed`` if given) to an image and its boxes; boxes
+    pushed out of view are dropped."""
+    if seed is not None:
+        transform.set_random_seed(seed)
     out = transform(
         image=image,
         bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
@@ -117,18 +122,18 @@ class CellBoxDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, item: int | SeededIndex) -> Sample:
+        index, seed = item if isinstance(item, tuple) else (item, None)
         label = int(self.source.labels[index])
-        return make_sample(
-            self.transform, self.source.image(index), self.source.boxes[index], [label], label
-        )
+        image, box = self.source.image(index), self.source.boxes[index]
+        return make_sample(self.transform, image, box, [label], label, seed)
 
 
 class SceneDataset(Dataset):
     """``length`` scenes composed from the cells of one source (hence one split).
 
-    With a ``seed`` scene ``i`` is always the same (validation); without one every access
-    composes a new scene from torch's generator, which Lightning seeds per worker.
+    With a ``seed`` scene ``i`` is always the same (validation); training items come with
+    their own seed (see :class:`SeededSampler`), a new scene every epoch.
     """
 
     def __init__(
@@ -145,15 +150,33 @@ class SceneDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> Sample:
-        seed = self.seed if self.seed is not None else int(torch.randint(2**62, ()))
-        rng = np.random.default_rng([seed, index])
+    def __getitem__(self, item: int | SeededIndex) -> Sample:
+        if isinstance(item, tuple):
+            seed = item[1]
+            rng = np.random.default_rng(seed)
+        elif self.seed is not None:
+            seed = None
+            rng = np.random.default_rng([self.seed, item])
+        else:
+            raise ValueError("a scene without its own seed needs one from a SeededSampler")
         cells = [
             crop_cell(self.source.image(i), self.source.labels[i], self.source.split)
             for i in choose_cells(len(self.source), rng, self.spec)
         ]
         scene = compose_scene(cells, rng, self.spec)
-        return make_sample(self.transform, scene.image, scene.boxes, scene.labels, SCENE)
+        return make_sample(self.transform, scene.image, scene.boxes, scene.labels, SCENE, seed)
+
+
+class ConcatItems(ConcatDataset):
+    """A ``ConcatDataset`` that also takes ``(index, seed)`` items, passing the seed on."""
+
+    def __getitem__(self, item: int | SeededIndex) -> Any:
+        if not isinstance(item, tuple):
+            return super().__getitem__(item)
+        index, seed = item
+        which = bisect.bisect_right(self.cumulative_sizes, index)
+        start = self.cumulative_sizes[which - 1] if which else 0
+        return self.datasets[which][(index - start, seed)]
 
 
 class DetectionDataModule(CellDataModule):
@@ -227,9 +250,7 @@ class DetectionDataModule(CellDataModule):
             sources["train"], self.scene_counts["train"], self.spec, self.transform
         )
         self.datasets = {
-            "train": ConcatDataset(
-                [train_scenes, CellBoxDataset(sources["train"], self.transform)]
-            ),
+            "train": ConcatItems([train_scenes, CellBoxDataset(sources["train"], self.transform)]),
             "val": ConcatDataset(
                 [CellBoxDataset(sources["val"], self.eval_transform), self.val_scenes]
             ),
@@ -242,5 +263,5 @@ class DetectionDataModule(CellDataModule):
         dataset = self.val_scenes if len(self.val_scenes) else self.datasets["val"]
         return collate([dataset[i] for i in range(min(count, len(dataset)))])
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, **kwargs) -> DataLoader:
-        return super()._loader(dataset, shuffle, collate_fn=collate, **kwargs)
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
+        return super()._loader(dataset, collate_fn=collate, **kwargs)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import BaseFinetuning
 from torch.optim import Optimizer
 
@@ -29,8 +33,28 @@ class BackboneWarmup(BaseFinetuning):
     def finetune_function(
         self, pl_module: pl.LightningModule, current_epoch: int, optimizer: Optimizer
     ) -> None:
-        if current_epoch == self.warmup_epochs and self.warmup_epochs > 0:
+        # ">=": a run resumed after the warm-up starts frozen again and must thaw at once.
+        if 0 < self.warmup_epochs <= current_epoch:
             self.make_trainable(pl_module.backbone)
+
+
+class EpochSeed(pl.Callback):
+    """Reseed Python, NumPy and torch from ``(seed, epoch)`` as every training epoch starts.
+
+    The model's own randomness (dropout, stochastic depth) then depends on the epoch alone,
+    so a run resumed from a checkpoint replays its epochs exactly (the data side is
+    :class:`~leukemia_mlops.data.sampling.SeededSampler`'s).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = np.random.SeedSequence([self.seed, trainer.current_epoch]).generate_state(1)
+        epoch_seed = int(state[0])
+        random.seed(epoch_seed)
+        np.random.seed(epoch_seed)
+        torch.manual_seed(epoch_seed)
 
 
 class EpochHistory(pl.Callback):

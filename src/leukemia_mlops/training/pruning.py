@@ -48,8 +48,10 @@ def storage_url(url: str) -> str:
     return parsed.set(database=str(path)).render_as_string(hide_password=False)
 
 
-def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
+def open_storage(url: str | None, **heartbeat: Any) -> optuna.storages.BaseStorage | None:
     """Optuna's RDB storage at ``url`` (None: in memory); sqlite waits out concurrent writers.
+
+    ``heartbeat``: RDBStorage's heartbeat arguments (interval, grace period, stale callback).
 
     Workers started together on a new database race to create its schema; a loser finds the
     schema made when it tries again.
@@ -63,10 +65,10 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite else None
     for _ in range(STORAGE_ATTEMPTS - 1):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
         except (IntegrityError, OperationalError):
             time.sleep(1.0)
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
 
 
 def make_pruner(spec: Mapping[str, Any] | None) -> optuna.pruners.BasePruner:

@@ -34,7 +34,7 @@ from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
 from leukemia_mlops.tracking.provenance import config_hash, dvc_data_hash, flatten, git_commit
 from leukemia_mlops.tracking.store import ensure_experiment, redact, tracking_uri
 from leukemia_mlops.tracking.sweep_runs import trial_tags
-from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory
+from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory, EpochSeed
 from leukemia_mlops.training.metrics import MONITOR
 from leukemia_mlops.training.precision import resolve_precision
 
@@ -102,6 +102,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
             min_delta=cfg.callbacks.early_stopping.min_delta,
         ),
         BackboneWarmup(cfg.model.warmup_epochs),
+        EpochSeed(cfg.seed),
         LearningRateMonitor(logging_interval="epoch"),
         history,
     ]

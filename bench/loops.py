@@ -149,6 +149,31 @@ def train_rate(ws: Workspace, loop: str, image_size: int, *overrides: str) -> Ra
     return ws.memo(("train", loop, image_size, overrides), measure)
 
 
+def compared_rates(
+    ws: Workspace, image_size: int, *overrides: str, rounds: int = 2
+) -> dict[str, Rate]:
+    """Both loops timed in alternating rounds (plain, Lightning, plain, ...), each round on
+    ``1 / rounds`` of the budget; the fastest round of each loop counts, so that a passing
+    slowdown of a shared machine cannot fall on one loop alone. Measured once per run, and
+    answers :func:`train_rate` for the same settings afterwards."""
+
+    def measure() -> dict[str, Rate]:
+        prepared = ws.prepared(ws.train_spec, image_size)
+        cfg = ws.config(prepared, image_size, *overrides)
+        best: dict[str, Rate] = {}
+        for _ in range(rounds):
+            for loop, rate_of_loop in LOOPS.items():
+                rate = rate_of_loop(cfg, BatchClock(ws.sizes.warmup, ws.sizes.budget_s / rounds))
+                if loop not in best or rate.per_s > best[loop].per_s:
+                    best[loop] = rate
+        return best
+
+    best = ws.memo(("compare", image_size, overrides), measure)
+    for loop, rate in best.items():
+        ws.memo(("train", loop, image_size, overrides), lambda rate=rate: rate)
+    return best
+
+
 def project_rate(ws: Workspace, model: str, image_size: int) -> Rate:
     """The project's own training speed: Lightning, configured precision and layout."""
     return train_rate(ws, "lightning", image_size, *model_overrides(model, image_size))

@@ -66,9 +66,7 @@ def measure_predict(ws: Workspace, n_images: int) -> dict[str, float]:
     csv = ws.root / f"predict-{n_images}.csv"
     peaks = child_peak("predict", str(raw), str(csv), str(ws.image_size))
     files = len(csv.read_text().splitlines()) - 1  # the images and the few other files
-    # predict starts no workers: its only child is a library's short `ldconfig`, whose
-    # ru_maxrss is the RSS it was forked with.
-    return {"images": files, "cache_mib": 0.0, "predict_main": peaks["main"], "predict_worker": 0}
+    return {"images": files, "cache_mib": 0.0, **{f"predict_{k}": v for k, v in peaks.items()}}
 
 
 def run(ws: Workspace) -> Section:
@@ -99,7 +97,8 @@ def run(ws: Workspace) -> Section:
         f"model and loader, no validation) on {small['images']} and {large['images']} "
         f"synthetic images at {ws.image_size} px, whose caches are {fmt(small['cache_mib'])} and "
         f"{fmt(large['cache_mib'])} MiB, and of `predict` (an untrained resnet18, batches of "
-        "64, CSV rows appended as it goes) over every file of two raw synthetic trees. "
+        "64 decoded by one loader process, CSV rows appended as it goes) over every file of "
+        "two raw synthetic trees. "
         "*main* is the stage's process, *worker* the largest of its pool or loader workers "
         "(forked: its RSS includes pages shared with main). RSS counts the cache pages a "
         "process touched, so growth up to the cache's growth is expected; *beyond cache* is "

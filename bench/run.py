@@ -34,6 +34,7 @@ BENCHMARKS = (
     "trial",
     "memory",
     "yolo",
+    "repro",
 )
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("bench/results")

@@ -112,6 +112,25 @@ def rate_of(call: Callable[[], int], clock: BatchClock) -> Rate:
     return clock.rate()
 
 
+def alternating_best(calls: dict[str, Callable[[], int]], budget_s: float) -> tuple[dict, int]:
+    """Items/s of each call's fastest pass, and the passes each made.
+
+    Every call (which returns the items it processed) runs once to warm up; then they take
+    turns until ``budget_s`` is spent, so that a passing slowdown of a shared machine cannot
+    fall on one of them alone.
+    """
+    for call in calls.values():
+        call()
+    best = dict.fromkeys(calls, 0.0)
+    passes, start = 0, time.perf_counter()
+    while passes == 0 or time.perf_counter() - start < budget_s:
+        for name, call in calls.items():
+            items, seconds = stopwatch(call)
+            best[name] = max(best[name], items / seconds)
+        passes += 1
+    return best, passes
+
+
 def stopwatch(call: Callable[[], T]) -> tuple[T, float]:
     """``call()``'s result and its wall time in seconds, for one-pass stages."""
     start = time.perf_counter()

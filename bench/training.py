@@ -6,7 +6,7 @@ difference is the framework's cost. Phase shares come from timing hooks (see ``l
 
 from __future__ import annotations
 
-from bench.loops import layout_name, model_overrides, precision_of, train_rate
+from bench.loops import compared_rates, layout_name, model_overrides, precision_of
 from bench.report import Section, pct, verdict
 from bench.timing import Rate
 from bench.workspace import Workspace
@@ -31,7 +31,7 @@ def run(ws: Workspace) -> Section:
         overrides = model_overrides(model, size)
         cfg = ws.config(prepared, size, *overrides)
         layout = layout_name(cfg.model.get("channels_last", False))
-        rates = {loop: train_rate(ws, loop, size, *overrides) for loop in ("plain", "lightning")}
+        rates = compared_rates(ws, size, *overrides)
         overhead = 100 * (rates["plain"].per_s / rates["lightning"].per_s - 1)
         for loop, rate in rates.items():
             shown = pct(overhead / 100) if loop == "lightning" else "baseline"
@@ -52,7 +52,8 @@ def run(ws: Workspace) -> Section:
         f"the prepare cache through the configured loader ({ws.defaults.datamodule.num_workers} "
         "workers, augmentation on). *Lightning*: `Trainer.fit` of the project's module (no "
         "validation, logger or checkpoints); *plain*: a hand-written loop over the same "
-        "`module.net`, loader and optimizer. Batches are timed after warm-up by a callback; "
+        "`module.net`, loader and optimizer. The two alternate in two rounds of half the "
+        "budget each, and each loop's faster round counts. Batches are timed after warm-up; "
         "the phase columns are shares of wall time (timing hooks); *other* is waiting for data, "
         "the loss, metrics and framework code. Overhead = extra wall time per image vs plain.",
         [

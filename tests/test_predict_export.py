@@ -54,6 +54,25 @@ def checkpoint_predictions(
     )
 
 
+def test_predictions_do_not_depend_on_the_decoding_processes(
+    checkpoint_predictions, tiny_checkpoint, image_folder, tmp_path
+):
+    _, with_one_worker = checkpoint_predictions  # the default: one loader process
+    in_process = predict_paths(
+        tiny_checkpoint,
+        [image_folder[0]],
+        tmp_path / "p.csv",
+        image_size=SIZE,
+        batch_size=4,
+        workers=0,
+    )
+    pd.testing.assert_frame_equal(in_process, with_one_worker)
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        predict_paths(
+            tiny_checkpoint, [image_folder[0]], tmp_path / "q.csv", image_size=SIZE, workers=-1
+        )
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint, tiny_prepared, tmp_path_factory) -> tuple[Path, dict]:
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"

@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="image-decoding processes (0: none, in this one)"
+    )
     decision = parser.add_mutually_exclusive_group()
     decision.add_argument("--threshold", type=float, help="call ALL above this probability")
     decision.add_argument(
@@ -75,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.out,
             **settings,
             batch_size=args.batch_size,
+            workers=args.workers,
             threshold=_threshold(args),
         )
         failed = int((table["error"] != "").sum())

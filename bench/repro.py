@@ -82,7 +82,7 @@ def timed_repro(root: Path) -> tuple[float, dict[str, float]]:
     end = time.perf_counter()
     if process.returncode:
         raise RuntimeError(f"dvc repro failed:\n{''.join(tail)}")
-    ends = [at for _, at in starts[1:]] + [end]
+    ends = [at for _, at in starts[1:]] + ([end] if starts else [])
     return end - begin, {name: stop - at for (name, at), stop in zip(starts, ends, strict=True)}
 
 

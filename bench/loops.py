@@ -150,7 +150,7 @@ def train_rate(ws: Workspace, loop: str, image_size: int, *overrides: str) -> Ra
 
 
 def compared_rates(
-    ws: Workspace, image_size: int, *overrides: str, rounds: int = 2
+    ws: Workspace, image_size: int, *overrides: str, rounds: int = 4
 ) -> dict[str, Rate]:
     """Both loops timed in alternating rounds (plain, Lightning, plain, ...), each round on
     ``1 / rounds`` of the budget; the fastest round of each loop counts, so that a passing

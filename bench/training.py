@@ -52,7 +52,7 @@ def run(ws: Workspace) -> Section:
         f"the prepare cache through the configured loader ({ws.defaults.datamodule.num_workers} "
         "workers, augmentation on). *Lightning*: `Trainer.fit` of the project's module (no "
         "validation, logger or checkpoints); *plain*: a hand-written loop over the same "
-        "`module.net`, loader and optimizer. The two alternate in two rounds of half the "
+        "`module.net`, loader and optimizer. The two alternate in four rounds of a quarter of the "
         "budget each, and each loop's faster round counts. Batches are timed after warm-up; "
         "the phase columns are shares of wall time (timing hooks); *other* is waiting for data, "
         "the loss, metrics and framework code. Overhead = extra wall time per image vs plain.",

@@ -16,6 +16,7 @@ from leukemia_mlops.data.scenes import Cell, SceneSpec, compose_scene, crop_cell
 from leukemia_mlops.models.backbones import WeightsError
 from leukemia_mlops.models.detector import YoloDetector, cell_probability
 from leukemia_mlops.models.yolo import save_darknet_weights
+from leukemia_mlops.models.yolo.postprocess import postprocess
 from leukemia_mlops.training.run import run_training
 
 SMALL = {"variant": "yolov3_tiny", "img_size": 64, "width_mult": 0.25}
@@ -87,6 +88,50 @@ def test_cell_probability_from_best_class_scores():
     raw[0, 0, 0, 0, 4:] = torch.tensor([20.0, 0.0, 20.0])  # a sure box, P(HEM)=0.5, P(ALL)=1
     p_all = cell_probability([raw], anchors, [32], conf_threshold=0.01)
     assert p_all.tolist() == pytest.approx([1 / 1.5, 0.5])  # image 2 has no box: 0.5
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1 - p)))
+
+
+def test_map_of_known_detections_equals_the_hand_computed_ap():
+    """Raw maps decoded by ``postprocess`` into the detector's own mAP metric.
+
+    A 2x2 grid of stride 32 with one 16 px anchor and zero offsets decodes to four exact boxes:
+    cell (col, row) -> [32 col + 8, 32 row + 8, 32 col + 24, 32 row + 24].
+    ALL (class 1): ground truth at cells (0, 0) and (1, 1); detections (0, 0) 0.9 (hit),
+    (1, 0) 0.8 (false), (1, 1) 0.7 (hit): precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1. COCO's
+    101-point AP: 51 recall points up to 0.5 at precision 1, 50 above at 2/3.
+    HEM (class 0): one box at (0, 1), found with score 0.6: AP 1. Every hit has IoU 1, so mAP
+    over IoU 0.5:0.95 equals mAP at 0.5.
+    """
+    module = YoloDetector(**SMALL)
+    raw = torch.full((1, 1, 2, 2, 7), -20.0)  # [B, anchors, rows, cols, xywh + obj + 2 classes]
+    raw[..., :4] = 0.0
+    for (col, row), score, label in (
+        ((0, 0), 0.9, 1),
+        ((1, 0), 0.8, 1),
+        ((1, 1), 0.7, 1),
+        ((0, 1), 0.6, 0),
+    ):
+        raw[0, 0, row, col, 4] = _logit(score)
+        raw[0, 0, row, col, 5 + label] = 20.0
+    detections = postprocess(
+        [raw],
+        torch.tensor([[[16.0, 16.0]]]),
+        [32],
+        module.hparams.conf_threshold,
+        module.hparams.iou_threshold,
+    )
+    truth = {
+        "boxes": torch.tensor([[8.0, 8, 24, 24], [40, 40, 56, 56], [8, 40, 24, 56]]),
+        "labels": torch.tensor([1, 1, 0]),
+    }
+    module.val_map.update(detections, [truth])
+    result = module.val_map.compute()
+    ap_all = (51 * 1.0 + 50 * 2 / 3) / 101
+    assert result["map_50"].item() == pytest.approx((ap_all + 1.0) / 2, abs=1e-4)
+    assert result["map"].item() == pytest.approx((ap_all + 1.0) / 2, abs=1e-4)
 
 
 def test_darknet_backbone_weights_load_through_the_module(tmp_path):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -18,9 +19,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from leukemia_mlops.cli import evaluate as evaluate_cli
+from leukemia_mlops.config import build_spec, compose
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
 from leukemia_mlops.evaluation.compare import KEY_METRICS, compare_runs, write_comparison
 from leukemia_mlops.evaluation.evaluate import (
+    INTERVAL_KEYS,
+    EvaluateSpec,
     evaluate_model,
     gallery_rows,
     log_evaluation,
@@ -63,6 +67,11 @@ class Evaluated(NamedTuple):
     run_id: str
 
 
+def evaluate_spec(**changes: Any) -> EvaluateSpec:
+    """The stage's spec as ``conf/`` composes it, with test-sized changes."""
+    return dataclasses.replace(build_spec(EvaluateSpec, compose().evaluate, "evaluate"), **changes)
+
+
 def sqlite_store(root: Path) -> tuple[str, str]:
     """A fresh local MLflow store: its URI and the id of the test experiment."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -76,12 +85,12 @@ def evaluated(tiny_prepared, tiny_checkpoint, tmp_path_factory) -> Evaluated:
     tags = {"family": "cnn", "backbone": "resnet18"}
     run_id = MlflowClient(uri).create_run(experiment_id, tags=tags).info.run_id
     out_dir = root / "eval"
+    # The tiny test split has 2 subjects per class: allow intervals so that they get checked.
     metrics = evaluate_model(
         tiny_checkpoint,
         tiny_prepared,
         out_dir,
-        n_resamples=50,
-        tta=True,
+        evaluate_spec(n_resamples=50, tta=True, min_subjects=2),
         mlflow_run_id=run_id,
         mlflow_uri=uri,
     )
@@ -95,12 +104,18 @@ def test_metrics_json_holds_every_section(evaluated, tiny_prepared):
     assert on_disk == evaluated.metrics
     assert 0 <= on_disk["threshold"] <= 1
     for section in ("test", "test_default"):
-        for metric in METRICS:
-            assert {metric, f"{metric}_low", f"{metric}_high"} <= set(on_disk[section])
-    assert set(on_disk["val"]) == set(METRICS)
+        expected = {f"{m}_{part}" for m in METRICS for part in INTERVAL_KEYS} | set(METRICS)
+        assert set(on_disk[section]) == expected
+        for metric in METRICS:  # every interval beside its count of valid resamples
+            assert 0 < on_disk[section][f"{metric}_n_valid"] <= 50, metric
+    assert set(on_disk["val_selection"]) == set(METRICS)
+    assert "selection" in on_disk["roles"]["val_selection"]
+    assert "estimate" in on_disk["roles"]["test"]
     assert set(on_disk["subject"]) == {"accuracy", "sensitivity", "specificity", "f1_weighted"}
+    assert on_disk["bootstrap"]["test_subjects"] == {"HEM": 2, "ALL": 2}
+    assert on_disk["bootstrap"]["intervals"] == "percentile and BCa"
     tta = on_disk["tta"]
-    assert set(tta) == {"threshold", "val", "test", "test_default", "subject"}
+    assert set(tta) == {"threshold", "val_selection", "test", "test_default", "subject"}
     assert set(tta["test"]) == set(on_disk["test"])
     manifest = pd.read_parquet(tiny_prepared / MANIFEST_FILE)
     for split in ("val", "test"):
@@ -111,10 +126,27 @@ def test_metrics_json_holds_every_section(evaluated, tiny_prepared):
 
 def test_intervals_contain_their_point_estimates(evaluated):
     for section in (evaluated.metrics["test"], evaluated.metrics["test_default"]):
-        for metric in METRICS:
+        for metric in ("accuracy", "f1_weighted", "sensitivity", "specificity"):
             point, low, high = (section[metric + s] for s in ("", "_low", "_high"))
-            if low is not None:
-                assert low <= point <= high, metric
+            assert low <= point <= high, metric
+
+
+def test_too_few_subjects_gives_no_interval_and_says_so(tiny_prepared, tiny_checkpoint, tmp_path):
+    spec = evaluate_spec(n_resamples=5, tta=False)
+    assert spec.min_subjects > 2  # conf's rule, stricter than the tiny split's 2 per class
+    metrics = evaluate_model(tiny_checkpoint, tiny_prepared, tmp_path, spec)
+    report = metrics["bootstrap"]["intervals"]
+    assert (
+        report
+        == f"none, too few subjects: 2 HEM and 2 ALL, fewer than {spec.min_subjects} per class"
+    )
+    for metric in METRICS:
+        assert metrics["test"][f"{metric}_n_valid"] == 0
+        assert (
+            metrics["test"][f"{metric}_low"] is None
+            and metrics["test"][f"{metric}_bca_high"] is None
+        )
+    assert metrics["test"]["accuracy"] is not None
 
 
 def test_report_files_are_written(evaluated, tiny_prepared):
@@ -156,9 +188,11 @@ def test_threshold_is_chosen_on_validation_only(
     manifest.loc[is_test, "label"] = 1 - manifest.loc[is_test, "label"]
     manifest.to_parquet(flipped / MANIFEST_FILE, index=False)
 
-    metrics = evaluate_model(tiny_checkpoint, flipped, tmp_path / "eval", n_resamples=5)
+    metrics = evaluate_model(
+        tiny_checkpoint, flipped, tmp_path / "eval", evaluate_spec(n_resamples=5)
+    )
     assert metrics["threshold"] == evaluated.metrics["threshold"]
-    assert metrics["val"] == evaluated.metrics["val"]
+    assert metrics["val_selection"] == evaluated.metrics["val_selection"]
     original = evaluated.metrics["test"]["accuracy"]
     assert metrics["test"]["accuracy"] == pytest.approx(1 - original)
 
@@ -169,7 +203,11 @@ def test_mlflow_run_receives_metrics_and_artifacts(evaluated):
     expected = mlflow_metrics(evaluated.metrics)
     assert logged == expected
     assert logged["test/f1_weighted"] == evaluated.metrics["test"]["f1_weighted"]
-    assert logged["eval/val/f1_weighted"] == evaluated.metrics["val"]["f1_weighted"]
+    assert (
+        logged["eval/val_selection/f1_weighted"]
+        == evaluated.metrics["val_selection"]["f1_weighted"]
+    )
+    assert logged["test/f1_weighted_n_valid"] == evaluated.metrics["test"]["f1_weighted_n_valid"]
     artifacts = {Path(a.path).name for a in client.list_artifacts(evaluated.run_id, "evaluation")}
     assert artifacts == set(FILES)
 
@@ -219,6 +257,45 @@ def test_gradcam_maps_every_image(backbone):
         assert maps.shape == (2, 32, 32)
         assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
     assert not last_conv_block(net.backbone)._forward_hooks
+
+
+class RedVersusGreen(torch.nn.Module):
+    """A classifier whose ALL logit is the mean red minus the mean green of the image.
+
+    Its stride-2 "backbone" passes the red and the green channel through as two feature maps;
+    the head averages them globally, as a CNN's pooling head does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d(3, 2, kernel_size=2, stride=2, bias=False)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[0, 0] = 0.25  # feature 0: red, averaged over 2x2 pixels
+            conv.weight[1, 1] = 0.25  # feature 1: green
+        self.backbone = torch.nn.Sequential(conv)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images).mean(dim=(2, 3))
+        return features[:, 0] - features[:, 1]
+
+
+def test_gradcam_points_at_the_evidence_for_each_class():
+    """A red square is the evidence for ALL, a green one for HEM: each map must peak there."""
+    image = torch.zeros(1, 3, 32, 32)
+    image[0, 0, 4:12, 4:12] = 1.0  # red, top left
+    image[0, 1, 20:28, 18:26] = 1.0  # green, bottom right
+    red = (slice(4, 12), slice(4, 12))
+    green = (slice(20, 28), slice(18, 26))
+    for classes, evidence, other in ((None, red, green), (torch.tensor([0]), green, red)):
+        cam = gradcam(RedVersusGreen().eval(), image, classes)[0]
+        peak = divmod(int(cam.argmax()), 32)
+        assert evidence[0].start <= peak[0] < evidence[0].stop, (classes, peak)
+        assert evidence[1].start <= peak[1] < evidence[1].stop, (classes, peak)
+        inner = tuple(slice(side.start + 1, side.stop - 1) for side in evidence)  # off the edge
+        assert cam[inner].min() == pytest.approx(1.0)  # the whole square, at full strength
+        assert cam[other].max() == 0.0  # the other class's evidence gets none
+        assert cam[:, 28:].max() == 0.0  # nor does the empty background
 
 
 def test_tta_is_invariant_to_the_symmetries_of_the_square():
@@ -282,7 +359,7 @@ def write_params(path: Path, root: Path, prepared: Path) -> Path:
             "mlruns_dir": str(root / "mlruns"),
         },
         "logger": {"mlflow": {"tracking_uri": None}},
-        "evaluate": {"n_resamples": 5},
+        "evaluate": {**OmegaConf.to_container(compose().evaluate), "n_resamples": 5},
     }
     OmegaConf.save(OmegaConf.create(params), path)
     return path
@@ -301,3 +378,4 @@ def test_evaluate_stage_reads_params(tiny_prepared, tiny_checkpoint, tmp_path, c
     evaluate_cli.main(["--params", str(params)])
     metrics = json.loads((tmp_path / "reports/eval/metrics.json").read_text())
     assert metrics["bootstrap"]["n_resamples"] == 5
+    assert metrics["bootstrap"]["intervals"].startswith("none, too few subjects")

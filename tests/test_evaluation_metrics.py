@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import time
+import functools
 import warnings
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
-from leukemia_mlops.evaluation.bootstrap import bootstrap_ci
+from leukemia_mlops.evaluation.bootstrap import bootstrap_ci, too_few_subjects
 from leukemia_mlops.evaluation.metrics import (
     BinaryMetrics,
     binary_metrics,
@@ -45,6 +46,10 @@ def _hand_expected() -> dict[str, float]:
         "specificity": specificity,
         "precision": TP / (TP + FP),
     }
+
+
+# The bootstrap settings the tests share unless they say otherwise.
+bootstrap = functools.partial(bootstrap_ci, confidence=0.95, seed=0, min_subjects=5)
 
 
 def _assert_metrics_close(actual: dict, expected: dict, tol: float = 1e-6) -> None:
@@ -140,27 +145,25 @@ def test_choose_threshold_prefers_half_among_equally_good():
     assert choose_threshold(probs, labels) == 0.5
 
 
-def test_choose_threshold_matches_exhaustive_search_with_binary_metrics():
+def test_choose_threshold_is_as_good_as_a_grid_search_with_binary_metrics():
+    """No threshold on a 0.001 grid (which holds every 2-decimal probability) scores higher."""
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 2, 60)
     probs = np.round(np.clip(rng.normal(0.4 + 0.2 * labels, 0.2), 0, 1), 2)
+    grid = np.linspace(0, 1, 1001)
     for metric in ("f1_weighted", "balanced_accuracy", "accuracy"):
-        candidates = np.union1d(probs, 0.5)
-        scores = np.array([binary_metrics(probs, labels, t)[metric] for t in candidates])
-        winners = candidates[np.isclose(scores, scores.max(), atol=1e-6, rtol=0)]
-        expected = winners[np.argmin(np.abs(winners - 0.5))]
-        assert choose_threshold(probs, labels, metric) == pytest.approx(expected), metric
+        best = max(binary_metrics(probs, labels, t)[metric] for t in grid)
+        chosen = choose_threshold(probs, labels, metric)
+        assert binary_metrics(probs, labels, chosen)[metric] == pytest.approx(best, abs=1e-6)
 
 
-def test_choose_threshold_depends_only_on_its_data():
-    val_probs, val_labels, _ = _cohort(6, 20, seed=1)
-    chosen = choose_threshold(val_probs, val_labels)
-    shuffled = np.random.default_rng(0).permutation(val_probs.size)
-    test_probs, test_labels, _ = _cohort(6, 20, seed=2)
-    binary_metrics(test_probs, test_labels, chosen)
-    test_probs[:] = 1 - test_probs  # other data changing must not matter
-    assert choose_threshold(val_probs, val_labels) == chosen
-    assert choose_threshold(val_probs[shuffled], val_labels[shuffled]) == chosen
+def test_choose_threshold_follows_the_labels_not_the_cell_order():
+    # Whether the threshold ignores the test split is checked end to end in test_evaluate.py.
+    probs, labels, _ = _cohort(6, 20, seed=1)
+    chosen = choose_threshold(probs, labels)
+    shuffled = np.random.default_rng(0).permutation(probs.size)
+    assert choose_threshold(probs[shuffled], labels[shuffled]) == chosen
+    assert choose_threshold(probs, 1 - labels) != chosen
 
 
 def test_choose_threshold_rejects_threshold_free_metric():
@@ -221,8 +224,8 @@ def test_vectorised_bootstrap_equals_looped_bootstrap():
     def looped(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
         return binary_metrics(p, y, 0.4)
 
-    fast = bootstrap_ci(probs, labels, subjects, BinaryMetrics(0.4), n_resamples=40, seed=3)
-    slow = bootstrap_ci(probs, labels, subjects, looped, n_resamples=40, seed=3)
+    fast = bootstrap(probs, labels, subjects, BinaryMetrics(0.4), n_resamples=40, seed=3)
+    slow = bootstrap(probs, labels, subjects, looped, n_resamples=40, seed=3)
     assert fast.keys() == slow.keys()
     for name in fast:
         np.testing.assert_allclose(fast[name], slow[name], atol=1e-6, rtol=0, err_msg=name)
@@ -230,64 +233,129 @@ def test_vectorised_bootstrap_equals_looped_bootstrap():
 
 def test_interval_contains_point_estimate():
     probs, labels, subjects = _cohort(30, 40, seed=7)
-    for name, (point, low, high, n_valid) in bootstrap_ci(
-        probs, labels, subjects, BinaryMetrics(), n_resamples=300
-    ).items():
-        assert low <= point <= high, name
-        assert n_valid == 300, name
+    for name, ci in bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=300).items():
+        assert ci.low <= ci.point <= ci.high, name
+        assert ci.bca_low <= ci.point <= ci.bca_high, name
+        assert ci.n_valid == 300, name
 
 
 def test_interval_narrows_with_more_subjects():
     def width(n_subjects: int) -> dict[str, float]:
         probs, labels, subjects = _cohort(n_subjects, 20, seed=8)
-        ci = bootstrap_ci(probs, labels, subjects, BinaryMetrics(), n_resamples=400)
+        ci = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=400)
         return {name: ci[name].high - ci[name].low for name in ("f1_weighted", "auroc")}
 
-    few, many = width(8), width(80)
+    few, many = width(10), width(80)
     for name in few:
         assert many[name] < 0.75 * few[name], name
 
 
 def test_same_seed_same_interval():
     probs, labels, subjects = _cohort(12, 20, seed=9)
-    first = bootstrap_ci(probs, labels, subjects, BinaryMetrics(), n_resamples=200, seed=4)
-    again = bootstrap_ci(probs, labels, subjects, BinaryMetrics(), n_resamples=200, seed=4)
-    other = bootstrap_ci(probs, labels, subjects, BinaryMetrics(), n_resamples=200, seed=5)
+    first = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=200, seed=4)
+    again = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=200, seed=4)
+    other = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=200, seed=5)
     assert first == again
     assert first["f1_weighted"] != other["f1_weighted"]
 
 
-def test_resamples_subjects_not_cells():
-    # One subject holds every cell: resampling subjects always redraws the same data, so the
-    # interval collapses to the point. Resampling its 400 cells would give accuracy 0.7 +- ~0.045.
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 400)
-    probs = np.where(rng.random(400) < 0.7, 0.3 + 0.4 * labels, 0.7 - 0.4 * labels)
-    one = bootstrap_ci(probs, labels, np.zeros(400), BinaryMetrics(), n_resamples=200)
-    assert one["accuracy"].low == one["accuracy"].high == one["accuracy"].point
+def test_every_resample_keeps_each_class_subject_count():
+    # 5 HEM subjects of 3 cells and 7 ALL subjects of 2 cells: a resample that kept both
+    # classes' subject counts holds exactly 15 HEM and 14 ALL cells; any other draw would not.
+    subjects = np.r_[np.repeat(np.arange(5), 3), np.repeat(np.arange(5, 12), 2)]
+    labels = (subjects >= 5).astype(int)
+    probs = np.linspace(0.01, 0.99, labels.size)
 
-    # Two subjects: all of A's ALL cells are right, all of B's HEM cells wrong. Subject draws
-    # are AA / AB / BB, so accuracy spans 0 to 1; a cell bootstrap would stay near 0.5.
-    labels = np.repeat([1, 0], 200)
-    probs = np.full(400, 0.9)
-    subjects = np.repeat(["A", "B"], 200)
-    two = bootstrap_ci(probs, labels, subjects, BinaryMetrics(), n_resamples=500)
-    assert (two["accuracy"].low, two["accuracy"].point, two["accuracy"].high) == (0.0, 0.5, 1.0)
+    def cells(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        return {"hem": float((y == 0).sum()), "all": float((y == 1).sum())}
+
+    ci = bootstrap(probs, labels, subjects, cells, n_resamples=200)
+    assert ci["hem"] == (15, 15, 15, 15, 15, 200)
+    assert ci["all"] == (14, 14, 14, 14, 14, 200)
+
+
+def test_resamples_subjects_not_cells():
+    # Every subject has 7 right and 3 wrong cells, so every subject resample scores accuracy
+    # 0.7 exactly. Resampling its 120 cells instead would give 0.7 +- ~0.08.
+    subjects = np.repeat(np.arange(12), 10)
+    labels = (subjects % 2).astype(int)
+    right = np.tile(np.r_[np.ones(7), np.zeros(3)], 12).astype(bool)
+    probs = np.where(right == labels.astype(bool), 0.9, 0.1)
+    ci = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=200)
+    assert ci["accuracy"] == pytest.approx((0.7, 0.7, 0.7, 0.7, 0.7, 200))
+
+
+def test_percentile_interval_of_a_known_distribution():
+    # 5 ALL subjects, one of them entirely missed: sensitivity is 1 - k/5 with k ~ Bin(5, 1/5)
+    # the number of draws of that subject. P(k <= 2) = 0.942 and P(k <= 3) = 0.993, so the
+    # 2.5% quantile of sensitivity is 1 - 3/5 and the 97.5% quantile 1 (P(k = 0) = 0.33).
+    subjects = np.repeat(np.arange(10), 4)
+    labels = (subjects < 5).astype(int)
+    probs = np.where(labels == 1, 0.9, 0.1)
+    probs[subjects == 0] = 0.2
+    ci = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=2000)
+    assert (ci["sensitivity"].point, ci["sensitivity"].low, ci["sensitivity"].high) == (
+        pytest.approx(0.8),
+        pytest.approx(0.4),
+        1.0,
+    )
+    assert ci["specificity"][:5] == (1.0,) * 5  # HEM draws never mix in the missed ALL subject
+
+
+def _auroc(hem: np.ndarray, all_: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mann-Whitney AUROC, ties counted half, along the last axis (SciPy's vectorised form)."""
+    diff = all_[..., :, None] - hem[..., None, :]
+    return ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(-2, -1))
+
+
+def _balanced_accuracy(hem: np.ndarray, all_: np.ndarray, axis: int = -1) -> np.ndarray:
+    return ((all_ > 0.5).mean(axis=-1) + (hem <= 0.5).mean(axis=-1)) / 2
+
+
+def _sensitivity(hem: np.ndarray, all_: np.ndarray, axis: int = -1) -> np.ndarray:
+    return (all_ > 0.5).mean(axis=-1)
+
+
+@pytest.mark.parametrize(
+    ("metric", "statistic"),
+    [("auroc", _auroc), ("balanced_accuracy", _balanced_accuracy), ("sensitivity", _sensitivity)],
+)
+def test_intervals_equal_scipy_on_unclustered_data(metric, statistic):
+    """With one cell per subject the stratified subject bootstrap is SciPy's two-sample one."""
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(9, int), np.ones(12, int)]
+    probs = np.round(np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1), 2)
+    ci = bootstrap(probs, labels, np.arange(21), BinaryMetrics(), n_resamples=500, seed=7)
+    samples = (probs[labels == 0], probs[labels == 1])
+    for method, bounds in (("percentile", ci[metric][1:3]), ("BCa", ci[metric][3:5])):
+        reference = scipy.stats.bootstrap(
+            samples, statistic, n_resamples=500, method=method, rng=np.random.default_rng(7)
+        )
+        np.testing.assert_allclose(bounds, reference.confidence_interval, rtol=0, atol=1e-12)
+    assert ci[metric].bca_low != ci[metric].low  # the bias correction did act
+
+
+def test_a_class_with_too_few_subjects_gets_no_interval():
+    probs, labels, subjects = _cohort(9, 10, seed=2)  # 5 HEM subjects, 4 ALL
+    assert too_few_subjects({"HEM": 5, "ALL": 4}, 5) == (
+        "too few subjects: 4 ALL, fewer than 5 per class"
+    )
+    assert too_few_subjects({"HEM": 5, "ALL": 5}, 5) is None
+    ci = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=100)
+    for name, (point, *bounds, n_valid) in ci.items():
+        assert np.isnan(bounds).all() and n_valid == 0, name
+        assert point == pytest.approx(binary_metrics(probs, labels)[name], abs=1e-6, nan_ok=True)
+    allowed = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=100, min_subjects=4)
+    assert allowed["accuracy"].n_valid == 100
 
 
 def test_undefined_resamples_are_dropped_and_counted():
-    labels = np.repeat([1, 0], 50)
-    probs = np.linspace(0.99, 0.01, 100)
-    subjects = np.repeat(["A", "B"], 50)
-    ci = bootstrap_ci(probs, labels, subjects, BinaryMetrics(), n_resamples=1000)
-    # Only resamples drawing both subjects (about half) have both classes.
-    assert 400 < ci["auroc"].n_valid < 600
-    assert ci["auroc"].low == ci["auroc"].high == 1.0
-    assert ci["accuracy"].n_valid == 1000
-
-
-def test_bootstrap_is_fast():
-    probs, labels, subjects = _cohort(30, 67, seed=10)
-    start = time.perf_counter()
-    bootstrap_ci(probs, labels, subjects, BinaryMetrics(), n_resamples=1000)
-    assert time.perf_counter() - start < 5.0
+    # Only ALL subject 0 has cells called ALL, so precision is undefined in resamples that do
+    # not draw it: (4/5)^5 = 33% of them. HEM cells are never called ALL: precision is 1.
+    subjects = np.repeat(np.arange(10), 5)
+    labels = (subjects < 5).astype(int)
+    probs = np.where(subjects == 0, 0.9, 0.1)
+    ci = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=1000)
+    assert 600 < ci["precision"].n_valid < 740
+    assert ci["precision"][:5] == (1.0,) * 5
+    assert ci["accuracy"].n_valid == ci["sensitivity"].n_valid == 1000

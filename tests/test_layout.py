@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from conftest import tree_digest
 
-from leukemia_mlops.data.layout import DatasetLayoutError, scan_dataset
-from leukemia_mlops.data.naming import parse_cell_name
+from leukemia_mlops.data.layout import DatasetLayoutError, Skip, scan_dataset
+from leukemia_mlops.data.naming import ALL, HEM, parse_cell_name
 
 TRAIN = "C-NMC_Leukemia/training_data"
 PRELIM = "C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data"
@@ -58,7 +58,7 @@ def test_reads_the_tcia_layout(tiny_raw, tmp_path):
     assert len(table) == (kaggle["source_split"] != "final").sum()
 
 
-def test_reads_a_plain_all_hem_folder(tiny_raw, tmp_path):
+def test_reads_a_plain_all_hem_folder_and_never_makes_a_file_its_own_subject(tiny_raw, tmp_path):
     plain = tmp_path / "plain"
     for label in ("all", "hem"):
         (plain / label).mkdir(parents=True)
@@ -66,9 +66,35 @@ def test_reads_a_plain_all_hem_folder(tiny_raw, tmp_path):
             shutil.copy(src, plain / label)
     shutil.copy(next((plain / "all").iterdir()), plain / "all" / "any_name.bmp")
     table, skipped = scan_dataset(plain)
-    assert skipped == []
-    assert len(table) == 5
-    assert table.set_index("path").loc["all/any_name.bmp", "subject"] == "file:any_name"
+    # A name that gives no subject is skipped: as its own subject it would split by image.
+    assert skipped == [
+        Skip("all/any_name.bmp", "file name not of the form UID_<subject>_<image>_<cell>_<all|hem>")
+    ]
+    assert len(table) == 4
+    assert list(table["subject"]) == [parse_cell_name(Path(p).name).subject for p in table["path"]]
+
+
+@pytest.mark.parametrize("layout", ["plain", "kaggle"])
+def test_a_hem_cell_of_a_subject_not_marked_healthy_is_reported_by_subject(
+    layout, tiny_raw, raw_copy
+):
+    cell = next((tiny_raw / TRAIN / "fold_0" / "hem").glob("*.bmp")).read_bytes()
+    root = raw_copy if layout == "kaggle" else raw_copy.parent / "plain"
+    folder = root / (f"{TRAIN}/fold_0" if layout == "kaggle" else "")
+    names = ["hem/UID_77_1_1_hem.bmp", "all/UID_H78_1_1_all.bmp"]  # reported
+    for relative in [*names, "all/UID_77_2_1_all.bmp", "hem/UID_H78_2_1_hem.bmp"]:
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(cell)
+    table, skipped = scan_dataset(root)
+    reasons = {Path(s.path).name: s.reason for s in skipped}
+    assert (
+        reasons["UID_77_1_1_hem.bmp"] == "subject 77 is not marked healthy (H) but the cell is hem"
+    )
+    assert reasons["UID_H78_1_1_all.bmp"] == "subject H78 is marked healthy (H) but the cell is all"
+    # Each subject keeps only the cells of its own label: none holds both.
+    by_subject = table[table["label"] >= 0].groupby("subject")["label"]
+    assert (by_subject.nunique() == 1).all()
+    assert (by_subject.first()["77"], by_subject.first()["H78"]) == (ALL, HEM)
 
 
 def test_bad_files_are_reported_and_the_tree_is_left_intact(raw_copy):

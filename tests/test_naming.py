@@ -8,7 +8,6 @@ from leukemia_mlops.data.naming import ALL, HEM, CellNameError, format_cell_name
     [
         ("UID_57_29_1_all.bmp", "57", 29, 1, ALL),
         ("UID_H10_43_1_hem.bmp", "H10", 43, 1, HEM),
-        ("UID_7_1_12_hem.bmp", "7", 1, 12, HEM),
         ("uid_H3_2_2_HEM.BMP", "H3", 2, 2, HEM),
     ],
 )
@@ -29,16 +28,18 @@ def test_format_is_the_inverse_of_parse():
 
 
 @pytest.mark.parametrize(
-    "name",
+    ("name", "reason"),
     [
-        "1.bmp",
-        "UID_57_29_all.bmp",
-        "UID_57_29_1_blast.bmp",
-        "UID_H5_1_1_all.bmp",
-        "UID_x_1_1_all.bmp",
-        "",
+        ("1.bmp", "file name not of the form UID_<subject>_<image>_<cell>_<all|hem>"),
+        ("UID_57_29_all.bmp", "not of the form"),
+        ("UID_57_29_1_blast.bmp", "not of the form"),
+        ("UID_x_1_1_all.bmp", "not of the form"),
+        ("", "not of the form"),
+        # The H of a healthy subject and the class must agree: no subject holds both labels.
+        ("UID_H5_1_1_all.bmp", r"^subject H5 is marked healthy \(H\) but the cell is all$"),
+        ("UID_7_1_12_hem.bmp", r"^subject 7 is not marked healthy \(H\) but the cell is hem$"),
     ],
 )
-def test_rejects_names_outside_the_scheme(name):
-    with pytest.raises(CellNameError):
+def test_rejects_names_outside_the_scheme_with_the_reason(name, reason):
+    with pytest.raises(CellNameError, match=reason):
         parse_cell_name(name)

@@ -1,6 +1,5 @@
 """The prepare stage: cache contents, manifest, report, bad input and atomic output."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -13,9 +12,14 @@ import pytest
 from conftest import TINY_SIZE, tree_digest
 
 from leukemia_mlops.data.images import bgr_to_rgb, decode_bgr, to_training_image
-from leukemia_mlops.data.naming import HEM, format_cell_name, parse_cell_name
+from leukemia_mlops.data.naming import HEM, LABEL_NAMES, format_cell_name, parse_cell_name
 from leukemia_mlops.data.prepare import PrepareSpec, prepare_dataset
 from leukemia_mlops.data.splits import SplitSpec
+from leukemia_mlops.errors import InputError
+from leukemia_mlops.owned import MARKER
+
+PRELIM = "C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data"
+PRELIM_CSV = f"{PRELIM}_labels.csv"
 
 
 def test_cache_equals_freshly_decoded_images(tiny_raw, tiny_prepared):
@@ -125,4 +129,117 @@ def test_cli_reports_a_bad_config_value_in_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: bad config value data.prepare.image_size")
     assert "image_size" in last
-    assert json.dumps(result.stdout) is not None
+    assert "Traceback" not in result.stderr  # the one line replaces the traceback
+
+
+def prepare(raw: Path, out: Path) -> dict:
+    return prepare_dataset(raw, out, PrepareSpec(image_size=16, workers=1), SplitSpec(), False)
+
+
+@pytest.mark.parametrize("folder", ["prepared", "prepared.tmp"])
+def test_a_folder_prepare_did_not_write_is_never_replaced(folder, tiny_raw, tmp_path):
+    """``paths.prepared_dir=~/Documents`` (or its ``.tmp`` sibling) is refused, not wiped."""
+    user = tmp_path / folder
+    user.mkdir()
+    (user / "thesis.docx").write_bytes(b"years of work")
+    before = tree_digest(tmp_path)
+    with pytest.raises(InputError, match=f"^{user} exists and was not written by leukemia-mlops"):
+        prepare(tiny_raw, tmp_path / "prepared")
+    assert tree_digest(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder]
+
+
+def test_prepare_replaces_its_own_cache_marked_or_older(tiny_raw, tmp_path):
+    out = tmp_path / "prepared"
+    prepare(tiny_raw, out)
+    assert (out / MARKER).is_file()
+    (out / "stale.txt").write_text("from the last run")
+    prepare(tiny_raw, out)  # marked: replaced
+    assert not (out / "stale.txt").exists()
+    (out / MARKER).unlink()  # a cache written before markers existed has its manifest
+    (out / "stale.txt").write_text("from the last run")
+    prepare(tiny_raw, out)
+    assert not (out / "stale.txt").exists() and (out / MARKER).is_file()
+    assert not out.with_name("prepared.tmp").exists()
+
+
+def test_the_plain_layout_with_unparseable_names_is_refused_clearly(tiny_raw, tmp_path):
+    """The issue's case: 8 images copied into both all/ and hem/ under plain names must not
+    become 16 one-image subjects split image by image."""
+    raw = tmp_path / "raw"
+    cells = sorted((tiny_raw / "C-NMC_Leukemia/training_data/fold_0/all").glob("*.bmp"))[:8]
+    for label in ("all", "hem"):
+        (raw / label).mkdir(parents=True)
+        for number, cell in enumerate(cells):
+            shutil.copy(cell, raw / label / f"cell{number}.bmp")
+    with pytest.raises(
+        InputError,
+        match=r"no usable images under .*raw \(16 files skipped: 16 file name not of the form "
+        r"UID_<subject>_<image>_<cell>_<all\|hem>\)$",
+    ):
+        prepare(raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def copy_as(source: Path, folder: Path, subject: str, label: int) -> Path:
+    """Copy a cell image under a new C-NMC name of ``subject``."""
+    target = folder / format_cell_name(subject, 99, 1, label)
+    shutil.copy(source, target)
+    return target
+
+
+def test_identical_images_never_land_in_two_splits(tiny_raw, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    fold = raw / "C-NMC_Leukemia/training_data/fold_0"
+    # A test-split (prelim) image filed again under a training subject of the same label.
+    labels = pd.read_csv(raw / PRELIM_CSV)
+    first = labels.iloc[0]
+    prelim_image = raw / PRELIM / first["new_names"]
+    label = int(first["labels"])
+    folder = fold / LABEL_NAMES[label]
+    subject = parse_cell_name(next(folder.glob("*.bmp")).name).subject
+    copy = copy_as(prelim_image, folder, subject, label)
+
+    prepare(raw, tmp_path / "out")
+    manifest = pd.read_parquet(tmp_path / "out/manifest.parquet")
+    labelled = manifest[manifest["label"] >= 0]
+    assert (labelled.groupby("content_hash")["split"].nunique() == 1).all()
+    skipped = pd.read_csv(tmp_path / "out/skipped.csv")
+    rel = copy.relative_to(raw).as_posix()
+    assert skipped.set_index("path")["reason"].to_dict() == {
+        rel: f"identical to {prelim_image.relative_to(raw).as_posix()} in the test split"
+    }
+    assert (
+        manifest.loc[manifest["path"] == prelim_image.relative_to(raw).as_posix(), "split"].item()
+        == "test"
+    )
+    images = np.load(tmp_path / "out/images.npy")
+    assert len(images) == len(manifest)  # the cache rows still match the manifest
+
+
+def test_identical_images_with_conflicting_labels_are_left_out_pair_by_pair(tiny_raw, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    fold = raw / "C-NMC_Leukemia/training_data/fold_0"
+    blasts = sorted((fold / "all").glob("*.bmp"))[:2]
+    copies = [copy_as(blast, fold / "hem", f"H9{n}", HEM) for n, blast in enumerate(blasts)]
+
+    report = prepare(raw, tmp_path / "out")
+    manifest = pd.read_parquet(tmp_path / "out/manifest.parquet")
+    skipped = pd.read_csv(tmp_path / "out/skipped.csv").set_index("path")["reason"].to_dict()
+    expected = {}
+    for blast, copy in zip(blasts, copies, strict=True):
+        blast, copy = blast.relative_to(raw).as_posix(), copy.relative_to(raw).as_posix()
+        expected[blast] = f"identical to {copy} (hem) but labelled all: conflicting labels"
+        expected[copy] = f"identical to {blast} (all) but labelled hem: conflicting labels"
+    assert skipped == expected
+    assert not manifest["path"].isin(list(expected)).any()  # out of training and evaluation
+    assert report["skipped"] == 4
+    images = np.load(tmp_path / "out/images.npy")
+    assert len(images) == len(manifest)
+    # The cache rows are the right images after leaving rows out.
+    for index in range(len(manifest)):
+        row = manifest.iloc[index]
+        raw_image = bgr_to_rgb(decode_bgr((raw / row["path"]).read_bytes()))
+        assert np.array_equal(images[index], to_training_image(raw_image, 16, 450))

@@ -115,16 +115,22 @@ def test_keys_are_checked_against_the_config(line, message):
     assert isinstance(error.value, CompactHydraException) and "\n" not in str(error.value)
 
 
-def test_known_keys_new_keys_and_group_options_pass():
-    lines = [
-        "model=choice(resnet18, vgg16)",
-        "hparams_search=cnn_optuna",
-        "model.optimizer.lr=tag(log, interval(1e-4, 1e-2))",
-        "logger.mlflow.tracking_uri=null",  # a null value is still a key
-        "+brand.new=interval(0, 1)",
-        "~callbacks.checkpoint",
-    ]
-    check_keys(parse_overrides(lines), compose(), groups)
+@pytest.mark.parametrize(
+    ("line", "misspelt"),
+    [
+        ("model=choice(resnet18, vgg16)", "model=choice(resnet18, vgg61)"),
+        ("hparams_search=cnn_optuna", "hparams_search=cnn_optuma"),
+        ("model.optimizer.lr=tag(log, interval(1e-4, 1e-2))", "model.optimiser.lr=0.1"),
+        ("logger.mlflow.tracking_uri=null", "logger.mlflow.tracking_url=null"),  # null is a value
+        ("+brand.new=interval(0, 1)", "brand.new=interval(0, 1)"),  # + adds a key
+        ("~callbacks.checkpoint", "~callbacks.checkpoints"),
+    ],
+)
+def test_known_keys_new_keys_and_group_options_pass_and_misspelt_ones_fail(line, misspelt):
+    config = compose()
+    check_keys(parse_overrides([line]), config, groups)  # raises if the line were rejected
+    with pytest.raises(ValueError, match=r"is not in the config|has no option"):
+        check_keys(parse_overrides([misspelt]), config, groups)
 
 
 def job(status: JobStatus, value: object) -> JobReturn:

@@ -1,7 +1,6 @@
 """Optuna sweeps through the real command lines: ``train -m hparams_search=...`` and the stage."""
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -249,10 +248,17 @@ def test_the_sweep_stage_writes_the_best_params(tiny_prepared, tiny_config, tmp_
     assert trial_config["data"]["prepare"]["image_size"] == 48  # pinned from params.yaml
 
 
+def reported_an_epoch(storage: optuna.storages.RDBStorage, study_id: int, number: int) -> bool:
+    """Whether trial ``number`` has reported a validation score (its first epoch ended)."""
+    trials = storage.get_all_trials(study_id, deepcopy=False)
+    return len(trials) > number and bool(trials[number].intermediate_values)
+
+
 def test_a_sweep_stage_killed_mid_trial_is_finished_by_its_rerun(
     tiny_prepared, tiny_config, tmp_path
 ):
-    cfg = tiny_config("sweep.n_trials=3", "sweep.max_epochs=1")
+    # 4 epochs a trial: trial 1 is killed once its first epoch is reported, with 3 to go.
+    cfg = tiny_config("sweep.n_trials=3", "sweep.max_epochs=4")
     cfg.sweep.fixed = [
         "model=resnet18",
         "hydra.sweeper.heartbeat_interval=1",
@@ -269,15 +275,23 @@ def test_a_sweep_stage_killed_mid_trial_is_finished_by_its_rerun(
         start_new_session=True,  # the stage and its Hydra multirun die together
     )
     deadline = time.monotonic() + TIMEOUT_S
-    while not list(tmp_path.glob("multirun/sweep/*/trial_1")):
+    while not list(tmp_path.glob("multirun/sweep/*/trial_1")):  # the study exists by now
         assert stage.poll() is None, "the sweep ended before it could be killed"
         assert time.monotonic() < deadline, "trial 1 never started"
         time.sleep(0.2)
-    time.sleep(random.uniform(0.0, 1.0))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'mlruns/optuna.db'}")
+    (study_name,) = optuna.get_all_study_names(storage)
+    study_id = storage.get_study_id_from_name(study_name)
+    # Kill on an observed event: trial 1 reported its first epoch and has 3 epochs left.
+    while not reported_an_epoch(storage, study_id, 1):
+        assert stage.poll() is None, "the sweep ended before it could be killed"
+        assert time.monotonic() < deadline, "trial 1 never finished an epoch"
+        time.sleep(0.05)
     os.killpg(stage.pid, signal.SIGKILL)
     stage.wait()
-    study_name = next(tmp_path.glob("multirun/sweep/*")).name
-    assert load_study(tmp_path, study_name).trials[1].state == TrialState.RUNNING
+    storage.engine.dispose()
+    killed = load_study(tmp_path, study_name).trials[1]
+    assert killed.state == TrialState.RUNNING and len(killed.intermediate_values) < 4
 
     rerun = run(command, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

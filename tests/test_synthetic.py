@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+from omegaconf import DictConfig, OmegaConf
 
+from leukemia_mlops.config import build_spec, compose
 from leukemia_mlops.data import synthetic
 from leukemia_mlops.data.layout import UNLABELLED, scan_dataset
 from leukemia_mlops.data.naming import ALL, HEM
+from leukemia_mlops.data.splits import SplitSpec, assign_splits
 from leukemia_mlops.data.synthetic import (
     SubjectStyle,
     SyntheticSpec,
     draw_subject_style,
     generate_cnmc,
+    plan_cnmc,
     render_cell,
 )
 
@@ -127,6 +136,68 @@ def test_same_spec_gives_the_same_bytes_for_any_worker_count(
     expected = _hashes(root)
     assert _hashes(tmp_path / "serial") == expected
     assert _hashes(tmp_path / "parallel") == expected
+
+
+# Regenerates SPEC with every dispatched SIMD kernel of numpy and OpenCV switched off (the
+# environment variables must be set before either library loads) and prints the file hashes.
+_BASELINE_RUN = """
+import json, sys
+from pathlib import Path
+import cv2
+from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+from test_synthetic import SPEC, _hashes
+from leukemia_mlops.data.synthetic import generate_cnmc
+
+cv2.setUseOptimized(False)
+numpy_simd = [f for f in __cpu_dispatch__ if __cpu_features__[f]]
+opencv_simd = [f for f in cv2.getCPUFeaturesLine().split() if f[0] == "*" and f[-1] != "?"]
+generate_cnmc(sys.argv[1], SPEC)
+print(json.dumps({"simd": numpy_simd + opencv_simd, "hashes": _hashes(Path(sys.argv[1]))}))
+"""
+
+
+def test_bytes_do_not_depend_on_the_simd_level(
+    generated: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    """The best evidence one machine gives that an AVX-512 (or ARM) machine writes these bytes:
+    the same files with numpy's and OpenCV's CPU-specific kernels all switched off."""
+    opencv_simd = [f[1:] for f in cv2.getCPUFeaturesLine().split() if f[0] == "*" and f[-1] != "?"]
+    env = {
+        **os.environ,
+        "NPY_DISABLE_CPU_FEATURES": " ".join(f for f in __cpu_dispatch__ if __cpu_features__[f]),
+        "OPENCV_CPU_DISABLE": ",".join(opencv_simd),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _BASELINE_RUN, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    baseline = json.loads(result.stdout.splitlines()[-1])
+    assert baseline["simd"] == []  # the switches took effect
+    assert baseline["hashes"] == _hashes(generated[0])
+
+
+def _project_defaults() -> DictConfig:
+    """conf/ as the project ships it, without this checkout's conf/local choices."""
+    return compose(["~local"])
+
+
+def test_spec_defaults_are_the_configured_ones() -> None:
+    configured = OmegaConf.to_container(_project_defaults().data.synthetic)
+    assert dataclasses.asdict(SyntheticSpec()) == configured
+
+
+def test_default_test_split_has_six_subjects_of_each_class() -> None:
+    """The subject bootstrap needs at least 6 test subjects per class for its intervals."""
+    cfg = _project_defaults()
+    table = plan_cnmc(build_spec(SyntheticSpec, cfg.data.synthetic, "data.synthetic"))
+    labelled = table[table["source_split"] != "final"].reset_index(drop=True)
+    split = assign_splits(labelled, build_spec(SplitSpec, cfg.data.split, "data.split"))
+    test = labelled[split == "test"]
+    assert test.groupby("label")["subject"].nunique().to_dict() == {ALL: 8, HEM: 6}
 
 
 def test_another_seed_gives_other_images(

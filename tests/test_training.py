@@ -10,6 +10,11 @@ from mlflow import MlflowClient
 from leukemia_mlops.models.backbones import HEADS, WeightsError, build_classifier
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.tracking.store import tracking_uri
+from leukemia_mlops.training.precision import (
+    choose_precision,
+    cpu_flags_have_bf16,
+    resolve_precision,
+)
 from leukemia_mlops.training.run import run_training
 
 
@@ -124,3 +129,41 @@ def test_malicious_pickle_is_refused(tmp_path):
     torch.save({"conv1.weight": Exploit()}, path)
     with pytest.raises(WeightsError, match=r"cannot load .* safely"):
         build_classifier("resnet18", weights=str(path))
+
+
+@pytest.mark.parametrize(
+    ("gpu", "capability", "expected"),
+    [
+        ("A100", (8, 0), "bf16-mixed"),
+        ("H100", (9, 0), "bf16-mixed"),
+        ("T4", (7, 5), "16-mixed"),
+        ("V100", (7, 0), "16-mixed"),
+    ],
+)
+def test_auto_precision_of_a_gpu_reads_only_its_own_device(monkeypatch, gpu, capability, expected):
+    # This rank (local rank 1) has the GPU under test; device 0 is another kind, never read.
+    devices = {0: (12, 0) if capability < (8, 0) else (6, 1), 1: capability}
+    read: list[int] = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda index: read.append(index) or devices[index]
+    )
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", pytest.fail)  # counts emulation
+    assert resolve_precision("auto", "gpu") == expected, gpu
+    assert read == [1]
+    assert resolve_precision("16-mixed", "gpu") == "16-mixed"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu sse2 avx2 avx512f avx512_bf16 amx_tile", "bf16-mixed"),  # Xeon with AVX512-BF16
+        ("fpu sse2 avx2 amx_bf16", "bf16-mixed"),
+        ("fpu sse2 avx2 avx512f avx512_vnni", "32-true"),  # bf16 emulated: slower than fp32
+        ("fpu sse2 avx2", "32-true"),  # EPYC with AVX2 only
+    ],
+)
+def test_auto_precision_of_a_cpu_follows_its_bf16_flags(flags, expected):
+    cpuinfo = f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\nbogomips\t: 1\n"
+    assert choose_precision(None, cpu_flags_have_bf16(cpuinfo)) == expected

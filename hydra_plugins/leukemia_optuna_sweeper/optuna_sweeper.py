@@ -325,7 +325,7 @@ class LeukemiaOptunaSweeper(Sweeper):
 
     def _write_results(self, study: "optuna.Study", space: SearchSpace, sweep_dir: Path) -> Path:
         """``optuna_results.yaml``: trial counts, and the best trial's overrides and config."""
-        from leukemia_mlops.tracking.store import redact
+        from leukemia_mlops.redaction import redact
         from leukemia_mlops.tracking.sweep_runs import state_counts
 
         counts = state_counts(study)

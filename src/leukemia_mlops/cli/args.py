@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from leukemia_mlops.config import PARAMS_FILE, load_params
+from leukemia_mlops.errors import ProjectError
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -27,27 +29,51 @@ def stage_config(description: str, argv: Sequence[str] | None = None) -> DictCon
     return load_params(args.params, args.overrides)
 
 
+BUG_HINT = (
+    "this is a bug in leukemia-mlops, not a problem with your input: please report it "
+    "with the traceback above"
+)
+#: OS errors that name a path the user gave (a missing or unreadable file, a folder in the way).
+_PATH_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
 def run_cli(body: Callable[[], None]) -> None:
-    """Run a command body; expected failures print one clear line and exit with status 2."""
+    """Run a command body: an expected failure (:func:`expected_failure`) prints one
+    ``error:`` line and exits with status 2; anything else is a bug: its traceback, a line
+    asking to report it, and status 1. Both pass through :func:`redact`, as do log lines."""
+    from leukemia_mlops.redaction import install_log_redaction, redact
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
+    try:
+        body()
+    except Exception as err:
+        if not expected_failure(err):
+            print(redact("".join(traceback.format_exception(err))), end="", file=sys.stderr)
+            print(BUG_HINT, file=sys.stderr)
+            raise SystemExit(1) from None
+        print(f"error: {redact(one_line(err))}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def expected_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failure the user can fix (bad config or input, a service down)."""
     from hydra.errors import InstantiationException
     from mlflow.exceptions import MlflowException
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        body()
-    except (
-        ValueError,
-        TypeError,
-        EOFError,
-        FileNotFoundError,
-        FileExistsError,
-        KeyError,
-        OmegaConfBaseException,
-        InstantiationException,
-        MlflowException,
-    ) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    if isinstance(err, InstantiationException):
+        # No cause: a malformed node; an ImportError: a _target_ that does not exist.
+        cause = err.__cause__
+        return cause is None or isinstance(cause, ImportError) or expected_failure(cause)
+    if isinstance(err, _PATH_ERRORS) and err.filename is not None:
+        return True
+    return isinstance(err, ProjectError | OmegaConfBaseException | MlflowException)
 
 
 def one_line(err: BaseException) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 from leukemia_mlops.cli.args import run_cli, stage_config
@@ -36,16 +35,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_dir / "checkpoints" / "best.ckpt",
             cfg.paths.prepared_dir,
             Path(cfg.paths.reports_dir) / "eval",
-            **asdict(spec),
+            spec,
             mlflow_run_id=run_id,
             mlflow_uri=tracking_uri(cfg.logger.mlflow.tracking_uri, cfg.paths.mlruns_dir),
         )
         test = metrics["test"]
         log.info(
-            "test weighted F1 %.4f [%.4f, %.4f] at threshold %.3f (chosen on val)",
+            "test weighted F1 %.4f, BCa 95%% interval [%s, %s] (intervals: %s), "
+            "at threshold %.3f (chosen on val)",
             test["f1_weighted"],
-            test["f1_weighted_low"],
-            test["f1_weighted_high"],
+            test["f1_weighted_bca_low"],
+            test["f1_weighted_bca_high"],
+            metrics["bootstrap"]["intervals"],
             metrics["threshold"],
         )
 

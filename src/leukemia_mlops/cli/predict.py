@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from leukemia_mlops.cli.args import run_cli
+from leukemia_mlops.errors import InputError, MissingInputError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +43,7 @@ def _threshold(args: argparse.Namespace) -> float:
         return 0.5
     threshold = json.loads(Path(args.metrics).read_text()).get("threshold")
     if not isinstance(threshold, int | float):
-        raise ValueError(f"{args.metrics} holds no decision threshold")
+        raise InputError(f"{args.metrics} holds no decision threshold")
     return float(threshold)
 
 
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         scorer = load_scorer(args.model, uri)
         missing = [key for key in PREPROCESSING_KEYS if key not in scorer.preprocessing]
         if missing and params is None:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{args.params} not found: it must give {', '.join(missing)} "
                 "(the model does not declare them)"
             )

@@ -23,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             cfg.paths.prepared_dir,
             build_spec(PrepareSpec, cfg.data.prepare, "data.prepare"),
             build_spec(SplitSpec, cfg.data.split, "data.split"),
+            source=cfg.data.source,
         )
         write_json(Path(cfg.paths.reports_dir) / "data.json", report)
         log.info("prepared %d images (%d skipped)", report["images"], report["skipped"])

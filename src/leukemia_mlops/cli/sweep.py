@@ -1,60 +1,66 @@
 """``python -m leukemia_mlops.cli.sweep``: the DVC sweep stage; tunes hyperparameters with Optuna.
 
-Runs ``python -m leukemia_mlops.train -m hparams_search=<sweep.hparams_search>`` (a Hydra
-multirun through the Optuna sweeper) pinned to params.yaml's settings, until the study holds
-``sweep.n_trials`` finished trials of ``sweep.max_epochs`` epochs (the sweeper's ``top_up``:
-a rerun after a crash finishes the same campaign, its killed trial failed and retried), then
-writes
-``reports/best_params.yaml`` (the best trial's Hydra overrides, and the swept part of its
-config as one nested mapping) and ``reports/sweep.json`` (the best value and the trial counts).
+Runs the Hydra multirun ``python -m leukemia_mlops.train -m +hparams_search=<name>`` through
+the project's Optuna sweeper, with ``params.yaml`` itself (the keys this stage declares) as the
+trials' primary config: every trial runs from exactly those values plus its own. The model is
+the configured one (a search space's ``model`` choice is dropped: ``dvc exp run -S
+model=efficientnet_b0`` tunes efficientnet_b0), and ``trainer.max_epochs`` is
+``sweep.max_epochs``. With ``sweep.enabled=false`` nothing is tuned and the train stage trains
+``params.yaml`` as given.
 
-The study is ``<hparams_search>-<hash of the config it runs with>`` unless ``sweep.study_name``
-names one: a changed config starts a fresh study, and the reports of an unchanged one are
-reproducible. The study lives in the search space's storage, the trials' directories under
-``multirun/sweep/<study>/``.
+The study is ``<hparams_search>-<digest of the stage's inputs>``: its params, its code and its
+data (every dep in ``dvc.yaml``), so new data or code starts a fresh campaign while a rerun
+with the same inputs (after a crash) tops the same study up to ``sweep.n_trials`` finished
+trials. ``sweep.study_name`` names a study to continue instead. The stage writes
+``reports/best_params.yaml`` (the best trial's overrides and its swept values as one nested
+mapping) and ``reports/sweep.json`` (the best value and the trial counts).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shlex
+import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra.core.override_parser.types import Transformer
 from omegaconf import DictConfig, OmegaConf
 
 from leukemia_mlops.cli.args import run_cli, stage_config
-from leukemia_mlops.config import CONF_DIR
-from leukemia_mlops.tracking.provenance import config_hash
+from leukemia_mlops.config import CONF_DIR, DVC_FILE, stage_deps
+from leukemia_mlops.errors import ConfigError, InputError
+from leukemia_mlops.tracking.provenance import config_hash, paths_digest
 
 log = logging.getLogger(__name__)
-# The params.yaml sections the trials run with; the model is what the search space picks.
-PINNED_SECTIONS = ("seed", "paths", "data", "datamodule", "trainer", "callbacks", "logger")
+STAGE = "sweep"
 SWEEPS_DIR = Path("multirun/sweep")
+BASE_CONFIG = "trial_base"  # the trials' primary config, written into the sweep directory
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     def body() -> None:
         cfg = stage_config(__doc__, argv)
-        from hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper import RESULTS_FILE
-
-        digest = config_hash(OmegaConf.to_container(cfg, resolve=True))[:10]
-        study_name = cfg.sweep.study_name or f"{cfg.sweep.hparams_search}-{digest}"
+        reports_dir = Path(cfg.paths.reports_dir)
+        if not cfg.sweep.enabled:
+            write_untuned_reports(reports_dir)
+            log.info("sweep.enabled is false: the train stage trains params.yaml as given")
+            return
+        study_name = cfg.sweep.study_name or f"{cfg.sweep.hparams_search}-{inputs_digest(cfg)}"
         sweep_dir = SWEEPS_DIR / study_name
-        command = sweep_command(cfg, study_name, sweep_dir)
-        log.info("%s", shlex.join(command))
-        finished = subprocess.run(command, check=False)
+        write_base_config(cfg, sweep_dir / f"{BASE_CONFIG}.yaml")
+        log.info("study %s: %d trials, trials under %s", study_name, cfg.sweep.n_trials, sweep_dir)
+        finished = subprocess.run(sweep_command(cfg, study_name, sweep_dir), check=False)
         if finished.returncode != 0:
             print(f"error: the sweep failed; its trials are in {sweep_dir}", file=sys.stderr)
             raise SystemExit(finished.returncode)
+        from hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper import RESULTS_FILE
+
         results = yaml.safe_load((sweep_dir / RESULTS_FILE).read_text())
-        write_reports(results, Path(cfg.paths.reports_dir))
+        write_reports(results, reports_dir)
         log.info(
             "best %s %.4f (trial %s)", study_name, results["best_value"], results["best_trial"]
         )
@@ -62,44 +68,56 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_cli(body)
 
 
-def sweep_command(cfg: DictConfig, study_name: str, sweep_dir: Path) -> list[str]:
-    """The Hydra multirun of the sweep, with every setting it does not search pinned."""
-    swept = list(OmegaConf.load(_search_space_file(cfg.sweep.hparams_search)).hydra.sweeper.params)
+def inputs_digest(cfg: DictConfig) -> str:
+    """A short digest of the stage's params and of every file its ``dvc.yaml`` deps name."""
+    stage = os.environ.get("DVC_STAGE", STAGE)
+    deps = stage_deps(stage) if DVC_FILE.is_file() else []
     config = OmegaConf.to_container(cfg, resolve=True)
-    pinned = {
-        key: value
-        for key, value in _leaves({k: config[k] for k in PINNED_SECTIONS})
-        if not any(key == s or key.startswith(f"{s}.") for s in swept)
-    }
-    pinned["trainer.max_epochs"] = cfg.sweep.max_epochs
+    return config_hash({"params": config, "deps": paths_digest(deps)})[:10]
+
+
+def write_base_config(cfg: DictConfig, path: Path) -> None:
+    """The trials' primary config: the stage's params, each trial running ``sweep.max_epochs``."""
+    base = OmegaConf.to_container(cfg, resolve=True)
+    base["trainer"]["max_epochs"] = cfg.sweep.max_epochs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(base, sort_keys=False))
+
+
+def sweep_command(cfg: DictConfig, study_name: str, sweep_dir: Path) -> list[str]:
+    """The Hydra multirun over the base config in ``sweep_dir``; no config value on it."""
+    search_space = _search_space_file(cfg.sweep.hparams_search)
+    swept = OmegaConf.load(search_space).hydra.sweeper.params
     return [
         sys.executable,
         "-m",
         "leukemia_mlops.train",
         "-m",
-        f"hparams_search={cfg.sweep.hparams_search}",
+        f"--config-path={sweep_dir.resolve()}",
+        f"--config-name={BASE_CONFIG}",
+        f"hydra.searchpath=[file://{CONF_DIR}]",
+        f"+hparams_search={cfg.sweep.hparams_search}",
         f"hydra.sweeper.n_trials={cfg.sweep.n_trials}",
         "hydra.sweeper.top_up=true",
         f"hydra.sweeper.study_name={study_name}",
         f"hydra.sweep.dir={sweep_dir}",
-        *(f"++{key}={Transformer.str(value)}" for key, value in pinned.items()),
-        *cfg.sweep.get("fixed", []),
+        *(f"hydra.sweeper.{key}={value}" for key, value in cfg.sweep.sweeper.items()),
+        *(["~hydra.sweeper.params.model"] if "model" in swept else []),
     ]
 
 
 def write_reports(results: Mapping[str, Any], reports_dir: Path) -> None:
     """``best_params.yaml`` and ``sweep.json`` from the sweeper's results."""
     if results.get("best_value") is None:
-        raise ValueError(f"no trial of study {results['study_name']} completed")
-    reports_dir.mkdir(parents=True, exist_ok=True)
+        raise InputError(f"no trial of study {results['study_name']} completed")
     best = {
+        "tuned": True,
         "study_name": results["study_name"],
         "trial": results["best_trial"],
         "value": results["best_value"],
         "overrides": results["best_overrides"],
         "params": results["best_params"],
     }
-    (reports_dir / "best_params.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
     trials = results["trials"]
     metrics = {
         "best_value": results["best_value"],
@@ -110,23 +128,25 @@ def write_reports(results: Mapping[str, Any], reports_dir: Path) -> None:
             "failed": trials["fail"],
         },
     }
+    _write(reports_dir, best, metrics)
+
+
+def write_untuned_reports(reports_dir: Path) -> None:
+    """The reports of a stage with ``sweep.enabled=false``: nothing to merge into training."""
+    _write(reports_dir, {"tuned": False, "params": {}}, {"tuned": False})
+
+
+def _write(reports_dir: Path, best: dict[str, Any], metrics: dict[str, Any]) -> None:
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    (reports_dir / "best_params.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
     (reports_dir / "sweep.json").write_text(json.dumps(metrics, indent=2))
 
 
 def _search_space_file(name: str) -> Path:
     path = CONF_DIR / "hparams_search" / f"{name}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"no search space {path} (sweep.hparams_search={name})")
+        raise ConfigError(f"no search space {path} (sweep.hparams_search={name})")
     return path
-
-
-def _leaves(node: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Dotted ``key, value`` pairs of a nested mapping (lists are values)."""
-    for key, value in node.items():
-        if isinstance(value, Mapping) and value:
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from leukemia_mlops.cli.args import run_cli, stage_config
 from leukemia_mlops.config import build_spec
+from leukemia_mlops.errors import MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             log.info("%s already holds data: left as it is", raw_dir)
             return
         if cfg.data.source != "synthetic":
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{raw_dir} is empty: place the C-NMC dataset there (see README, 'Real data')"
             )
         spec = build_spec(SyntheticSpec, cfg.data.synthetic, "data.synthetic")

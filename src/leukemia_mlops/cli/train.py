@@ -3,7 +3,8 @@
 Trains the model configured under ``KEY`` (``model``: the CNN; ``detector``: YOLOv3) into
 ``models/<family>/`` and copies its metrics and curve to ``reports/train_<family>.*``. With
 ``--best-params`` (the sweep stage's ``reports/best_params.yaml``) the best trial's settings
-replace the configured ones.
+replace the configured ones. A ``<KEY>_trainer`` section (``detector_trainer``) overrides
+``trainer`` for that model.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from leukemia_mlops.cli.args import run_cli, stage_parser
 from leukemia_mlops.config import load_params
+from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = load_params(args.params, args.overrides)
         if args.best_params:
             cfg = with_best_params(cfg, Path(args.best_params))
-        if args.model_key not in cfg:
-            raise KeyError(f"no model config under {args.model_key!r} in {args.params}")
-        cfg.model = cfg[args.model_key]
+        cfg = with_model(cfg, args.model_key, args.params)
         family = cfg.model.family
         run_dir = Path(cfg.paths.models_dir) / family
         best = run_training(cfg, run_dir)
@@ -49,13 +49,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_cli(body)
 
 
+def with_model(cfg: DictConfig, model_key: str, params: str) -> DictConfig:
+    """The config training ``<model_key>`` as ``model``, with its ``<model_key>_trainer`` keys."""
+    if model_key not in cfg:
+        raise ConfigError(f"no model config under {model_key!r} in {params}")
+    with open_dict(cfg):
+        cfg.model = cfg[model_key]
+        if f"{model_key}_trainer" in cfg:
+            cfg.trainer = OmegaConf.merge(cfg.trainer, cfg[f"{model_key}_trainer"])
+    return cfg
+
+
 def with_best_params(cfg: DictConfig, path: Path) -> DictConfig:
     """The config with the best sweep trial's settings (a nested mapping) merged on top."""
     if not path.is_file():
-        raise FileNotFoundError(f"no best parameters at {path}: run the sweep stage first")
+        raise MissingInputError(f"no best parameters at {path}: run the sweep stage first")
     best = yaml.safe_load(path.read_text()) or {}
+    if best.get("tuned") is False:  # sweep.enabled=false: train the config as given
+        return cfg
     if not best.get("params"):
-        raise ValueError(f"{path} holds no best parameters")
+        raise InputError(f"{path} holds no best parameters")
     log.info("training with the best trial %s of %s", best.get("trial"), best.get("study_name"))
     return OmegaConf.merge(cfg, best["params"])
 

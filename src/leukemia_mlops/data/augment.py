@@ -5,6 +5,8 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 
+from leukemia_mlops.errors import ConfigError
+
 
 def dihedral_flips() -> list[A.BasicTransform]:
     """Flips and 90-degree turns: free for cells, which have no orientation."""
@@ -18,7 +20,7 @@ def jitter(strength: float, rotate: float = 20.0) -> list[A.BasicTransform]:
     absolute cell size separates blasts from normal cells.
     """
     if strength < 0:
-        raise ValueError(f"datamodule.augment_strength must be >= 0, got {strength}")
+        raise ConfigError(f"datamodule.augment_strength must be >= 0, got {strength}")
     if strength == 0:
         return []
     return [

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from leukemia_mlops.data.augment import train_transforms
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
 from leukemia_mlops.data.sampling import SeededIndex, SeededSampler
+from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 
 BALANCE_MODES = ("none", "sampler", "loss")
 
@@ -42,11 +43,11 @@ class SplitImages:
         try:
             count = len(np.load(path, mmap_mode="r"))
         except (OSError, EOFError, ValueError) as err:
-            raise ValueError(
+            raise InputError(
                 f"{path} is not a readable image cache ({err}): rerun prepare"
             ) from None
         if count != rows:
-            raise ValueError(f"{path} holds {count} images for {rows} manifest rows: rerun prepare")
+            raise InputError(f"{path} holds {count} images for {rows} manifest rows: rerun prepare")
 
     @property
     def images(self) -> np.ndarray:
@@ -103,9 +104,9 @@ class CellDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         if balance not in BALANCE_MODES:
-            raise ValueError(f"datamodule.balance must be one of {BALANCE_MODES}, got {balance!r}")
+            raise ConfigError(f"datamodule.balance must be one of {BALANCE_MODES}, got {balance!r}")
         if batch_size < 1:
-            raise ValueError(f"datamodule.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"datamodule.batch_size must be >= 1, got {batch_size}")
         self.prepared_dir = Path(prepared_dir)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.balance, self.seed = balance, seed
@@ -115,14 +116,14 @@ class CellDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not (self.prepared_dir / MANIFEST_FILE).is_file():
-            raise FileNotFoundError(f"no prepared data in {self.prepared_dir}: run `lmo-prepare`")
+            raise MissingInputError(f"no prepared data in {self.prepared_dir}: run `lmo-prepare`")
         for split in ("train", "val", "test"):
             if split not in self.datasets:
                 transform = self.transform if split == "train" else None
                 self.datasets[split] = CellDataset(self.prepared_dir, split, transform)
         for split in ("train", "val"):
             if len(self.datasets[split]) == 0:
-                raise ValueError(f"the {split} split is empty: check data.split")
+                raise InputError(f"the {split} split is empty: check data.split")
 
     def pos_weight(self) -> float:
         """HEM/ALL count ratio of the training split, for a class-weighted loss."""

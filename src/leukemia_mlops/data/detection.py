@@ -25,6 +25,7 @@ from leukemia_mlops.data.datamodule import CellDataModule, SplitImages
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
 from leukemia_mlops.data.sampling import SeededIndex
 from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, crop_cell
+from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 
 Target = dict[str, torch.Tensor]
 Sample = tuple[torch.Tensor, Target]
@@ -204,7 +205,7 @@ class DetectionDataModule(CellDataModule):
     ):
         super().__init__(prepared_dir, batch_size, num_workers, pin_memory, "none")
         if train_scenes < 0 or val_scenes < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"model.scenes train_scenes and val_scenes must be >= 0, "
                 f"got {train_scenes}, {val_scenes}"
             )
@@ -220,7 +221,7 @@ class DetectionDataModule(CellDataModule):
         """From a resolved run config: ``datamodule`` loader settings, ``model.img_size``,
         ``model.scenes`` and ``data.prepare.window`` (only ``fit=window`` caches map boxes)."""
         if config["data"]["prepare"]["fit"] != "window":
-            raise ValueError("YOLO training needs data.prepare.fit=window (cells at true scale)")
+            raise ConfigError("YOLO training needs data.prepare.fit=window (cells at true scale)")
         loader = config["datamodule"]
         keys = ("batch_size", "num_workers", "pin_memory", "augment_strength", "flips")
         return cls(
@@ -236,13 +237,13 @@ class DetectionDataModule(CellDataModule):
         if self.datasets:
             return
         if not (self.prepared_dir / MANIFEST_FILE).is_file():
-            raise FileNotFoundError(f"no prepared data in {self.prepared_dir}: run `lmo-prepare`")
+            raise MissingInputError(f"no prepared data in {self.prepared_dir}: run `lmo-prepare`")
         sources = {
             s: CellSource(self.prepared_dir, s, self.window) for s in ("train", "val", "test")
         }
         for split in ("train", "val"):
             if len(sources[split]) == 0:
-                raise ValueError(f"the {split} split is empty: check data.split")
+                raise InputError(f"the {split} split is empty: check data.split")
         self.val_scenes = SceneDataset(
             sources["val"], self.scene_counts["val"], self.spec, self.eval_transform, self.seed
         )

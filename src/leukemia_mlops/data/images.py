@@ -7,6 +7,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from leukemia_mlops.errors import ConfigError, InputError
+
 # Decode failures are reported per file by the callers; OpenCV's own log would repeat them.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
@@ -16,7 +18,7 @@ CELL_THRESHOLD = 10
 Fit = Literal["window", "box"]
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InputError):
     """An image file that cannot be decoded into pixels."""
 
 
@@ -135,7 +137,7 @@ def to_training_image(
         box = box or cell_box(image)
         framed = image if box is None else box_window(image, box)
     else:
-        raise ValueError(f"prepare.fit must be 'window' or 'box', got {fit!r}")
+        raise ConfigError(f"prepare.fit must be 'window' or 'box', got {fit!r}")
     if framed.shape[0] == size:
         return np.ascontiguousarray(framed)
     if framed.shape[0] > size:

@@ -7,7 +7,8 @@ Three layouts are accepted, all relative to the raw data folder:
   unlabelled ``testing_data/C-NMC_test_final_phase_data/*.bmp``;
 * TCIA: the same, with ``C-NMC_training_data/`` as the training folder beside
   ``C-NMC_test_prelim_phase_data/`` and ``C-NMC_test_final_phase_data/``;
-* plain: ``all/`` and ``hem/`` sub-folders.
+* plain: ``all/`` and ``hem/`` sub-folders of files named as in C-NMC (the name gives the
+  subject).
 
 Files that cannot be used are returned as :class:`Skip` records with a reason; nothing in the
 raw folder is ever modified.
@@ -22,6 +23,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from leukemia_mlops.data.naming import ALL, HEM, LABELS_BY_NAME, CellNameError, parse_cell_name
+from leukemia_mlops.errors import InputError
 
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 UNLABELLED = -1
@@ -41,7 +43,7 @@ COLUMN_TYPES = {
 _FOLD = re.compile(r"^fold_(\d+)$")
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(InputError):
     """The raw data folder does not hold a dataset layout this reader understands."""
 
 
@@ -89,7 +91,7 @@ def scan_dataset(raw_dir: str | Path) -> tuple[pd.DataFrame, list[Skip]]:
             _scan_unlabelled(scan, final)
     elif (root / "all").is_dir() or (root / "hem").is_dir():
         for name, label in LABELS_BY_NAME.items():
-            _scan_class_folder(scan, root / name, label, fold=None, split="plain", strict=False)
+            _scan_class_folder(scan, root / name, label, fold=None, split="plain")
     else:
         raise DatasetLayoutError(
             f"{root} holds no C-NMC layout: expected C-NMC_Leukemia/training_data/fold_*/, "
@@ -110,7 +112,7 @@ def _scan_training(scan: _Scan, training: Path) -> None:
     for fold_dir in folds:
         fold = int(_FOLD.match(fold_dir.name)[1])
         for name, label in LABELS_BY_NAME.items():
-            _scan_class_folder(scan, fold_dir / name, label, fold=fold, split="train", strict=True)
+            _scan_class_folder(scan, fold_dir / name, label, fold=fold, split="train")
 
 
 def _image_files(scan: _Scan, folder: Path) -> list[Path]:
@@ -126,10 +128,12 @@ def _image_files(scan: _Scan, folder: Path) -> list[Path]:
     return images
 
 
-def _scan_class_folder(
-    scan: _Scan, folder: Path, label: int, fold: int | None, split: str, strict: bool
-) -> None:
-    """Add a class folder's images; ``strict`` rejects names outside the C-NMC scheme."""
+def _scan_class_folder(scan: _Scan, folder: Path, label: int, fold: int | None, split: str) -> None:
+    """Add a class folder's images; a name that gives no subject is skipped, never guessed.
+
+    (Taking each such file as its own subject would silently split by image, the leakage
+    subject-level splits exist to prevent.)
+    """
     if not folder.is_dir():
         scan.skip(folder, "missing class folder")
         return
@@ -139,14 +143,8 @@ def _scan_class_folder(
     for path in images:
         try:
             cell = parse_cell_name(path.name)
-        except CellNameError:
-            if strict:
-                scan.skip(path, "file name not of the form UID_<subject>_<image>_<cell>_<all|hem>")
-                continue
-            # Plain folders may hold any names: each such image is its own subject.
-            scan.rows.append(
-                _row(scan.rel(path), label, f"file:{path.stem}", None, None, fold, split)
-            )
+        except CellNameError as err:
+            scan.skip(path, str(err))
             continue
         if cell.label != label:
             scan.skip(path, f"label in file name contradicts its folder {folder.name}/")

@@ -1,13 +1,16 @@
 """C-NMC 2019 cell file names: ``UID_<subject>_<image>_<cell>_<all|hem>.bmp``.
 
 A leading ``H`` on the subject number marks a healthy subject (``UID_H10_43_1_hem.bmp``).
-Every cell of a subject carries that subject's label.
+Every cell of a subject carries that subject's label, so a name whose ``H`` and class disagree
+is refused: a parsed subject can never hold both labels.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from leukemia_mlops.errors import InputError
 
 ALL, HEM = 1, 0
 LABEL_NAMES = {ALL: "all", HEM: "hem"}
@@ -19,8 +22,11 @@ _NAME = re.compile(
 )
 
 
-class CellNameError(ValueError):
-    """A file name that does not follow the C-NMC naming scheme."""
+NAME_FORMAT = "UID_<subject>_<image>_<cell>_<all|hem>"
+
+
+class CellNameError(InputError):
+    """A file name that does not follow the C-NMC naming scheme; the message is the reason."""
 
 
 @dataclass(frozen=True)
@@ -42,14 +48,15 @@ def parse_cell_name(file_name: str) -> CellName:
     stem = file_name.rsplit(".", 1)[0] if "." in file_name else file_name
     match = _NAME.match(stem)
     if match is None:
-        raise CellNameError(
-            f"{file_name!r} does not match UID_<subject>_<image>_<cell>_<all|hem>.bmp"
-        )
+        raise CellNameError(f"file name not of the form {NAME_FORMAT}")
     label = LABELS_BY_NAME[match["cls"].lower()]
     healthy = bool(match["healthy"])
-    if healthy and label == ALL:
-        raise CellNameError(f"{file_name!r} marks a healthy subject (H) but an ALL cell")
     subject = f"H{int(match['subject'])}" if healthy else str(int(match["subject"]))
+    if healthy != (label == HEM):
+        raise CellNameError(
+            f"subject {subject} is {'' if healthy else 'not '}marked healthy (H) "
+            f"but the cell is {LABEL_NAMES[label]}"
+        )
     return CellName(subject, int(match["image"]), int(match["cell"]), label)
 
 

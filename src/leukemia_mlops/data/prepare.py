@@ -7,12 +7,14 @@ the previous cache or none, never a half one):
 * ``manifest.parquet``: one row per cached image (row ``i`` is ``images[i]``) with its path,
   label, subject, fold, source split, content hash (xxh3-128), file size, original size, cell
   box and assigned split;
-* ``skipped.csv``: every file left out, with the reason.
+* ``skipped.csv``: every file left out, with the reason;
+* a marker file (:data:`leukemia_mlops.owned.MARKER`): the next run may replace this folder.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ import pandas as pd
 import xxhash
 from tqdm import tqdm
 
+from leukemia_mlops.data.identity import CacheIdentity, manifest_hash, write_identity
 from leukemia_mlops.data.images import (
     ImageDecodeError,
     bgr_to_rgb,
@@ -33,9 +36,18 @@ from leukemia_mlops.data.images import (
     to_training_image,
 )
 from leukemia_mlops.data.layout import Skip, scan_dataset
-from leukemia_mlops.data.splits import SPLITS, SplitSpec, assign_splits
+from leukemia_mlops.data.splits import (
+    SPLITS,
+    SplitSpec,
+    assign_splits,
+    cross_split_copies,
+    label_conflicts,
+)
+from leukemia_mlops.errors import ConfigError, InputError
+from leukemia_mlops.owned import check_replaceable, claim, remove_owned
 
 IMAGES_FILE, MANIFEST_FILE, SKIPPED_FILE = "images.npy", "manifest.parquet", "skipped.csv"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,13 +61,13 @@ class PrepareSpec:
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
-            raise ValueError(f"prepare.image_size must be >= 16, got {self.image_size}")
+            raise ConfigError(f"prepare.image_size must be >= 16, got {self.image_size}")
         if self.window < self.image_size // 4:
-            raise ValueError(f"prepare.window is too small: {self.window}")
+            raise ConfigError(f"prepare.window is too small: {self.window}")
         if self.fit not in ("window", "box"):
-            raise ValueError(f"prepare.fit must be 'window' or 'box', got {self.fit!r}")
+            raise ConfigError(f"prepare.fit must be 'window' or 'box', got {self.fit!r}")
         if self.workers < 0:
-            raise ValueError(f"prepare.workers must be >= 0, got {self.workers}")
+            raise ConfigError(f"prepare.workers must be >= 0, got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -141,30 +153,47 @@ def prepare_dataset(
     spec: PrepareSpec,
     split: SplitSpec,
     progress: bool = True,
+    source: str | None = None,
 ) -> dict:
-    """Build the cache under ``out_dir`` and return the data report (see :func:`data_report`)."""
+    """Build the cache under ``out_dir`` and return the data report (see :func:`data_report`).
+
+    The cache records its :class:`~leukemia_mlops.data.identity.CacheIdentity` (``source`` is
+    the config's ``data.source``).
+
+    An existing ``out_dir`` is replaced only if ``prepare`` wrote it (see :mod:`owned`).
+    """
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if out_dir == raw_dir or raw_dir in out_dir.parents or out_dir in raw_dir.parents:
-        raise ValueError(f"prepare output {out_dir} must lie outside the raw data {raw_dir}")
+        raise ConfigError(f"prepare output {out_dir} must lie outside the raw data {raw_dir}")
+    # A cache written before the marker existed is proved by its manifest (or, half-written,
+    # by its images file).
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    check_replaceable(out_dir, out_dir / MANIFEST_FILE)
+    check_replaceable(tmp, tmp / IMAGES_FILE)
     table, skipped = scan_dataset(raw_dir)
     if table.empty:
-        raise ValueError(f"no usable images under {raw_dir} ({len(skipped)} files skipped)")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    kept = _write_cache(raw_dir, table, skipped, spec, tmp, progress)
-    if not kept:
-        shutil.rmtree(tmp)
-        raise ValueError(f"no image under {raw_dir} could be decoded ({len(skipped)} skipped)")
-    manifest = table.loc[list(kept)].reset_index(drop=True)
-    manifest = _with_image_columns(manifest, kept.values())
-    manifest["split"] = assign_splits(manifest, split)
-    manifest.to_parquet(tmp / MANIFEST_FILE, index=False)
-    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(tmp / SKIPPED_FILE, index=False)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+        raise InputError(f"no usable images under {raw_dir} ({_count_reasons(skipped)})")
+    remove_owned(tmp, tmp / IMAGES_FILE)
+    claim(tmp)
+    try:
+        manifest = _write_cache(raw_dir, table, skipped, spec, split, tmp, progress)
+        identity = CacheIdentity(
+            source, manifest_hash(manifest), len(manifest), spec.image_size, spec.window, spec.fit
+        )
+        write_identity(tmp, identity)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    remove_owned(out_dir, out_dir / MANIFEST_FILE)
     os.replace(tmp, out_dir)
     return data_report(manifest, skipped, spec, split)
+
+
+def _count_reasons(skipped: list[Skip]) -> str:
+    """``3 files skipped: 2 <reason>, 1 <reason>``, the most common reasons first."""
+    counts = pd.Series([s.reason for s in skipped], dtype="string").value_counts()
+    listed = ", ".join(f"{count} {reason}" for reason, count in counts.head(3).items())
+    return f"{len(skipped)} files skipped" + (f": {listed}" if listed else "")
 
 
 def _write_cache(
@@ -172,20 +201,41 @@ def _write_cache(
     table: pd.DataFrame,
     skipped: list[Skip],
     spec: PrepareSpec,
+    split: SplitSpec,
     tmp: Path,
     progress: bool,
-) -> dict[int, Decoded]:
-    """Decode into ``tmp/images.npy``; returns the kept table rows (in order) with their records."""
+) -> pd.DataFrame:
+    """Decode into ``tmp``, leave out what must not be used, write and return the manifest.
+
+    Left out, with the reason added to ``skipped``: undecodable files, identical images with
+    conflicting labels (pair by pair), and copies of an image already in another split.
+    """
     size = spec.image_size
     cache_path = tmp / IMAGES_FILE
     np.lib.format.open_memmap(cache_path, "w+", np.uint8, (len(table), size, size, 3))
     paths = table["path"].tolist()
     records = dict(_decode_all(cache_path, [raw_dir / p for p in paths], spec, progress))
-    kept = {row: records[row] for row in sorted(records) if not records[row].reason}
-    skipped.extend(Skip(paths[r], records[r].reason) for r in sorted(records) if r not in kept)
-    if len(kept) < len(table):
-        _compact_cache(cache_path, list(kept))
-    return kept
+    left_out = {row: records[row].reason for row in sorted(records) if records[row].reason}
+    decoded = [row for row in sorted(records) if row not in left_out]
+    if not decoded:
+        undecodable = len(skipped) + len(left_out)
+        raise InputError(f"no image under {raw_dir} could be decoded ({undecodable} skipped)")
+    manifest = _with_image_columns(table.loc[decoded], [records[row] for row in decoded])
+    conflicts = label_conflicts(manifest)
+    for row, reason in conflicts.items():
+        log.warning("left out %s: %s", paths[row], reason)
+    manifest = manifest.drop(index=list(conflicts))
+    manifest["split"] = assign_splits(manifest, split)
+    copies = cross_split_copies(manifest)
+    manifest = manifest.drop(index=list(copies))
+    left_out |= conflicts | copies
+    skipped.extend(Skip(paths[row], left_out[row]) for row in sorted(left_out))
+    if len(manifest) < len(table):
+        _compact_cache(cache_path, manifest.index.tolist())
+    manifest = manifest.reset_index(drop=True)
+    manifest.to_parquet(tmp / MANIFEST_FILE, index=False)
+    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(tmp / SKIPPED_FILE, index=False)
+    return manifest
 
 
 def _compact_cache(path: Path, rows: list[int]) -> None:
@@ -199,8 +249,7 @@ def _compact_cache(path: Path, rows: list[int]) -> None:
     os.replace(short_path, path)
 
 
-def _with_image_columns(manifest: pd.DataFrame, decoded: object) -> pd.DataFrame:
-    rows = list(decoded)
+def _with_image_columns(manifest: pd.DataFrame, rows: list[Decoded]) -> pd.DataFrame:
     boxes = np.array([d.box for d in rows], dtype=np.int64).reshape(-1, 4)
     return manifest.assign(
         content_hash=[d.content_hash for d in rows],

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from leukemia_mlops.data.images import CELL_THRESHOLD, cell_box
+from leukemia_mlops.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,14 @@ class SceneSpec:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_cells <= self.max_cells:
-            raise ValueError(
+            raise ConfigError(
                 f"scenes need 1 <= min_cells <= max_cells, got {self.min_cells}, {self.max_cells}"
             )
         if self.spacing < 0:
-            raise ValueError(f"scenes.spacing must be >= 0, got {self.spacing}")
+            raise ConfigError(f"scenes.spacing must be >= 0, got {self.spacing}")
         if not 0 <= self.noise <= CELL_THRESHOLD:
             # Brighter noise would count as cell pixels and blur the boxes' meaning.
-            raise ValueError(f"scenes.noise must be in [0, {CELL_THRESHOLD}], got {self.noise}")
+            raise ConfigError(f"scenes.noise must be in [0, {CELL_THRESHOLD}], got {self.noise}")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Splits that put one subject's cells on both sides of a split inflate every metric, the most
 common error in published work on C-NMC. Every method here assigns whole subjects, stratified
-by class, and :func:`check_subject_disjoint` guards the result.
+by class, and :func:`check_subject_disjoint` guards the result. Identical files (same content
+hash) filed under two subjects would leak the same way: :func:`label_conflicts` and
+:func:`cross_split_copies` find the copies that must be left out.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import numpy as np
 import pandas as pd
 
 from leukemia_mlops.data.layout import UNLABELLED
+from leukemia_mlops.data.naming import LABEL_NAMES
+from leukemia_mlops.errors import ConfigError, InputError
 
 SPLITS = ("train", "val", "test")
+#: Of identical images in several splits, the copy in the first of these is kept.
+KEEP_ORDER = ("test", "val", "train")
 
 
-class SubjectLeakError(ValueError):
+class SubjectLeakError(InputError):
     """A subject's cells were found in more than one split."""
 
 
@@ -40,12 +46,12 @@ class SplitSpec:
 
     def __post_init__(self) -> None:
         if self.test not in ("auto", "prelim", "subjects"):
-            raise ValueError(f"split.test must be auto, prelim or subjects, got {self.test!r}")
+            raise ConfigError(f"split.test must be auto, prelim or subjects, got {self.test!r}")
         if self.val not in ("subjects", "fold"):
-            raise ValueError(f"split.val must be subjects or fold, got {self.val!r}")
+            raise ConfigError(f"split.val must be subjects or fold, got {self.val!r}")
         for name in ("val_fraction", "test_fraction"):
             if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"split.{name} must be in (0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"split.{name} must be in (0, 1), got {getattr(self, name)}")
 
 
 def assign_splits(manifest: pd.DataFrame, spec: SplitSpec) -> pd.Series:
@@ -55,7 +61,7 @@ def assign_splits(manifest: pd.DataFrame, spec: SplitSpec) -> pd.Series:
     labelled = manifest["label"] != UNLABELLED
     has_prelim = bool((manifest["source_split"] == "prelim").any())
     if spec.test == "prelim" and not has_prelim:
-        raise ValueError("split.test=prelim but the dataset has no labelled prelim-phase set")
+        raise ConfigError("split.test=prelim but the dataset has no labelled prelim-phase set")
     test_from_prelim = spec.test == "prelim" or (spec.test == "auto" and has_prelim)
     if test_from_prelim:
         is_prelim = manifest["source_split"] == "prelim"
@@ -70,7 +76,7 @@ def assign_splits(manifest: pd.DataFrame, spec: SplitSpec) -> pd.Series:
     if spec.val == "fold":
         folds = set(manifest.loc[pool, "fold"].dropna().astype(int))
         if spec.val_fold not in folds:
-            raise ValueError(f"split.val_fold={spec.val_fold} not among the folds {sorted(folds)}")
+            raise ConfigError(f"split.val_fold={spec.val_fold} not among the folds {sorted(folds)}")
         split[pool & (manifest["fold"] == spec.val_fold)] = "val"
     else:
         held_out = _hold_out_subjects(manifest[pool], val_fraction, spec.seed + 1)
@@ -102,3 +108,36 @@ def check_subject_disjoint(manifest: pd.DataFrame) -> None:
         raise SubjectLeakError(
             f"subjects in more than one split: {', '.join(map(str, leaked[:10]))}"
         )
+
+
+def label_conflicts(manifest: pd.DataFrame) -> dict[int, str]:
+    """Labelled rows whose content also appears with the other label, with the reason.
+
+    Each copy names one identical file of the other label, so the pairs can be checked by hand.
+    """
+    labelled = manifest[manifest["label"] != UNLABELLED]
+    reasons = {}
+    for _, group in labelled.groupby("content_hash", sort=False):
+        if group["label"].nunique() < 2:
+            continue
+        first = group.drop_duplicates("label").set_index("label")["path"]
+        for index, label in group["label"].items():
+            other = 1 - label
+            reasons[index] = (
+                f"identical to {first[other]} ({LABEL_NAMES[other]}) but labelled "
+                f"{LABEL_NAMES[label]}: conflicting labels"
+            )
+    return reasons
+
+
+def cross_split_copies(manifest: pd.DataFrame) -> dict[int, str]:
+    """Rows whose content is also in an earlier split of :data:`KEEP_ORDER`, with the reason."""
+    rank = manifest["split"].map({name: i for i, name in enumerate(KEEP_ORDER)})
+    ranked = manifest[rank.notna()].assign(rank=rank).sort_values("rank", kind="stable")
+    reasons = {}
+    for _, group in ranked.groupby("content_hash", sort=False):
+        kept = group.iloc[0]
+        for index, split in zip(group.index, group["split"], strict=True):
+            if split != kept["split"]:
+                reasons[index] = f"identical to {kept['path']} in the {kept['split']} split"
+    return reasons

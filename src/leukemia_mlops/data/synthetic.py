@@ -7,7 +7,10 @@ nuclear outline), but every trait is drawn from overlapping class distributions 
 subject has its own stain, brightness and size, so the task stays hard and subject-dependent.
 
 Every file's bytes depend only on the :class:`SyntheticSpec`: each subject and each image draws
-from its own seed sequence, so the number of worker processes changes nothing.
+from its own seed sequence, so the number of worker processes changes nothing, and the pixels
+come from integer or exactly rounded arithmetic only (see "One cell image"), so neither does the
+CPU (AVX2 or AVX-512, x86-64 or ARM) nor the numpy/OpenCV build: ``data.dvc`` can version the
+default data set, and every machine regenerates the same bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import multiprocessing
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -39,19 +43,21 @@ N_FOLDS = 3
 _SPLIT_CODES = {"train": 0, "prelim": 1, "final": 2}
 # Tags in the first free slot of every seed sequence keep the random streams apart.
 _PLAN, _SUBJECT, _IMAGE = 0, 1, 2
-_LUT = 512  # angular samples of an outline (a power of two: angles wrap with a bit mask)
 _TWO_PI = 2.0 * math.pi
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSpec:
-    """What to generate; invalid values fail at construction with the field named."""
+    """What to generate; invalid values fail at construction with the field named.
+
+    The defaults are those of ``conf/data/synthetic.yaml`` (a test holds them equal).
+    """
 
     n_train_subjects: int = 24  # spread over the 3 folds, subject-disjoint
-    n_prelim_subjects: int = 6  # unseen subjects of the labelled prelim set
+    n_prelim_subjects: int = 14  # unseen subjects of the labelled prelim set
     cells_per_subject: int = 30  # mean; each subject gets between 0.5x and 1.5x
     all_fraction: float = 0.6  # share of subjects that are ALL (blast) subjects
-    n_final_images: int = 0  # unlabelled final-phase test images
+    n_final_images: int = 12  # unlabelled final-phase test images
     image_size: int = 450
     seed: int = 0
 
@@ -94,6 +100,66 @@ def _n_all(n_subjects: int, all_fraction: float) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # One cell image
+#
+# The bytes must not depend on the CPU or on the numpy/OpenCV build, so no pixel goes through
+# code whose rounding differs between SIMD levels or libraries: no numpy transcendental on
+# arrays (np.exp, np.cos, np.arctan2 have CPU-specific kernels), no float reduction whose order
+# could change, no OpenCV float filter. Pixels use elementwise IEEE + - * / sqrt (correctly
+# rounded everywhere), integers, and tables of integers computed with Python's scalar ``math``.
+# Every scalar that comes out of libm, or out of a sampler that calls libm (the tails of
+# numpy's normal, the gamma), is first snapped to a fixed grid: a last-bit difference between
+# two libm builds then almost surely lands on the same grid point and never reaches a pixel.
+
+_GRID = 2.0**16  # grid of the snapped scalars: 1/65536
+_ANGLES = 512  # angular samples of an outline (a power of two: angles wrap with a bit mask)
+_ONE = 1 << 14  # fixed-point unit of the cosine table and of the resampling weights
+_ATAN_STEPS = 1024  # tangent samples of the first octant
+_SUBSTEPS = 64  # angle table resolution: 1/64 of an outline step
+_NOISE_ONE = 1 << 10  # fixed-point unit of the white noise
+_DENSITY_STEPS = 256  # optical-density samples per unit of the exp(-density) table
+_DENSITY_RANGE = (-1, 5)  # densities outside are clipped (exp(-5): black)
+
+
+def _snap(x: float) -> float:
+    """``x`` on the 1/65536 grid, the form in which libm results enter the images."""
+    return round(x * _GRID) / _GRID
+
+
+def _int_table(fn: Callable[[float], float], xs: Iterable[float]) -> np.ndarray:
+    """``round(fn(x))`` for every ``x``, with Python's scalar maths: the same on every CPU."""
+    return np.array([round(fn(x)) for x in xs], np.int64)
+
+
+_COS = _int_table(lambda i: _ONE * math.cos(_TWO_PI * i / _ANGLES), range(_ANGLES))
+_ATAN = _int_table(
+    lambda j: math.atan(j / _ATAN_STEPS) * _ANGLES * _SUBSTEPS / _TWO_PI, range(_ATAN_STEPS + 1)
+)
+_DECAY = (
+    _int_table(
+        lambda k: _GRID * math.exp(-k / _DENSITY_STEPS),
+        range(_DENSITY_RANGE[0] * _DENSITY_STEPS, _DENSITY_RANGE[1] * _DENSITY_STEPS + 1),
+    )
+    / _GRID
+).astype(np.float32)
+
+
+def _normal(rng: np.random.Generator, mean: float, sd: float) -> float:
+    return mean + sd * _snap(rng.standard_normal())
+
+
+def _lognormal(rng: np.random.Generator, sd: float) -> float:
+    """A multiplicative spread: ``exp(N(0, sd))``."""
+    return _snap(math.exp(_normal(rng, 0.0, sd)))
+
+
+def _clip(x: float, low: float, high: float) -> float:
+    return min(max(x, low), high)
+
+
+def _direction(rng: np.random.Generator) -> tuple[float, float]:
+    """(sin, cos) of a random angle, from the cosine table."""
+    step = int(rng.integers(_ANGLES))
+    return _COS[(step - _ANGLES // 4) % _ANGLES] / _ONE, _COS[step] / _ONE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +175,13 @@ class SubjectStyle:
 def draw_subject_style(rng: np.random.Generator) -> SubjectStyle:
     """A random subject: stain-normalised images still keep some colour and size spread."""
     base = SubjectStyle()
-    nucleus = np.asarray(base.nucleus_rgb) * np.exp(rng.normal(0.0, 0.08, 3))
-    cytoplasm = np.asarray(base.cytoplasm_rgb) * np.exp(rng.normal(0.0, 0.05, 3))
+    nucleus = [_clip(c * _lognormal(rng, 0.08), 0.05, 0.9) for c in base.nucleus_rgb]
+    cytoplasm = [_clip(c * _lognormal(rng, 0.05), 0.3, 1.0) for c in base.cytoplasm_rgb]
     return SubjectStyle(
-        nucleus_rgb=tuple(float(c) for c in np.clip(nucleus, 0.05, 0.9)),
-        cytoplasm_rgb=tuple(float(c) for c in np.clip(cytoplasm, 0.3, 1.0)),
-        brightness=float(np.exp(rng.normal(0.0, 0.08))),
-        size_scale=float(np.exp(rng.normal(0.0, 0.06))),
+        nucleus_rgb=(nucleus[0], nucleus[1], nucleus[2]),
+        cytoplasm_rgb=(cytoplasm[0], cytoplasm[1], cytoplasm[2]),
+        brightness=_lognormal(rng, 0.08),
+        size_scale=_lognormal(rng, 0.06),
     )
 
 
@@ -123,7 +189,7 @@ def draw_subject_style(rng: np.random.Generator) -> SubjectStyle:
 class _Prior:
     """Class-conditional means of the cell traits; the spreads below are shared."""
 
-    log_radius: float  # log of the cell radius as a fraction of the image size
+    radius: float  # median cell radius as a fraction of the image size
     nucleus_fraction: float  # nucleus radius / cell radius
     coarseness: float  # 0 fine, even chromatin .. 1 coarse clumps
     darkness: float  # extra optical density of the nucleus (condensed chromatin)
@@ -132,12 +198,12 @@ class _Prior:
     nucleoli_p: tuple[float, float, float, float]  # P(0, 1, 2, 3 visible nucleoli)
 
 
-_HEM_LOG_RADIUS = math.log(0.215)
+_HEM_RADIUS = 0.215
 _PRIORS = {
-    HEM: _Prior(_HEM_LOG_RADIUS, 0.77, 0.62, 0.14, 0.025, 0.2, (0.6, 0.3, 0.1, 0.0)),
+    HEM: _Prior(_HEM_RADIUS, 0.77, 0.62, 0.14, 0.025, 0.2, (0.6, 0.3, 0.1, 0.0)),
     # Blasts cover about 30 % more area: sqrt(1.3) in radius.
     ALL: _Prior(
-        _HEM_LOG_RADIUS + 0.5 * math.log(1.3), 0.83, 0.36, 0.0, 0.055, 0.5, (0.25, 0.35, 0.28, 0.12)
+        _HEM_RADIUS * math.sqrt(1.3), 0.83, 0.36, 0.0, 0.055, 0.5, (0.25, 0.35, 0.28, 0.12)
     ),
 }
 _SD_LOG_RADIUS = 0.12
@@ -165,62 +231,118 @@ def _draw_traits(
     rng: np.random.Generator, prior: _Prior, style: SubjectStyle, size: int
 ) -> _Traits:
     """Every trait from its class distribution, wide enough that the classes overlap."""
-    radius = size * style.size_scale * math.exp(rng.normal(prior.log_radius, _SD_LOG_RADIUS))
+    radius = size * style.size_scale * prior.radius * _lognormal(rng, _SD_LOG_RADIUS)
     notched = rng.random() < prior.notch_prob
     return _Traits(
         radius=radius,
-        nucleus_fraction=float(
-            np.clip(rng.normal(prior.nucleus_fraction, _SD_FRACTION), 0.55, 0.92)
-        ),
-        coarseness=float(np.clip(rng.normal(prior.coarseness, _SD_COARSENESS), 0.0, 1.0)),
-        darkness=float(rng.normal(prior.darkness, _SD_DARKNESS)),
-        wobble=float(prior.wobble * rng.gamma(4.0, 0.25)),
-        notch_depth=float(rng.uniform(0.08, 0.3)) if notched else 0.0,
+        nucleus_fraction=_clip(_normal(rng, prior.nucleus_fraction, _SD_FRACTION), 0.55, 0.92),
+        coarseness=_clip(_normal(rng, prior.coarseness, _SD_COARSENESS), 0.0, 1.0),
+        darkness=_normal(rng, prior.darkness, _SD_DARKNESS),
+        wobble=prior.wobble * _snap(rng.gamma(4.0, 0.25)),
+        notch_depth=rng.uniform(0.08, 0.3) if notched else 0.0,
         n_nucleoli=int(rng.choice(4, p=prior.nucleoli_p)),
     )
 
 
 def _outline(rng: np.random.Generator, wobble: float, notch_depth: float) -> np.ndarray:
-    """Relative radius at ``_LUT`` angles: low harmonics make an oval, lumpy shape; a notch
-    makes the indented outline of a cleaved blast nucleus."""
-    angles = np.arange(_LUT) * (_TWO_PI / _LUT)
-    orders = np.arange(2, 6)
-    amps = wobble * rng.standard_normal(orders.size) * (2.0 / orders)
-    phases = rng.uniform(0.0, _TWO_PI, orders.size)
-    radius = 1.0 + (amps[:, None] * np.cos(orders[:, None] * angles + phases[:, None])).sum(0)
+    """Relative radius at ``_ANGLES`` angles: low harmonics make an oval, lumpy shape; a notch
+    makes the indented outline of a cleaved blast nucleus.
+
+    Computed in integers (unit ``_ONE**2``), so the float result is exact: any sum of it is
+    exact too, whatever the order.
+    """
+    steps = np.arange(_ANGLES)
+    radius = np.full(_ANGLES, _ONE * _ONE, np.int64)
+    for order in range(2, 6):
+        amplitude = round(_ONE * wobble * _snap(rng.standard_normal()) * 2.0 / order)
+        phase = int(rng.integers(_ANGLES))
+        radius += amplitude * _COS[(order * steps + phase) % _ANGLES]
     if notch_depth > 0.0:
-        centre, width = rng.uniform(0.0, _TWO_PI), rng.uniform(0.2, 0.45)
-        gap = np.angle(np.exp(1j * (angles - centre)))
-        radius *= 1.0 - notch_depth * np.exp(-0.5 * (gap / width) ** 2)
-    return radius.astype(np.float32)
+        centre = int(rng.integers(_ANGLES))
+        width = rng.uniform(0.2, 0.45) * _ANGLES / _TWO_PI  # in outline steps
+        gaps = ((steps - centre + _ANGLES // 2) % _ANGLES - _ANGLES // 2).tolist()
+        dip = _int_table(lambda g: _ONE * notch_depth * math.exp(-0.5 * (g / width) ** 2), gaps)
+        radius = radius * (_ONE - dip) // _ONE
+    return radius / float(_ONE * _ONE)
 
 
-def _polar(ys: np.ndarray, xs: np.ndarray, cy: float, cx: float) -> tuple[np.ndarray, np.ndarray]:
-    """Distance to (cy, cx) and the outline-table index of the angle, for every pixel."""
-    dy = (ys - np.float32(cy))[:, None]
-    dx = (xs - np.float32(cx))[None, :]
-    rho = np.hypot(dy, dx)
-    index = np.rint(np.arctan2(dy, dx) * (_LUT / _TWO_PI)).astype(np.int32) & (_LUT - 1)
-    return rho, index
+def _offsets(ys: np.ndarray, xs: np.ndarray, cy: float, cx: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column offsets of every pixel from (cy, cx), as a column and a row to broadcast."""
+    return (ys - np.float32(cy))[:, None], (xs - np.float32(cx))[None, :]
 
 
-def _coverage(edge: np.ndarray, rho: np.ndarray, soft: float) -> np.ndarray:
+def _distance(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    return np.sqrt(dy * dy + dx * dx)
+
+
+def _angle_index(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """The outline-table index of every pixel's angle: atan2 by octant from an integer table."""
+    ay, ax = np.abs(dy), np.abs(dx)
+    low, high = np.minimum(ay, ax), np.maximum(ay, ax)
+    tangent = low / np.maximum(high, np.float32(1e-6))
+    angle = _ATAN[np.rint(tangent * _ATAN_STEPS).astype(np.int64)]  # first octant
+    quarter = _ANGLES // 4 * _SUBSTEPS
+    angle = np.where(ay > ax, quarter - angle, angle)
+    angle = np.where(dx < 0, 2 * quarter - angle, angle)
+    angle = np.where(dy < 0, -angle, angle)
+    return (angle + _SUBSTEPS // 2) // _SUBSTEPS % _ANGLES
+
+
+def _coverage(edge: np.ndarray | float, rho: np.ndarray, soft: float) -> np.ndarray:
     """Anti-aliased inside-ness (0..1) of pixels at ``rho`` for a boundary at ``edge``."""
     return np.clip((edge - rho) / soft + 0.5, 0.0, 1.0)
 
 
+def _keys_near(d: np.ndarray) -> np.ndarray:
+    """Keys' cubic kernel (a = -0.75, as OpenCV's INTER_CUBIC) for distances 0..1."""
+    return (1.25 * d - 2.25) * d * d + 1.0
+
+
+def _keys_far(d: np.ndarray) -> np.ndarray:
+    """Keys' cubic kernel for distances 1..2."""
+    return -0.75 * (((d - 5.0) * d + 8.0) * d - 4.0)
+
+
+def _cubic_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and integer weights (4 x ``n_out``, each column summing to ``_ONE``) of
+    bicubic resampling from ``n_in`` to ``n_out`` samples, border samples repeated."""
+    source = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(source)
+    frac = source - base
+    weights = np.rint(
+        np.stack([_keys_far(1.0 + frac), _keys_near(frac), _keys_near(1.0 - frac)]) * _ONE
+    ).astype(np.int32)
+    weights = np.vstack([weights, _ONE - weights.sum(axis=0)])
+    index = np.clip(base.astype(np.int64) + np.arange(-1, 3)[:, None], 0, n_in - 1)
+    return index, weights
+
+
 def _noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
-    """Smooth zero-mean noise with blobs about ``scale`` pixels across (upsampled white noise)."""
+    """Smooth noise of about unit spread, with blobs about ``scale`` pixels across: white noise
+    on a coarse grid, upsampled bicubically in integers."""
     h, w = shape
-    small = rng.standard_normal((math.ceil(h / scale) + 2, math.ceil(w / scale) + 2), np.float32)
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    white = rng.standard_normal((math.ceil(h / scale) + 2, math.ceil(w / scale) + 2))
+    coarse = np.rint(white * _NOISE_ONE).astype(np.int32)
+    rows, row_weights = _cubic_taps(h, coarse.shape[0])
+    cols, col_weights = _cubic_taps(w, coarse.shape[1])
+    tall = sum(row_weights[t][:, None] * coarse[rows[t]] for t in range(4))
+    tall = (tall + _ONE // 2) // _ONE
+    full = sum(col_weights[t] * tall[:, cols[t]] for t in range(4))
+    return full.astype(np.float32) / np.float32(_ONE * _NOISE_ONE)
+
+
+def _decay(density: np.ndarray) -> np.ndarray:
+    """``exp(-density)`` from the table, density in steps of 1/256."""
+    low, high = (bound * _DENSITY_STEPS for bound in _DENSITY_RANGE)
+    steps = np.clip(np.rint(density * _DENSITY_STEPS), low, high).astype(np.int64)
+    return _DECAY[steps - low]
 
 
 def _place(rng: np.random.Generator, extent: float, size: int) -> tuple[float, float, float]:
     """A centre near the middle and a shrink factor (<= 1) that keeps a black margin."""
-    cy, cx = size / 2.0 + rng.normal(0.0, 0.02 * size, 2)
+    cy, cx = (size / 2.0 + _normal(rng, 0.0, 0.02 * size) for _ in range(2))
     room = min(cy, cx, size - cy, size - cx) - _MARGIN * size
-    return float(cy), float(cx), min(1.0, room / extent)
+    return cy, cx, min(1.0, room / extent)
 
 
 def _nucleoli(
@@ -230,16 +352,17 @@ def _nucleoli(
     radius: float,
     count: int,
 ) -> np.ndarray:
-    """Lighter round spots (0..1) inside the nucleus, as blasts show and normal cells rarely do."""
+    """Lighter round spots (0..1) with soft edges inside the nucleus, as blasts show and normal
+    cells rarely do."""
+    ys, xs = np.arange(shape[0], dtype=np.float32), np.arange(shape[1], dtype=np.float32)
     layer = np.zeros(shape, np.float32)
+    soft = max(2.0, 0.15 * radius)
     for _ in range(count):
-        angle, reach = rng.uniform(0.0, _TWO_PI), radius * rng.uniform(0.0, 0.55)
+        (sin, cos), reach = _direction(rng), radius * rng.uniform(0.0, 0.55)
         spot = max(1.0, radius * rng.uniform(0.08, 0.15))
-        y, x = centre[0] + reach * math.sin(angle), centre[1] + reach * math.cos(angle)
-        cv2.circle(
-            layer, (round(x), round(y)), round(spot), float(rng.uniform(0.35, 0.6)), -1, cv2.LINE_AA
-        )
-    return cv2.GaussianBlur(layer, (0, 0), max(0.8, 0.04 * radius)) if count else layer
+        rho = _distance(*_offsets(ys, xs, centre[0] + reach * sin, centre[1] + reach * cos))
+        layer = np.maximum(layer, rng.uniform(0.35, 0.6) * _coverage(spot, rho, soft))
+    return layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,27 +379,31 @@ class _Geometry:
 
 def _geometry(rng: np.random.Generator, traits: _Traits, size: int) -> _Geometry:
     """Outline the cell and its (off-centre) nucleus and rasterise both, anti-aliased."""
-    cell_edge = traits.radius * _outline(rng, _CELL_WOBBLE, 0.0)
-    nucleus_edge = (
-        traits.nucleus_fraction * traits.radius * _outline(rng, traits.wobble, traits.notch_depth)
-    )
-    cy, cx, shrink = _place(rng, float(cell_edge.max()), size)
-    cell_edge *= shrink
-    nucleus_edge *= shrink
-    shift = (1.0 - traits.nucleus_fraction) * traits.radius * shrink * rng.uniform(0.1, 0.7)
-    angle = rng.uniform(0.0, _TWO_PI)
-    ny, nx = cy + shift * math.sin(angle), cx + shift * math.cos(angle)
+    cell_shape = _outline(rng, _CELL_WOBBLE, 0.0)
+    nucleus_shape = _outline(rng, traits.wobble, traits.notch_depth)
+    cy, cx, shrink = _place(rng, traits.radius * float(cell_shape.max()), size)
+    radius = traits.radius * shrink
+    cell_edge = radius * cell_shape
+    nucleus_radius = traits.nucleus_fraction * radius
+    nucleus_edge = nucleus_radius * nucleus_shape
+    shift = (1.0 - traits.nucleus_fraction) * radius * rng.uniform(0.1, 0.7)
+    sin, cos = _direction(rng)
+    ny, nx = cy + shift * sin, cx + shift * cos
 
     reach = float(cell_edge.max()) + 3.0
     y0, x0 = max(0, math.floor(cy - reach)), max(0, math.floor(cx - reach))
     y1, x1 = min(size, math.ceil(cy + reach)), min(size, math.ceil(cx + reach))
     ys, xs = np.arange(y0, y1, dtype=np.float32), np.arange(x0, x1, dtype=np.float32)
-    rho, index = _polar(ys, xs, cy, cx)
-    local_edge = cell_edge[index]
-    rho_n, index_n = _polar(ys, xs, ny, nx)
+    dy, dx = _offsets(ys, xs, cy, cx)
+    rho = _distance(dy, dx)
+    local_edge = cell_edge.astype(np.float32)[_angle_index(dy, dx)]
+    ndy, ndx = _offsets(ys, xs, ny, nx)
     rim = 0.025 * traits.radius  # a sliver of cytoplasm stays around the nucleus
     nucleus = np.minimum(
-        _coverage(nucleus_edge[index_n], rho_n, 1.5), _coverage(local_edge - rim, rho, 1.5)
+        _coverage(
+            nucleus_edge.astype(np.float32)[_angle_index(ndy, ndx)], _distance(ndy, ndx), 1.5
+        ),
+        _coverage(local_edge - rim, rho, 1.5),
     )
     return _Geometry(
         box=(y0, y1, x0, x1),
@@ -284,7 +411,7 @@ def _geometry(rng: np.random.Generator, traits: _Traits, size: int) -> _Geometry
         nucleus=nucleus,
         depth=np.minimum(rho / local_edge, 1.0),
         nucleus_centre=(ny - y0, nx - x0),
-        nucleus_radius=float(nucleus_edge.mean()),
+        nucleus_radius=nucleus_radius * float(nucleus_shape.mean()),  # an exact mean
     )
 
 
@@ -303,10 +430,11 @@ def _paint(
     # Channels first: numpy is slow on a trailing axis of length 3.
     light = np.asarray(style.cytoplasm_rgb, np.float32)[:, None, None]
     cytoplasm = light * (1.0 + 0.03 * fine)
-    chromatin = np.asarray(style.nucleus_rgb, np.float32)[:, None, None] * np.exp(-density)
+    chromatin = np.asarray(style.nucleus_rgb, np.float32)[:, None, None] * _decay(density)
     colour = cytoplasm + geometry.nucleus * (chromatin - cytoplasm)
     colour += spots * (light - colour)
-    colour *= style.brightness * (1.0 - 0.12 * geometry.depth**4)
+    depth2 = geometry.depth * geometry.depth
+    colour *= style.brightness * (1.0 - 0.12 * (depth2 * depth2))
     colour += 0.04 * (rng.random((3, *shape), np.float32) - 0.5)
     colour *= geometry.cell
     return np.clip(colour * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8).transpose(1, 2, 0)
@@ -554,6 +682,11 @@ def _table(cells: list[_Cell]) -> pd.DataFrame:
         for c in cells
     ]
     return pd.DataFrame(rows, columns=list(COLUMN_TYPES)).astype(COLUMN_TYPES)
+
+
+def plan_cnmc(spec: SyntheticSpec) -> pd.DataFrame:
+    """The table :func:`generate_cnmc` returns for ``spec``, without rendering anything."""
+    return _table(_plan(spec))
 
 
 def generate_cnmc(

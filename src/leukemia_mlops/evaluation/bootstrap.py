@@ -1,9 +1,16 @@
-"""Subject-level (cluster) bootstrap confidence intervals.
+"""Subject-level (cluster) bootstrap confidence intervals, stratified by class.
 
 Cells of one subject share staining, imaging session and disease state, so they are not
 independent draws: resampling cells would report intervals far narrower than the evidence
 supports. Here each resample draws subjects with replacement and keeps all cells of every
-drawn subject, which is the unit the test set actually samples.
+drawn subject, which is the unit the test set actually samples. The draw is stratified: HEM
+subjects and ALL subjects are resampled separately, each class keeping its subject count, so
+no resample lacks a class (the test set was built with fixed class counts, too).
+
+Two intervals come from the same resamples: the percentile interval and the bias-corrected and
+accelerated (BCa) one, whose acceleration is a jackknife over subjects. Both follow
+``scipy.stats.bootstrap`` with one sample per class (the tests hold them equal on unclustered
+data); the method is re-implemented because SciPy resamples observations, not clusters.
 """
 
 from __future__ import annotations
@@ -12,23 +19,27 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+from scipy.special import ndtr, ndtri
 
 from leukemia_mlops.evaluation.metrics import ArrayLike, validated_arrays
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 # Cap on the cells x resamples weight matrix one vectorised batch may hold (float64 values).
 _BATCH_CELLS = 2_000_000
+CLASS_NAMES = ("HEM", "ALL")  # stratum order: label 0, then label 1
 
 
 class Interval(NamedTuple):
-    """A point estimate, its percentile interval, and how many resamples defined the metric.
+    """A point estimate, its percentile and BCa intervals, and how many resamples defined them.
 
-    A NamedTuple: `ci.low`, `ci[1]` and `point, low, high, n_valid = ci` all work.
+    NaN bounds mean no interval (too few subjects, or no resample where the metric is defined).
     """
 
     point: float
     low: float
     high: float
+    bca_low: float
+    bca_high: float
     n_valid: int
 
 
@@ -43,46 +54,100 @@ class WeightedMetric(Protocol):
     ) -> dict[str, np.ndarray]: ...
 
 
-def _draw_subjects(n_subjects: int, n_resamples: int, seed: int) -> np.ndarray:
-    """(n_resamples, n_subjects) subject indices, each row a draw with replacement."""
-    return np.random.default_rng(seed).integers(0, n_subjects, size=(n_resamples, n_subjects))
+def subjects_per_class(labels: np.ndarray, subject: np.ndarray) -> dict[str, int]:
+    """How many distinct subjects each class has; ``subject`` holds each cell's subject index."""
+    return {
+        name: int(np.unique(subject[labels == label]).size)
+        for label, name in enumerate(CLASS_NAMES)
+    }
 
 
-def _draw_counts(draws: np.ndarray) -> np.ndarray:
-    """How often each subject was drawn in each resample, shape (n_resamples, n_subjects)."""
-    n_resamples, n_subjects = draws.shape
-    flat = (draws + n_subjects * np.arange(n_resamples)[:, None]).ravel()
-    return np.bincount(flat, minlength=draws.size).reshape(n_resamples, n_subjects)
+def too_few_subjects(counts: dict[str, int], min_subjects: int) -> str | None:
+    """Why no interval can be trusted (a class below ``min_subjects``), or None when it can."""
+    short = [f"{n} {name}" for name, n in counts.items() if n < min_subjects]
+    if not short:
+        return None
+    return f"too few subjects: {' and '.join(short)}, fewer than {min_subjects} per class"
+
+
+def _subject_labels(labels: np.ndarray, subject: np.ndarray, n_subjects: int) -> np.ndarray:
+    """Each subject's label, checked to be the same for all its cells."""
+    label_of = np.zeros(n_subjects, dtype=np.int64)
+    label_of[subject] = labels
+    if (label_of[subject] != labels).any():
+        raise ValueError("every cell of a subject must carry that subject's label")
+    return label_of
+
+
+def _stratified_counts(label_of: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, n_subjects) draw counts; each class redraws its own subjects.
+
+    Classes are drawn in label order with ``rng.integers(0, n, (n_resamples, n))`` each, the
+    draws ``scipy.stats.bootstrap`` makes for the samples ``(hem, all)`` with the same seed.
+    """
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_resamples, label_of.size), dtype=np.int64)
+    rows = np.arange(n_resamples)[:, None]
+    for label in range(len(CLASS_NAMES)):
+        members = np.flatnonzero(label_of == label)
+        draws = members[rng.integers(0, members.size, size=(n_resamples, members.size))]
+        np.add.at(counts, (rows, draws), 1)
+    return counts
 
 
 def _weighted_samples(
-    metric_fn: WeightedMetric, p: np.ndarray, y: np.ndarray, subject: np.ndarray, draws: np.ndarray
+    metric_fn: WeightedMetric, p: np.ndarray, y: np.ndarray, subject: np.ndarray, counts: np.ndarray
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Score resamples in batches as cell weights: a cell weighs its subject's draw count."""
-    counts = _draw_counts(draws)
+    """Score weightings in batches: a cell weighs its subject's count in that row."""
     batch = max(1, _BATCH_CELLS // p.size)
     for start in range(0, len(counts), batch):
         yield metric_fn.weighted(p, y, counts[start : start + batch][:, subject])
 
 
 def _looped_samples(
-    metric_fn: MetricFn, p: np.ndarray, y: np.ndarray, subject: np.ndarray, draws: np.ndarray
+    metric_fn: MetricFn, p: np.ndarray, y: np.ndarray, subject: np.ndarray, counts: np.ndarray
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Score each resample by building it explicitly: works for any metric function."""
-    cells_of = [np.flatnonzero(subject == s) for s in range(draws.shape[1])]
-    for row in draws:
-        cells = np.concatenate([cells_of[s] for s in row])
+    """Score each weighting by building its cells explicitly: works for any metric function."""
+    for row in counts:
+        cells = np.repeat(np.arange(p.size), row[subject])
         yield {name: np.atleast_1d(v) for name, v in metric_fn(p[cells], y[cells]).items()}
 
 
-def _interval(point: float, samples: np.ndarray, confidence: float) -> Interval:
-    """Percentile interval over the resamples where the metric is defined (not NaN)."""
+def _acceleration(jackknife: np.ndarray, label_of: np.ndarray) -> float:
+    """BCa acceleration from leave-one-subject-out values, summed over the class strata.
+
+    SciPy's multi-sample formula. Without jackknife variation there is no skew to correct: 0.
+    """
+    num = den = 0.0
+    for label in range(len(CLASS_NAMES)):
+        theta = jackknife[label_of == label]
+        n = theta.size
+        u = (n - 1) * (theta.mean() - theta)
+        num += (u**3).sum() / n**3
+        den += (u**2).sum() / n**2
+    return num / (6 * den**1.5) if den > 0 else 0.0
+
+
+def _interval(
+    point: float,
+    samples: np.ndarray,
+    jackknife: np.ndarray,
+    label_of: np.ndarray,
+    confidence: float,
+) -> Interval:
+    """Percentile and BCa intervals over the resamples where the metric is defined (not NaN)."""
     valid = samples[~np.isnan(samples)]
     if valid.size == 0:
-        return Interval(point, float("nan"), float("nan"), 0)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(valid, [tail, 1 - tail])
-    return Interval(point, float(low), float(high), int(valid.size))
+        return Interval(point, np.nan, np.nan, np.nan, np.nan, 0)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(valid, [alpha, 1 - alpha])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z0 = ndtri(((valid < point).sum() + (valid <= point).sum()) / (2 * valid.size))
+        a = _acceleration(jackknife, label_of)
+        z = z0 + ndtri(np.array([alpha, 1 - alpha]))
+        levels = ndtr(z0 + z / (1 - a * z))
+    bca = np.quantile(valid, levels) if np.isfinite(levels).all() else (np.nan, np.nan)
+    return Interval(point, float(low), float(high), float(bca[0]), float(bca[1]), valid.size)
 
 
 def bootstrap_ci(
@@ -90,31 +155,50 @@ def bootstrap_ci(
     labels: ArrayLike,
     subjects: ArrayLike,
     metric_fn: MetricFn | WeightedMetric,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
+    *,
+    n_resamples: int,
+    confidence: float,
+    seed: int,
+    min_subjects: int,
 ) -> dict[str, Interval]:
-    """Cluster-bootstrap percentile intervals for every metric `metric_fn` returns.
+    """Stratified subject-bootstrap intervals for every metric ``metric_fn`` returns.
 
-    The point estimate is `metric_fn` on the full data. Resamples where a metric is undefined
-    (NaN, e.g. AUROC when only one class was drawn) are dropped for that metric; `n_valid`
-    says how many remained. A `WeightedMetric` such as `BinaryMetrics` is scored vectorised;
-    any other callable `(probs, labels) -> dict` is scored one resample at a time.
+    The point estimate is ``metric_fn`` on the full data. Resamples where a metric is undefined
+    (NaN, e.g. precision when no cell was called ALL) are dropped for that metric; ``n_valid``
+    says how many remained. When a class has fewer than ``min_subjects`` subjects (see
+    :func:`too_few_subjects`) no interval is computed: bounds NaN, ``n_valid`` 0. A
+    ``WeightedMetric`` such as ``BinaryMetrics`` is scored vectorised; any other callable
+    ``(probs, labels) -> dict`` one resample at a time.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be positive, got {n_resamples}")
+    if min_subjects < 2:
+        raise ValueError(f"min_subjects must be >= 2 (the jackknife needs it), got {min_subjects}")
     p, y = validated_arrays(probs, labels)
     subject_ids = np.asarray(subjects)
     if subject_ids.shape != y.shape:
         raise ValueError(f"subjects shape {subject_ids.shape} does not match labels {y.shape}")
     subject_names, subject = np.unique(subject_ids, return_inverse=True)
-    draws = _draw_subjects(len(subject_names), n_resamples, seed)
+    label_of = _subject_labels(y, subject, subject_names.size)
     scorer = _weighted_samples if isinstance(metric_fn, WeightedMetric) else _looped_samples
-    batches = list(scorer(metric_fn, p, y, subject, draws))
-    point = metric_fn(p, y)
+
+    def score(counts: np.ndarray) -> dict[str, np.ndarray]:
+        batches = list(scorer(metric_fn, p, y, subject, counts))
+        return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+
+    # The point comes from the same arithmetic as the resamples, so BCa's bias term compares
+    # like with like (torchmetrics' float32 values would sit off the float64 resamples).
+    point = {
+        name: float(v[0])
+        for name, v in score(np.ones((1, subject_names.size), dtype=np.int64)).items()
+    }
+    if too_few_subjects(subjects_per_class(y, subject), min_subjects):
+        return {name: Interval(v, np.nan, np.nan, np.nan, np.nan, 0) for name, v in point.items()}
+    samples = score(_stratified_counts(label_of, n_resamples, seed))
+    jackknife = score(1 - np.eye(subject_names.size, dtype=np.int64))
     return {
-        name: _interval(value, np.concatenate([b[name] for b in batches]), confidence)
+        name: _interval(value, samples[name], jackknife[name], label_of, confidence)
         for name, value in point.items()
     }

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from leukemia_mlops.tracking.store import redact
+from leukemia_mlops.errors import InputError
+from leukemia_mlops.redaction import redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 #: Columns of the comparison, as MLflow metric keys.
 KEY_METRICS = (
-    "eval/val/f1_weighted",
+    "eval/val_selection/f1_weighted",
     "test/f1_weighted",
     "test/f1_weighted_low",
     "test/f1_weighted_high",
@@ -43,7 +44,7 @@ def compare_runs(uri: str, experiment_name: str, metric: str = "test/f1_weighted
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        raise ValueError(f"no MLflow experiment named {experiment_name!r} at {redact(uri)}")
+        raise InputError(f"no MLflow experiment named {experiment_name!r} at {redact(uri)}")
     columns = list(dict.fromkeys((metric, *KEY_METRICS)))
     rows = [
         {
@@ -56,7 +57,7 @@ def compare_runs(uri: str, experiment_name: str, metric: str = "test/f1_weighted
         if metric in run.data.metrics
     ]
     if not rows:
-        raise ValueError(f"no run in {experiment_name!r} has the metric {metric!r}: evaluate first")
+        raise InputError(f"no run in {experiment_name!r} has the metric {metric!r}: evaluate first")
     table = pd.DataFrame(rows).sort_values(metric, ascending=False, kind="stable")
     return table.drop_duplicates(list(GROUP)).reset_index(drop=True)
 

@@ -1,8 +1,10 @@
 """Evaluate a trained classifier on the held-out subjects of the prepare cache.
 
 The decision threshold is chosen on the validation split only and then applied to the test
-split, whose labels never influence any choice. Test metrics carry subject-level bootstrap
-intervals, because the test set samples subjects, not independent cells.
+split, whose labels never influence any choice. The validation split also chose the checkpoint
+and the sweep's best trial, so its scores are reported as selection metrics (``val_selection``),
+never as the estimate; the test split is the estimate. Test metrics carry stratified
+subject-bootstrap intervals, because the test set samples subjects, not independent cells.
 
 ``out_dir`` receives ``metrics.json`` (NaN as null), ``predictions.csv``, ``subjects.csv``,
 the report figures as PNG with their DVC plot tables (``roc.csv``, ``pr.csv``,
@@ -23,7 +25,8 @@ from tqdm import tqdm
 
 from leukemia_mlops.data.datamodule import CellDataset
 from leukemia_mlops.data.prepare import MANIFEST_FILE, write_json
-from leukemia_mlops.evaluation.bootstrap import bootstrap_ci
+from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
+from leukemia_mlops.evaluation.bootstrap import bootstrap_ci, subjects_per_class, too_few_subjects
 from leukemia_mlops.evaluation.gradcam import gradcam_gallery
 from leukemia_mlops.evaluation.metrics import (
     BinaryMetrics,
@@ -44,22 +47,34 @@ from leukemia_mlops.tracking.store import tracking_uri
 CONFIDENCE = 0.95
 GALLERY_PER_GROUP = 4
 PLOTS = {"roc": roc_curve_plot, "pr": pr_curve_plot, "reliability": reliability_plot}
+INTERVAL_KEYS = ("low", "high", "bca_low", "bca_high", "n_valid")
+ROLES = {
+    "val_selection": "selection metric, optimistic: the validation split chose the checkpoint, "
+    "the sweep's best trial and the threshold",
+    "test": "the estimate: held-out test subjects at the validation-chosen threshold, with "
+    "stratified subject-bootstrap 95% intervals (percentile and BCa) and valid-resample counts",
+    "test_default": "test split at threshold 0.5: what the threshold choice is worth",
+    "subject": "test subjects diagnosed by majority vote of their cells (no interval)",
+}
 
 
 @dataclass(frozen=True)
 class EvaluateSpec:
-    """The ``evaluate`` config group, checked when the stage reads it."""
+    """The ``evaluate`` config group (defaults in ``conf/evaluate/``), checked when read."""
 
-    n_resamples: int = 1000
-    tta: bool = False
-    seed: int = 0
-    batch_size: int = 64
+    n_resamples: int
+    min_subjects: int
+    tta: bool
+    seed: int
+    batch_size: int
 
     def __post_init__(self) -> None:
         if self.n_resamples < 1:
-            raise ValueError(f"evaluate.n_resamples must be >= 1, got {self.n_resamples}")
+            raise ConfigError(f"evaluate.n_resamples must be >= 1, got {self.n_resamples}")
+        if self.min_subjects < 2:
+            raise ConfigError(f"evaluate.min_subjects must be >= 2, got {self.min_subjects}")
         if self.batch_size < 1:
-            raise ValueError(f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"evaluate.batch_size must be >= 1, got {self.batch_size}")
 
 
 class Scored(NamedTuple):
@@ -78,28 +93,31 @@ def score_split(scorer: Scorer, split: str, data: CellDataset, batch_size: int) 
     return Scored(split, data, np.concatenate([scorer(batch) for batch in bar]))
 
 
-def _with_intervals(
-    test: Scored, threshold: float, n_resamples: int, seed: int
-) -> dict[str, float]:
-    """Every binary metric as ``name``, ``name_low`` and ``name_high`` (subject bootstrap)."""
+def _with_intervals(test: Scored, threshold: float, spec: EvaluateSpec) -> dict[str, float]:
+    """Every binary metric as ``name`` beside ``name_low``, ``name_high`` (percentile interval),
+    ``name_bca_low``, ``name_bca_high`` (BCa) and ``name_n_valid`` (resamples behind both)."""
     intervals = bootstrap_ci(
         test.probs,
         test.data.labels,
         test.data.subjects,
         BinaryMetrics(threshold),
-        n_resamples=n_resamples,
+        n_resamples=spec.n_resamples,
         confidence=CONFIDENCE,
-        seed=seed,
+        seed=spec.seed,
+        min_subjects=spec.min_subjects,
     )
     return {
-        f"{name}{suffix}": value
-        for name, interval in intervals.items()
-        for suffix, value in zip(("", "_low", "_high"), interval[:3], strict=True)
+        key: value
+        for name, ci in intervals.items()
+        for key, value in (
+            (name, ci.point),
+            *((f"{name}_{part}", getattr(ci, part)) for part in INTERVAL_KEYS),
+        )
     }
 
 
 def threshold_report(
-    val: Scored, test: Scored, n_resamples: int, seed: int
+    val: Scored, test: Scored, spec: EvaluateSpec
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Metrics of one set of probabilities and the per-subject table of the test split.
 
@@ -112,43 +130,54 @@ def threshold_report(
     )
     metrics = {
         "threshold": threshold,
-        "val": binary_metrics(val.probs, val.data.labels, threshold),
-        "test": _with_intervals(test, threshold, n_resamples, seed),
-        "test_default": _with_intervals(test, 0.5, n_resamples, seed),
+        "val_selection": binary_metrics(val.probs, val.data.labels, threshold),
+        "test": _with_intervals(test, threshold, spec),
+        "test_default": _with_intervals(test, 0.5, spec),
         "subject": subject_scores,
     }
     return metrics, subjects
+
+
+def bootstrap_report(test: Scored, spec: EvaluateSpec) -> dict[str, Any]:
+    """How the intervals were made, and whether the test split allowed any at all."""
+    counts = subjects_per_class(test.data.labels, np.asarray(test.data.subjects))
+    reason = too_few_subjects(counts, spec.min_subjects)
+    return {
+        "method": "subject bootstrap stratified by class (percentile and BCa)",
+        "intervals": f"none, {reason}" if reason else "percentile and BCa",
+        "test_subjects": counts,
+        "min_subjects": spec.min_subjects,
+        "n_resamples": spec.n_resamples,
+        "confidence": CONFIDENCE,
+        "seed": spec.seed,
+    }
 
 
 def evaluate_model(
     checkpoint: str | Path,
     prepared_dir: str | Path,
     out_dir: str | Path,
-    n_resamples: int = 1000,
-    tta: bool = False,
-    seed: int = 0,
+    spec: EvaluateSpec,
     *,
-    batch_size: int = 64,
     device: str | None = None,
     mlflow_run_id: str | None = None,
     mlflow_uri: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the val and test splits; returns what ``metrics.json`` holds.
 
-    ``tta`` adds a ``tta`` section: the same report for probabilities averaged over the 8
+    ``spec.tta`` adds a ``tta`` section: the same report for probabilities averaged over the 8
     dihedral views. With ``mlflow_run_id`` the metrics and every file of ``out_dir`` are
     logged into that run (``mlflow_uri`` defaults to :func:`tracking_uri`).
     """
-    EvaluateSpec(n_resamples, tta, seed, batch_size)  # the same checks as the stage's config
     data = _eval_splits(Path(prepared_dir))
     scorer = TorchScorer(load_classifier(checkpoint).net, device=device)
-    val, test = (score_split(scorer, *item, batch_size) for item in data.items())
-    metrics, subjects = threshold_report(val, test, n_resamples, seed)
+    val, test = (score_split(scorer, *item, spec.batch_size) for item in data.items())
+    metrics, subjects = threshold_report(val, test, spec)
     predictions = _predictions([val, test], metrics["threshold"], "")
-    if tta:
+    if spec.tta:
         views = TorchScorer(scorer.net, tta=True, device=device)
-        tta_val, tta_test = (score_split(views, *item, batch_size) for item in data.items())
-        metrics["tta"], _ = threshold_report(tta_val, tta_test, n_resamples, seed)
+        tta_val, tta_test = (score_split(views, *item, spec.batch_size) for item in data.items())
+        metrics["tta"], _ = threshold_report(tta_val, tta_test, spec)
         tta_columns = _predictions([tta_val, tta_test], metrics["tta"]["threshold"], "_tta")
         predictions = predictions.join(tta_columns[["prob_all_tta", "pred_tta"]])
     metrics["counts"] = {
@@ -156,7 +185,8 @@ def evaluate_model(
         for s in (val, test)
         for unit, count in (("cells", len(s.data)), ("subjects", len(set(s.data.subjects))))
     }
-    metrics["bootstrap"] = {"n_resamples": n_resamples, "confidence": CONFIDENCE, "seed": seed}
+    metrics["bootstrap"] = bootstrap_report(test, spec)
+    metrics["roles"] = ROLES
     metrics = _json_ready(metrics)
 
     out_dir = Path(out_dir)
@@ -174,11 +204,11 @@ def evaluate_model(
 def _eval_splits(prepared_dir: Path) -> dict[str, CellDataset]:
     """The val and test splits of the cache, each required to hold cells."""
     if not (prepared_dir / MANIFEST_FILE).is_file():
-        raise FileNotFoundError(f"no prepared data in {prepared_dir}: run the prepare stage")
+        raise MissingInputError(f"no prepared data in {prepared_dir}: run the prepare stage")
     data = {split: CellDataset(prepared_dir, split) for split in ("val", "test")}
     for split, cells in data.items():
         if len(cells) == 0:
-            raise ValueError(f"the {split} split of {prepared_dir} is empty")
+            raise InputError(f"the {split} split of {prepared_dir} is empty")
     return data
 
 
@@ -244,7 +274,7 @@ def _json_ready(value: Any) -> Any:
 
 
 def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """``metrics.json`` as MLflow metric keys, nulls left out.
+    """``metrics.json``'s numbers as MLflow metric keys, nulls and descriptions left out.
 
     Test scores become ``test/<metric>``; everything else ``eval/<path>``, which keeps the
     evaluation's validation scores apart from training's per-epoch ``val/`` history.
@@ -255,7 +285,7 @@ def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         for key, value in node.items():
             if isinstance(value, dict):
                 walk(value, f"{prefix}{key}/")
-            elif value is not None:
+            elif isinstance(value, int | float):
                 flat[prefix + key] = float(value)
 
     walk(metrics, "")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from leukemia_mlops.data.prepare import IMAGES_FILE
+from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 from leukemia_mlops.evaluation.predict import OnnxScorer, TorchScorer, load_classifier
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def parity_images(prepared_dir: str | Path | None, image_size: int, count: int) 
         return rng.integers(0, 256, (count, image_size, image_size, 3), dtype=np.uint8)
     cache = np.load(Path(prepared_dir) / IMAGES_FILE, mmap_mode="r")
     if cache.shape[1] != image_size:
-        raise ValueError(f"the prepare cache holds {cache.shape[1]} px images, not {image_size}")
+        raise InputError(f"the prepare cache holds {cache.shape[1]} px images, not {image_size}")
     rows = np.unique(np.linspace(0, len(cache) - 1, count).astype(np.int64))
     return np.asarray(cache[rows])
 
@@ -61,9 +62,9 @@ def export_onnx(
     import onnx
 
     if image_size < 1:
-        raise ValueError(f"image size must be positive, got {image_size}")
+        raise ConfigError(f"image size must be positive, got {image_size}")
     if prepared_dir is not None and not Path(prepared_dir).is_dir():
-        raise FileNotFoundError(f"no prepare cache at {prepared_dir} for the parity check")
+        raise MissingInputError(f"no prepare cache at {prepared_dir} for the parity check")
     scorer = TorchScorer(load_classifier(checkpoint).net, device="cpu")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,12 +115,12 @@ def register_best(
         metrics = client.get_run(run_id).data.metrics
         evaluation = {k: v for k, v in metrics.items() if k.startswith(("test/", "eval/"))}
         if not evaluation:
-            raise ValueError(f"run {run_id} has no evaluation metrics: run the evaluate stage")
+            raise InputError(f"run {run_id} has no evaluation metrics: run the evaluate stage")
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         tags = {key: str(value) for key, value in sorted(evaluation.items())}
         version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
         client.set_registered_model_alias(name, alias, version.version)
     except MlflowException as err:
-        raise ValueError(f"cannot register runs:/{run_id}/model as {name}: {err.message}") from None
+        raise InputError(f"cannot register runs:/{run_id}/model as {name}: {err.message}") from None
     return version

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from torch import nn
 
+from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.evaluation.plots import image_grid
 from leukemia_mlops.evaluation.predict import TorchScorer
 
@@ -26,7 +27,7 @@ def last_conv_block(backbone: nn.Module) -> nn.Module:
     """
     blocks = [m for m in backbone.children() if any(isinstance(x, nn.Conv2d) for x in m.modules())]
     if not blocks:
-        raise ValueError(f"{type(backbone).__name__} has no convolutional block for Grad-CAM")
+        raise ConfigError(f"{type(backbone).__name__} has no convolutional block for Grad-CAM")
     return blocks[-1]
 
 

@@ -27,6 +27,8 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from leukemia_mlops.errors import InputError
+
 ArrayLike = np.ndarray | torch.Tensor
 ECE_BINS = 15
 CONFUSION_METRICS = (
@@ -233,7 +235,7 @@ def choose_threshold(probs: ArrayLike, labels: ArrayLike, metric: str = "f1_weig
     candidates = np.union1d(p, 0.5)
     scores = metrics_from_counts(*_counts_at_thresholds(p, y, candidates))[metric]
     if np.isnan(scores).all():
-        raise ValueError(f"{metric} is undefined on these data (is a class missing?)")
+        raise InputError(f"{metric} is undefined on these data (is a class missing?)")
     best = candidates[scores >= np.nanmax(scores) - 1e-12]
     return float(best[np.argmin(np.abs(best - 0.5))])
 
@@ -254,7 +256,7 @@ def subject_metrics(
     cells = pd.DataFrame({"subject": subject_ids, "label": y, "blast": p > threshold})
     by_subject = cells.groupby("subject", sort=True)
     if (by_subject["label"].nunique() > 1).any():
-        raise ValueError("every cell of a subject must carry that subject's label")
+        raise InputError("every cell of a subject must carry that subject's label")
     table = by_subject.agg(
         label=("label", "first"), n_cells=("label", "size"), blast_share=("blast", "mean")
     ).reset_index()

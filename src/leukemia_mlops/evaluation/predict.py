@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from leukemia_mlops.data.prepare import PrepareSpec, decode_file
+from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 from leukemia_mlops.models.classifier import CellClassifier
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
@@ -117,12 +118,12 @@ def load_classifier(checkpoint: str | Path) -> CellClassifier:
     """A trained classifier from a Lightning checkpoint, read safely (``weights_only``)."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
+        raise MissingInputError(f"no such checkpoint: {path}")
     try:
         return CellClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and key errors alike mean "not our checkpoint"
         first_line = next(iter(str(err).splitlines()), "")
-        raise ValueError(
+        raise InputError(
             f"{path} is not a CellClassifier checkpoint ({type(err).__name__}: {first_line})"
         ) from None
 
@@ -139,14 +140,14 @@ def load_scorer(source: str | Path, tracking_uri: str | None = None) -> Scorer:
         return _mlflow_scorer(text, tracking_uri)
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"no such model file: {path}")
+        raise MissingInputError(f"no such model file: {path}")
     if path.suffix == ".onnx":
         return OnnxScorer(path)
     if path.suffix == ".ckpt":
         module = load_classifier(path)
         declared = {k: module.hparams[k] for k in PREPROCESSING_KEYS if k in module.hparams}
         return TorchScorer(module.net, preprocessing=declared)
-    raise ValueError(f"model must be a .ckpt or .onnx file or a runs:/ or models:/ URI: {text}")
+    raise InputError(f"model must be a .ckpt or .onnx file or a runs:/ or models:/ URI: {text}")
 
 
 def _mlflow_scorer(uri: str, tracking_uri: str | None) -> TorchScorer:
@@ -185,9 +186,9 @@ def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         elif item.is_file():
             files.append(item)
         else:
-            raise FileNotFoundError(f"no such file or folder: {item}")
+            raise MissingInputError(f"no such file or folder: {item}")
     if not files:
-        raise ValueError(f"no files found in {', '.join(map(str, inputs))}")
+        raise InputError(f"no files found in {', '.join(map(str, inputs))}")
     return files
 
 
@@ -229,7 +230,7 @@ def _check_preprocessing(scorer: Scorer, spec: PrepareSpec) -> None:
         if getattr(spec, key) != value
     ]
     if conflicts:
-        raise ValueError(f"preprocessing differs from the model's: {', '.join(conflicts)}")
+        raise ConfigError(f"preprocessing differs from the model's: {', '.join(conflicts)}")
 
 
 def predict_paths(
@@ -256,11 +257,11 @@ def predict_paths(
     file could not be scored, else empty).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise ConfigError(f"workers must be >= 0, got {workers}")
     if not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
     spec = PrepareSpec(image_size=image_size, window=window, fit=fit, workers=1)
     is_source = isinstance(model_source, str | Path)
     scorer = load_scorer(model_source, tracking_uri) if is_source else model_source

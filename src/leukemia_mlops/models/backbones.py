@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torchvision import models
 
+from leukemia_mlops.errors import ConfigError, InputError
+
 #: Backbone name -> the attribute path of torchvision's final classification layer.
 HEADS = {
     "resnet18": "fc",
@@ -25,7 +27,7 @@ HEADS = {
 _PREFIXES = ("net.backbone.", "backbone.", "module.", "model.")
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """Weights that cannot be found or do not fit the backbone."""
 
 
@@ -54,7 +56,7 @@ class CellClassifierNet(nn.Module):
 def build_classifier(name: str, weights: str = "none", dropout: float = 0.2) -> CellClassifierNet:
     """A torchvision backbone with its classifier layer replaced by a binary head."""
     if name not in HEADS:
-        raise ValueError(f"model.backbone must be one of {sorted(HEADS)}, got {name!r}")
+        raise ConfigError(f"model.backbone must be one of {sorted(HEADS)}, got {name!r}")
     backbone = models.get_model(name, weights=None)
     if weights == "imagenet":
         backbone.load_state_dict(_imagenet_state_dict(name))

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
+from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.training.metrics import ClassificationMetrics
 
 SCHEDULERS = ("cosine", "onecycle", "none")
@@ -22,12 +23,12 @@ def checked_optimizer(
 ) -> dict[str, Any]:
     """Validate the fine-tuning settings; returns the optimizer mapping to instantiate."""
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"model.scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        raise ConfigError(f"model.scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     if not 0 < backbone_lr_ratio <= 1:
-        raise ValueError(f"model.backbone_lr_ratio must be in (0, 1], got {backbone_lr_ratio}")
+        raise ConfigError(f"model.backbone_lr_ratio must be in (0, 1], got {backbone_lr_ratio}")
     optimizer = dict(optimizer or DEFAULT_OPTIMIZER)
     if float(optimizer.get("lr", 0)) <= 0:
-        raise ValueError(f"model.optimizer.lr must be > 0, got {optimizer.get('lr')}")
+        raise ConfigError(f"model.optimizer.lr must be > 0, got {optimizer.get('lr')}")
     return optimizer
 
 

@@ -19,6 +19,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from leukemia_mlops.data.detection import Target
 from leukemia_mlops.data.naming import ALL, HEM
+from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.backbones import WeightsError, load_backbone_weights
 from leukemia_mlops.models.base import FineTunedModule, checked_optimizer
 from leukemia_mlops.models.yolo import (
@@ -107,10 +108,11 @@ class YoloDetector(FineTunedModule):
         warmup_epochs: int = 0,
         conf_threshold: float = 0.01,
         iou_threshold: float = 0.5,
+        channels_last: bool = True,
     ):
         super().__init__()
         if num_classes != 2:
-            raise ValueError(f"model.num_classes must be 2 (HEM=0, ALL=1), got {num_classes}")
+            raise ConfigError(f"model.num_classes must be 2 (HEM=0, ALL=1), got {num_classes}")
         optimizer = checked_optimizer(optimizer, backbone_lr_ratio, scheduler)
         self.save_hyperparameters()
         self.hparams.optimizer = optimizer
@@ -126,6 +128,8 @@ class YoloDetector(FineTunedModule):
         }
         self.net, self.criterion = build(YoloConfig.from_mapping(config))
         load_weights(self.net, weights)
+        if channels_last:  # every layer, the head's reshape included, takes NHWC tensors
+            self.net = self.net.to(memory_format=torch.channels_last)
         self.init_metrics(("loss", "box_loss", "obj_loss", "cls_loss"))
         self.val_map = MeanAveragePrecision(iou_type="bbox")
         self.test_map = MeanAveragePrecision(iou_type="bbox")
@@ -135,7 +139,8 @@ class YoloDetector(FineTunedModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, targets = batch
-        return images.float().div_(255), targets
+        memory_format = torch.channels_last if self.hparams.channels_last else torch.preserve_format
+        return images.to(torch.float32, memory_format=memory_format).div_(255), targets
 
     def training_step(self, batch: tuple[Tensor, list[Target]], batch_idx: int) -> Tensor:
         images, targets = batch
@@ -178,8 +183,9 @@ class YoloDetector(FineTunedModule):
     ) -> None:
         """Score the single-cell images of a batch (scenes have ``image_label`` -1)."""
         labels = torch.stack([t["image_label"] for t in targets])
-        cells = labels >= 0
-        if cells.any():
+        count = int((labels >= 0).sum())  # the one host-device sync: a mask would cost two
+        if count:
+            cells = torch.nonzero_static(labels >= 0, size=count).squeeze(1)
             probs = cell_probability(
                 outputs, self.net.anchors, self.net.strides, self.hparams.conf_threshold
             )

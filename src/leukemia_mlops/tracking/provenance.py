@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import xxhash
 import yaml
 
-from leukemia_mlops.tracking.store import redact
+from leukemia_mlops.redaction import redact
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
@@ -41,12 +42,17 @@ def dvc_data_hash(dvc_file: str | Path = "data.dvc") -> str:
     return str(outs[0].get("md5", "unknown"))
 
 
-def file_md5(path: str | Path) -> str:
-    """md5 of a file, read in blocks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+def paths_digest(paths: Sequence[str | Path]) -> str:
+    """A hash of the files named (folders: every file under them, ``__pycache__`` left out)."""
+    digest = xxhash.xxh3_128()
+    for root in map(Path, paths):
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for path in files:
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(f"{path.as_posix()}\0".encode())
+                with open(path, "rb") as handle:
+                    for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                        digest.update(block)
     return digest.hexdigest()
 
 

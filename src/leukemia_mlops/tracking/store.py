@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "leukemia-cnmc"
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@]+):[^@/]*@")
 
 
 def tracking_uri(configured: str | None, mlruns_dir: str | Path = "mlruns") -> str:
@@ -29,11 +27,6 @@ def artifact_location(uri: str, mlruns_dir: str | Path = "mlruns") -> str | None
     if uri.startswith("sqlite:"):
         return (Path(mlruns_dir).resolve() / "artifacts").as_uri()
     return None
-
-
-def redact(text: str) -> str:
-    """Hide passwords in URIs (``postgresql://user:secret@host`` -> ``user:***@host``)."""
-    return _CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)
 
 
 def ensure_experiment(uri: str, name: str, mlruns_dir: str | Path = "mlruns") -> str:

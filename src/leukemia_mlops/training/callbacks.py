@@ -7,35 +7,46 @@ import random
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BaseFinetuning
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
+from leukemia_mlops.errors import ConfigError
 
-class BackboneWarmup(BaseFinetuning):
+
+class BackboneWarmup(pl.Callback):
     """Train only the new head for ``warmup_epochs``, then the whole network.
 
-    Both parameter groups (backbone and head, with their own learning rates) are in the
-    optimizer from the start, so the learning-rate schedule covers both; frozen parameters
-    simply get no gradient until the backbone is unfrozen.
+    The backbone is held still by dropping its gradients before every optimizer step, not by
+    ``requires_grad=False``: DDP leaves out for good the parameters that need no gradient when
+    it wraps the model, so a backbone frozen that way would never have its gradients averaged
+    after the thaw and the replicas would drift apart. Every parameter therefore stays in DDP's
+    reducer; during the warm-up the optimizer just never sees the backbone's gradients, so the
+    backbone gets no update, no weight decay and no optimizer state, whatever the learning-rate
+    schedule says. Its batch-norm layers keep their running statistics during the warm-up (and
+    normalise with batch statistics), as Lightning's ``BaseFinetuning.freeze`` does.
+    Both follow from the epoch alone, so a resumed run is frozen or thawed as it should be.
     """
 
-    def __init__(self, warmup_epochs: int = 1, train_bn: bool = False):
-        super().__init__()
+    def __init__(self, warmup_epochs: int):
         if warmup_epochs < 0:
-            raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
+            raise ConfigError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
         self.warmup_epochs = warmup_epochs
-        self.train_bn = train_bn
 
-    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
-        if self.warmup_epochs > 0:
-            self.freeze(pl_module.backbone, train_bn=self.train_bn)
+    def _warming_up(self, trainer: pl.Trainer) -> bool:
+        return trainer.current_epoch < self.warmup_epochs
 
-    def finetune_function(
-        self, pl_module: pl.LightningModule, current_epoch: int, optimizer: Optimizer
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        keep_statistics = self._warming_up(trainer)
+        for module in pl_module.backbone.modules():
+            if isinstance(module, _BatchNorm):
+                module.track_running_stats = not keep_statistics
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        # ">=": a run resumed after the warm-up starts frozen again and must thaw at once.
-        if 0 < self.warmup_epochs <= current_epoch:
-            self.make_trainable(pl_module.backbone)
+        if self._warming_up(trainer):
+            for param in pl_module.backbone.parameters():
+                param.grad = None
 
 
 class EpochSeed(pl.Callback):

@@ -28,11 +28,14 @@ from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from leukemia_mlops.data.detection import DetectionDataModule
+from leukemia_mlops.data.identity import read_identity
+from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.models.detector import YoloDetector
+from leukemia_mlops.redaction import redact
 from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
 from leukemia_mlops.tracking.provenance import config_hash, dvc_data_hash, flatten, git_commit
-from leukemia_mlops.tracking.store import ensure_experiment, redact, tracking_uri
+from leukemia_mlops.tracking.store import ensure_experiment, tracking_uri
 from leukemia_mlops.tracking.sweep_runs import trial_tags
 from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory, EpochSeed
 from leukemia_mlops.training.metrics import MONITOR
@@ -61,6 +64,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     run_dir = Path(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     pl.seed_everything(cfg.seed, workers=True)
+    identity = read_identity(cfg.datamodule.prepared_dir)
+    identity.check(cfg.get("data"), cfg.datamodule.prepared_dir)
     datamodule, module, backbone = build_data_and_module(cfg, config)
 
     state = _resume_state(run_dir, config_hash(config))
@@ -76,6 +81,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
             "family": cfg.model.family,
             "git_commit": git_commit(),
             "data_md5": dvc_data_hash(),
+            "data_source": str(identity.source),
+            "data_hash": identity.data_hash,
+            "image_size": str(identity.image_size),
             **trial_tags(trial_link),
         },
     )
@@ -144,7 +152,7 @@ def build_data_and_module(
     if cfg.model.family == "yolo":
         datamodule = DetectionDataModule.from_config(config)
         return datamodule, YoloDetector(**module_args), cfg.model.variant
-    raise ValueError(f"model.family must be 'cnn' or 'yolo', got {cfg.model.family!r}")
+    raise ConfigError(f"model.family must be 'cnn' or 'yolo', got {cfg.model.family!r}")
 
 
 #: Trainer arguments that must be whole numbers (or null), checked before Lightning sees them.
@@ -162,11 +170,11 @@ def _check_trainer_keys(trainer: dict[str, Any]) -> None:
     known = set(inspect.signature(pl.Trainer.__init__).parameters)
     unknown = sorted(set(trainer) - known - {"_target_"})
     if unknown:
-        raise ValueError(f"unknown key trainer.{unknown[0]} (not a Lightning Trainer argument)")
+        raise ConfigError(f"unknown key trainer.{unknown[0]} (not a Lightning Trainer argument)")
     for key in _INTEGER_TRAINER_KEYS:
         value = trainer.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"trainer.{key} must be a whole number, got {value!r}")
+            raise ConfigError(f"trainer.{key} must be a whole number, got {value!r}")
 
 
 def _resume_state(run_dir: Path, digest: str) -> dict[str, Any]:
@@ -237,7 +245,8 @@ def _log_best_model(
             best_module = CellClassifier.load_from_checkpoint(
                 path, map_location="cpu", weights_only=True
             )
-            log_classifier(uri, logger.run_id, best_module.net, cfg.data.prepare.image_size)
+            image_size = read_identity(cfg.datamodule.prepared_dir).image_size
+            log_classifier(uri, logger.run_id, best_module.net, image_size)
         return
     # The initial weights are in the checkpoint already; their file may be gone by now.
     detector = YoloDetector.load_from_checkpoint(

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.yolo.backbone import Darknet53, DarknetTiny
 from leukemia_mlops.models.yolo.common import scale_channels
 from leukemia_mlops.models.yolo.head import YoloHead
@@ -70,13 +71,13 @@ class YoloConfig:
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+            raise ConfigError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
         if not _is_int(self.num_classes) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
+            raise ConfigError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
         if not _is_int(self.img_size) or self.img_size <= 0 or self.img_size % 32:
-            raise ValueError(f"img_size must be a positive multiple of 32, got {self.img_size!r}")
+            raise ConfigError(f"img_size must be a positive multiple of 32, got {self.img_size!r}")
         if not self.width_mult > 0:
-            raise ValueError(f"width_mult must be > 0, got {self.width_mult!r}")
+            raise ConfigError(f"width_mult must be > 0, got {self.width_mult!r}")
         variant = VARIANTS[self.variant]
         anchors = variant.anchors if self.anchors is None else self.anchors
         object.__setattr__(self, "anchors", _check_anchors(anchors, len(variant.neck_widths)))
@@ -87,7 +88,7 @@ class YoloConfig:
         known = {field.name for field in dataclasses.fields(cls)}
         for key in cfg:
             if key not in known:
-                raise ValueError(
+                raise ConfigError(
                     f"unknown YOLO config key {key!r}; expected one of {sorted(known)}"
                 )
         return cls(**{key: cfg[key] for key in cfg})
@@ -101,15 +102,15 @@ def _check_anchors(anchors: Sequence[Sequence[Sequence[float]]], num_scales: int
     try:
         pairs = tuple(tuple((float(w), float(h)) for w, h in scale) for scale in anchors)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise ConfigError(
             f"anchors must be lists of (w, h) pairs per scale, got {anchors!r}"
         ) from None
     if len(pairs) != num_scales:
-        raise ValueError(f"anchors needs {num_scales} scales for this variant, got {len(pairs)}")
+        raise ConfigError(f"anchors needs {num_scales} scales for this variant, got {len(pairs)}")
     if not pairs[0] or any(len(scale) != len(pairs[0]) for scale in pairs):
-        raise ValueError(f"anchors needs the same, non-zero number per scale, got {anchors!r}")
+        raise ConfigError(f"anchors needs the same, non-zero number per scale, got {anchors!r}")
     if any(v <= 0 for scale in pairs for pair in scale for v in pair):
-        raise ValueError(f"anchors must be positive, got {anchors!r}")
+        raise ConfigError(f"anchors must be positive, got {anchors!r}")
     return pairs
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from leukemia_mlops.errors import InputError, MissingInputError
 from leukemia_mlops.models.yolo.common import ConvLayer, conv_layers
 
 SAVE_VERSION = (0, 2, 0)  # what Darknet itself writes today: int64 "seen"
@@ -63,7 +64,7 @@ def _parse(path: Path) -> tuple[DarknetHeader, np.ndarray]:
     major, minor, revision = (int(v) for v in np.frombuffer(data[:12].ljust(12, b"\0"), "<i4"))
     start = 12 + (8 if major * 10 + minor >= 2 else 4)
     if len(data) < start or (len(data) - start) % 4:
-        raise ValueError(f"{path} is not a Darknet weights file ({len(data)} bytes)")
+        raise InputError(f"{path} is not a Darknet weights file ({len(data)} bytes)")
     seen = int.from_bytes(data[12:start], "little")
     return DarknetHeader(major, minor, revision, seen), np.frombuffer(data, "<f4", offset=start)
 
@@ -79,13 +80,13 @@ def load_darknet_weights(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Darknet weights file not found: {path}")
+        raise MissingInputError(f"Darknet weights file not found: {path}")
     tensors = _layer_tensors(darknet_layers(module, cutoff))
     header, values = _parse(path)
     expected = sum(t.numel() for t in tensors)
     if len(values) < expected or (cutoff is None and len(values) != expected):
         convs = "all convs" if cutoff is None else f"the first {cutoff} convs"
-        raise ValueError(
+        raise InputError(
             f"{path} holds {len(values)} float32 values after its header; "
             f"{convs} of the model need {expected}"
         )

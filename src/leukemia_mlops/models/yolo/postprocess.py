@@ -23,17 +23,20 @@ MAX_LOG_SCALE = math.log(1000.0 / 16)
 def decode_boxes(raw: Tensor, anchors: Tensor, stride: int) -> Tensor:
     """Boxes ``[B, A, H, W, 4]`` (xyxy, input pixels) of one raw map ``[B, A, H, W, 5 + C]``."""
     _, _, h, w, _ = raw.shape
+    # Cell indices counted on the input itself: torch.arange would need device=, which
+    # tracing and torch.export record as a constant, pinning the exported graph to one device.
     ys = torch.arange(h, device=raw.device, dtype=raw.dtype)
-    xs = torch.arange(w, device=raw.device, dtype=raw.dtype)
+    xs = raw.new_ones(w).cumsum(0) - 1
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)  # [H, W, 2] as (x, y)
     centre = (raw[..., :2].sigmoid() + grid) * stride
-    size = anchors.to(raw).view(1, -1, 1, 1, 2) * raw[..., 2:4].clamp(max=MAX_LOG_SCALE).exp()
+    if anchors.dtype != raw.dtype:  # a no-op .to() would still leave a device check in export
+        anchors = anchors.to(raw.dtype)
+    size = anchors.view(1, -1, 1, 1, 2) * raw[..., 2:4].clamp(max=MAX_LOG_SCALE).exp()
     return torch.cat([centre - size / 2, centre + size / 2], -1)
 
 
 def decode(outputs: Sequence[Tensor], anchors: Tensor, strides: Sequence[int]) -> Tensor:
     """All predictions as ``[B, N, 5 + C]``: xyxy pixels, objectness prob, class probs."""
-    anchors = torch.as_tensor(anchors)
     decoded = []
     for raw, scale_anchors, stride in zip(outputs, anchors, strides, strict=True):
         boxes = decode_boxes(raw, scale_anchors, stride)

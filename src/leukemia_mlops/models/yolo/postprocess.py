@@ -25,7 +25,7 @@ def decode_boxes(raw: Tensor, anchors: Tensor, stride: int) -> Tensor:
     _, _, h, w, _ = raw.shape
     # Cell indices counted on the input itself: torch.arange would need device=, which
     # tracing and torch.export record as a constant, pinning the exported graph to one device.
-    ys = torch.arange(h, device=raw.device, dtype=raw.dtype)
+    ys = raw.new_ones(h).cumsum(0) - 1
     xs = raw.new_ones(w).cumsum(0) - 1
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)  # [H, W, 2] as (x, y)
     centre = (raw[..., :2].sigmoid() + grid) * stride

@@ -8,7 +8,7 @@ from bench.report import Section, fmt
 from bench.timing import stopwatch
 from bench.workspace import Workspace
 from leukemia_mlops.data.prepare import MANIFEST_FILE
-from leukemia_mlops.training.metrics import MONITOR
+from leukemia_mlops.models.metrics import MONITOR
 from leukemia_mlops.training.precision import cpu_has_bf16
 from leukemia_mlops.training.run import run_training
 

@@ -84,7 +84,6 @@ def trainer(devices: int, epochs: int, callbacks: list[pl.Callback]) -> pl.Train
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
     )
 
 

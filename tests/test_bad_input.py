@@ -32,6 +32,7 @@ from leukemia_mlops.cli import export as export_cli
 from leukemia_mlops.cli import predict as predict_cli
 from leukemia_mlops.cli import prepare as prepare_cli
 from leukemia_mlops.cli import train as train_cli
+from leukemia_mlops.cli.args import BUG_HINT
 from leukemia_mlops.config import compose, write_params
 
 TRAINING = "C-NMC_Leukemia/training_data"
@@ -82,9 +83,13 @@ def bad_files(cell: bytes) -> dict[str, tuple[bytes, str | None]]:
         ),
         f"{all_dir}/UID_H5_1_1_all.bmp": (
             cell,
-            "file name not of the form UID_<subject>_<image>_<cell>_<all|hem>",
+            "subject H5 is marked healthy (H) but the cell is all",
         ),
-        f"{all_dir}/UID_91_1_1_hem.bmp": (cell, "label in file name contradicts its folder all/"),
+        f"{hem_dir}/UID_93_1_1_hem.bmp": (
+            cell,
+            "subject 93 is not marked healthy (H) but the cell is hem",
+        ),
+        f"{all_dir}/UID_H91_1_1_hem.bmp": (cell, "label in file name contradicts its folder all/"),
         f"{hem_dir}/UID_92_1_1_all.bmp": (cell, "label in file name contradicts its folder hem/"),
         f"{all_dir}/nested/UID_90_9_1_all.bmp": (cell, None),  # its folder is reported
         # Other modes and sizes are converted, not refused: gray, RGBA, 16-bit, odd sizes.
@@ -174,6 +179,7 @@ def inputs(tiny_raw, tiny_prepared, tiny_checkpoint, tmp_path_factory) -> dict[s
         {**training, f"{PRELIM}/1.bmp": cell, LABELS_CSV: b"name,label\nUID_1_2_1_all.bmp,1\n"},
     )
     small_tree("all_undecodable", {"all/a.bmp": b"junk", "hem/b.bmp": b""})
+    small_tree("user_folder", {"thesis.docx": b"years of work"})
     (base / "empty_raw").mkdir()
     paths["empty_raw"] = base / "empty_raw"
     paths["no_files"] = base / "no_files"
@@ -334,6 +340,14 @@ CASES = [
         "must lie outside the raw data",
         ("bad_raw",),
         absent=("{bad_raw}/prepared", "{bad_raw}/prepared.tmp"),
+    ),
+    Case(
+        "output-is-a-user-folder",
+        "prepare",
+        (*P, "paths.prepared_dir={user_folder}"),
+        "user_folder exists and was not written by leukemia-mlops",
+        ("bad_raw", "user_folder"),
+        absent=("{user_folder}.tmp",),
     ),
     Case(
         "unknown-key",
@@ -790,3 +804,22 @@ def test_real_command_lines_fail_cleanly(inputs):
     assert prepare_err.strip().splitlines()[-1].startswith(f"error: {raw} holds no C-NMC layout")
     assert tree_digest(raw) == before
     assert not (inputs["out"] / "outputs").exists()  # Hydra made no run directory
+
+
+def test_a_bug_keeps_its_traceback_and_is_not_called_bad_input(
+    inputs, tmp_path, monkeypatch, capsys
+):
+    """A TypeError inside a stage (here in the datamodule the config names) is a bug: its
+    traceback, a line asking to report it and status 1, never a one-line ``error:``."""
+    (tmp_path / "buggy_stage.py").write_text(
+        "def datamodule(**kwargs):\n    return len(kwargs['batch_size'])  # the bug\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["--params", str(inputs["train_params"]), "datamodule._target_=buggy_stage.datamodule"]
+    code, err = run_entry("train", argv, capsys)
+    assert code == 1, err[-3000:]
+    assert "Traceback (most recent call last)" in err
+    assert "return len(kwargs['batch_size'])  # the bug" in err  # the line of the bug
+    assert "TypeError: object of type 'int' has no len()" in err
+    assert err.strip().splitlines()[-1] == BUG_HINT
+    assert not [line for line in err.splitlines() if line.startswith("error: ")]

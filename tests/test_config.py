@@ -1,13 +1,28 @@
 """One source of truth: params.yaml is conf/ composed and resolved."""
 
+import shutil
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
-from leukemia_mlops.config import build_spec, compose, to_params_yaml, write_params
+from hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper import LeukemiaOptunaSweeperConf
+from leukemia_mlops.config import (
+    CONF_DIR,
+    build_spec,
+    compose,
+    load_params,
+    to_params_yaml,
+    write_params,
+)
 from leukemia_mlops.data.prepare import PrepareSpec
+from leukemia_mlops.data.splits import SplitSpec
+from leukemia_mlops.data.synthetic import SyntheticSpec
+from leukemia_mlops.errors import ConfigError
+from leukemia_mlops.evaluation.evaluate import EvaluateSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,3 +66,57 @@ def test_bad_values_are_one_line_errors(values, match):
     with pytest.raises(ValueError, match=match) as error:
         build_spec(PrepareSpec, OmegaConf.create(values), "data.prepare")
     assert "\n" not in str(error.value)
+
+
+def _conf_node(key: str) -> dict:
+    """A config section as conf/ defines it (the sweeper's: in the CNN search space)."""
+    if key == "hydra.sweeper":
+        return OmegaConf.to_container(
+            OmegaConf.load(CONF_DIR / "hparams_search/_optuna.yaml").hydra.sweeper
+        )
+    return OmegaConf.to_container(OmegaConf.select(compose(), key), resolve=True)
+
+
+@pytest.mark.parametrize(
+    ("spec", "key"),
+    [
+        (PrepareSpec, "data.prepare"),
+        (SplitSpec, "data.split"),
+        (SyntheticSpec, "data.synthetic"),
+        (EvaluateSpec, "evaluate"),
+        (LeukemiaOptunaSweeperConf, "hydra.sweeper"),
+    ],
+)
+def test_code_defaults_are_the_defaults_of_conf(spec, key):
+    """conf/ is the one place a default lives: a default restated in code must agree with it."""
+    node = _conf_node(key)
+    restated = {
+        f.name: f.default
+        for f in fields(spec)
+        if f.default not in (MISSING, "???") and f.name in node  # "???": conf/ must set it
+    }
+    assert {name: node[name] for name in restated} == restated
+
+
+def test_local_choices_are_composed_last(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf, ignore=shutil.ignore_patterns("local"))
+    assert compose(config_dir=conf).data.source == "synthetic"
+    (conf / "local").mkdir()
+    (conf / "local/default.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /data: cnmc\nseed: 7\n"
+    )
+    cfg = compose(["seed=8"], config_dir=conf)
+    assert (cfg.data.source, cfg.seed) == ("cnmc", 8)  # the command line still wins
+
+
+def test_a_stage_sees_only_the_params_it_declares(tmp_path, monkeypatch):
+    params = tmp_path / "params.yaml"
+    write_params(compose(), params)
+    monkeypatch.chdir(REPO)
+    cfg = load_params(params, stage="prepare")
+    assert cfg.data.prepare.image_size == compose().data.prepare.image_size
+    with pytest.raises(ConfigAttributeError, match="model"):
+        _ = cfg.model  # not declared by prepare in dvc.yaml
+    with pytest.raises(ConfigError, match="no stage 'nope'"):
+        load_params(params, stage="nope")

@@ -7,8 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from ddp_run import trainer
+
+from leukemia_mlops.data.datamodule import CellDataModule
+from leukemia_mlops.data.prepare import MANIFEST_FILE
+from leukemia_mlops.models.classifier import CellClassifier
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +65,18 @@ def test_two_processes_reach_the_weights_of_one_with_twice_the_batch(tiny_prepar
     assert ddp.keys() == single.keys()
     for name, value in single.items():
         torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_ddp_validation_scores_every_cell_once(tiny_prepared, tiny_checkpoint, tmp_path):
+    # An odd validation split: a padded sampler would score one cell twice.
+    manifest = pd.read_parquet(tiny_prepared / MANIFEST_FILE)
+    assert (manifest["split"] == "val").sum() % 2 == 1
+    args = [f"--prepared={tiny_prepared}", f"--checkpoint={tiny_checkpoint}", "--batch-size=4"]
+    ddp_run("validate", tmp_path, *args, "--devices=2")
+    ddp = json.loads((tmp_path / "metrics.json").read_text())
+
+    module = CellClassifier.load_from_checkpoint(tiny_checkpoint, weights_only=True)
+    datamodule = CellDataModule(str(tiny_prepared), 4, num_workers=0)
+    [single] = trainer(1, 1, []).validate(module, datamodule=datamodule, verbose=False)
+    assert ddp.keys() == single.keys() and "val/auroc" in ddp
+    assert ddp == pytest.approx(single, rel=1e-6)

@@ -17,13 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 
 
-def run(*args: str, cwd: Path) -> str:
+def run(*args: str, cwd: Path, timeout: int = 300) -> str:
     env = {
         **os.environ,
         "DVC_NO_ANALYTICS": "1",
         "PATH": f"{Path(sys.executable).parent}:" + os.environ["PATH"],
     }
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{args}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
     return result.stdout + result.stderr
 

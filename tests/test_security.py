@@ -12,10 +12,15 @@
 from __future__ import annotations
 
 import ast
+import io
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -33,7 +38,9 @@ from leukemia_mlops.cli import train as train_cli
 from leukemia_mlops.config import write_params
 from leukemia_mlops.data.prepare import PrepareSpec, prepare_dataset
 from leukemia_mlops.data.splits import SplitSpec
+from leukemia_mlops.errors import InputError
 from leukemia_mlops.models.backbones import WeightsError, build_classifier
+from leukemia_mlops.redaction import install_redaction, redact
 from leukemia_mlops.tracking.provenance import config_hash
 from leukemia_mlops.training.run import run_training
 
@@ -328,3 +335,122 @@ def test_make_ui_serves_on_localhost_only():
     assert "mlflow ui" in command or "mlflow server" in command
     assert re.search(r"--host[ =]127\.0\.0\.1\b", command), command
     assert "0.0.0.0" not in makefile
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        (
+            "postgresql+psycopg2://bob:pw@db:5432/optuna",
+            "postgresql+psycopg2://bob:***@db:5432/optuna",
+        ),
+        ("http://alice:a/b:c@host/path", "http://alice:***@host/path"),  # '/' and ':' in it
+        ("redis://:onlypw@cache", "redis://:***@cache"),  # no user name
+        ("x=http://u:p1@a and y=https://v:p2@b", "x=http://u:***@a and y=https://v:***@b"),
+        ("http://user@host:5000/x", "http://user@host:5000/x"),  # no password: unchanged
+        ("http://127.0.0.1:5000/api", "http://127.0.0.1:5000/api"),
+    ],
+)
+def test_redact_masks_the_password_of_every_url(text, redacted):
+    assert redact(text) == redacted
+
+
+def test_log_records_and_prints_are_redacted_with_their_tracebacks(monkeypatch, capsys):
+    for name in ("stdout", "stderr"):  # put back after the test
+        monkeypatch.setattr(sys, name, getattr(sys, name))
+    secret = "pw-" + os.urandom(4).hex()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("test_security.redaction")
+    logger.addHandler(handler)
+    factory = logging.getLogRecordFactory()
+    try:
+        install_redaction()
+        logger.warning("connecting to %s", f"postgresql://bob:{secret}@db/optuna")
+        try:
+            raise ConnectionError(f"cannot reach http://alice:{secret}@mlflow:5000")
+        except ConnectionError:
+            logger.exception("tracking server down")
+        print(f"View run at: http://alice:{secret}@mlflow:5000/#/runs/1")
+    finally:
+        logging.setLogRecordFactory(factory)
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "postgresql://bob:***@db/optuna" in text and "http://alice:***@mlflow:5000" in text
+    assert "Traceback" in text and secret not in text
+    assert capsys.readouterr().out == "View run at: http://alice:***@mlflow:5000/#/runs/1\n"
+
+
+def test_an_error_line_names_the_server_but_not_its_password(
+    tiny_config, tmp_path, capsys, monkeypatch
+):
+    """An unreachable tracking server is one ``error:`` line (status 2) with the URL redacted."""
+    secret = "pw-" + os.urandom(4).hex()
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    params = tmp_path / "params.yaml"
+    write_params(
+        tiny_config(f"logger.mlflow.tracking_uri=http://alice:{secret}@127.0.0.1:{port}"), params
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--params", str(params)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: ")
+    assert f"http://alice:***@127.0.0.1:{port}" in err.strip().splitlines()[-1]
+    assert secret not in err
+
+
+def files_holding(root: Path, secret: str) -> list[str]:
+    """Every file under ``root`` whose bytes contain ``secret`` (databases included)."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_a_hydra_run_writes_no_password_of_its_command_line(
+    tiny_prepared, server_process, tracking_server, tmp_path
+):
+    """``python -m leukemia_mlops.train logger.mlflow.tracking_uri=http://alice:<pw>@...``:
+    the password is in no file Hydra or the run writes (``.hydra/*.yaml``, the job log,
+    checkpoints folder, run.json), in no byte of the MLflow store, and in no output line."""
+    secret = "pw-" + os.urandom(4).hex()
+    uri = tracking_server.url.replace("http://", f"http://alice:{secret}@")
+    command = [
+        sys.executable,
+        "-m",
+        "leukemia_mlops.train",
+        f"logger.mlflow.tracking_uri={uri}",
+        "logger.mlflow.experiment_name=planted-password",
+        f"paths.prepared_dir={tiny_prepared}",
+        f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+        f"data.prepare.image_size={TINY_SIZE}",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "datamodule.batch_size=16",
+        "datamodule.num_workers=0",
+        "logger.mlflow.log_model=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output.decode()[-3000:]
+    assert (tmp_path / "run/.hydra/overrides.yaml").is_file()
+    assert "alice:***@" in (tmp_path / "run/.hydra/overrides.yaml").read_text()
+    assert [line for line in output.decode().splitlines() if secret in line] == []
+    assert files_holding(tmp_path, secret) == []
+    assert files_holding(server_process.artifacts_dir.parent, secret) == []
+
+
+def test_a_training_never_wipes_a_checkpoints_folder_it_did_not_write(tiny_config, tmp_path):
+    """``paths.models_dir`` pointing at a user's folder with a ``checkpoints/`` of its own:
+    refused in one line, every file intact (a run of ours has its ``run.json``)."""
+    run_dir = tmp_path / "models/cnn"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints/notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="checkpoints exists and was not written by leukemia"):
+        run_training(tiny_config("trainer.max_epochs=1"), run_dir)
+    assert (run_dir / "checkpoints/notes.txt").read_text() == "mine"

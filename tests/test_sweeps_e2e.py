@@ -39,7 +39,7 @@ CNN = [
 PRUNING_SPACE = """\
 # @package _global_
 defaults:
-  - override /hydra/sweeper: leukemia_optuna
+  - /hparams_search/_optuna
 hydra:
   sweeper:
     study_name: always_pruned

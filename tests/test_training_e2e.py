@@ -128,3 +128,24 @@ def test_a_killed_run_resumes_into_its_mlflow_run_and_ends_as_if_never_killed(
     assert _histories(reference / "mlruns", reference_id) == histories
     final = json.loads((run_dir / "metrics.json").read_text())
     assert json.loads((reference / "models/cnn/metrics.json").read_text()) == final
+
+
+def test_the_train_stage_under_ddp_leaves_complete_outputs(tiny_config, tmp_path):
+    # Lightning runs the stage command once more for rank 1: only rank 0 may write.
+    cfg = tiny_config("trainer=ddp_cpu", "trainer.max_epochs=1", "datamodule.batch_size=8")
+    write_params(cfg, tmp_path / "params.yaml")
+    result = _train(tmp_path / "params.yaml", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed_backend=gloo" in result.stderr + result.stdout
+    run_dir, reports = tmp_path / "models/cnn", tmp_path / "reports"
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["status"] == "finished"
+    assert (reports / "train_cnn.json").read_text() == (run_dir / "metrics.json").read_text()
+    history = (reports / "train_cnn_history.csv").read_text()
+    assert history == (run_dir / "history.csv").read_text() and len(history.splitlines()) == 2
+    assert not [p.name for p in (*run_dir.iterdir(), *reports.iterdir()) if p.name.startswith(".")]
+    client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "val/f1_weighted")) == 1
+    assert len(client.search_runs([run.info.experiment_id])) == 1

@@ -43,7 +43,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException, HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hydra_plugins.leukemia_optuna_sweeper.search_space import (
@@ -60,30 +60,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("maximize", "minimize")
-RESULTS_FILE = "optuna_results.yaml"
 
 
 @dataclass
 class LeukemiaOptunaSweeperConf:
     """``hydra/sweeper=leukemia_optuna``; ``sampler`` and ``pruner`` are ``_target_`` mappings
-    (pruner null: never prune)."""
+    (pruner null: never prune). The values live in ``conf/hparams_search/_optuna.yaml``."""
 
     _target_: str = "hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper.LeukemiaOptunaSweeper"
     _recursive_: bool = False  # the sweeper builds sampler and pruner; jobs get the pruner spec
-    direction: str = "maximize"
-    n_trials: int = 10
-    n_jobs: int = 1
-    storage: str | None = None  # a SQLAlchemy URL; null: in memory (no resume, no workers)
-    study_name: str | None = None  # null: Optuna makes one up
-    sampler: dict[str, Any] = field(
-        default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": None}
-    )
-    pruner: dict[str, Any] | None = None
-    max_failure_rate: float = 0.25
-    top_up: bool = False  # n_trials counts the study's finished trials, not this run's
-    heartbeat_interval: int = 60  # seconds; 0: no heartbeats (killed workers' trials stay RUNNING)
-    grace_period: int | None = None  # seconds without a heartbeat before a trial is failed
-    max_retry: int = 1  # retries of a trial whose worker died
+    direction: str = MISSING
+    n_trials: int = MISSING
+    n_jobs: int = MISSING
+    storage: str | None = MISSING  # a SQLAlchemy URL; null: in memory (no resume, no workers)
+    study_name: str | None = MISSING  # null: Optuna makes one up
+    sampler: dict[str, Any] = MISSING
+    pruner: dict[str, Any] | None = MISSING
+    max_failure_rate: float = MISSING
+    top_up: bool = MISSING  # n_trials counts the study's finished trials, not this run's
+    heartbeat_interval: int = MISSING  # seconds; 0: no heartbeats
+    grace_period: int | None = MISSING  # seconds without a heartbeat before a trial is failed
+    max_retry: int = MISSING  # retries of a trial whose worker died
     params: dict[str, str] = field(default_factory=dict)
 
 
@@ -159,6 +156,7 @@ class LeukemiaOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         """Check the search space, then run this command's trials and summarize the study."""
+        from leukemia_mlops.redaction import redact
         from leukemia_mlops.training.pruning import storage_url
 
         assert self.hydra_context is not None and self.config is not None
@@ -169,7 +167,8 @@ class LeukemiaOptunaSweeper(Sweeper):
         runs = self._open_runs(study, created)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # The storage URL's password (and any other) stays out of the saved config.
+        (sweep_dir / "multirun.yaml").write_text(redact(OmegaConf.to_yaml(self.config)))
         status = "FAILED"
         try:
             returns = self._run_trials(study, space, runs)
@@ -344,6 +343,8 @@ class LeukemiaOptunaSweeper(Sweeper):
                 best_overrides=overrides,
                 best_params=self._best_params(space, overrides),
             )
+        from leukemia_mlops.tracking.sweep_runs import RESULTS_FILE
+
         path = sweep_dir / RESULTS_FILE
         path.write_text(yaml.safe_dump(results, sort_keys=False))
         return path

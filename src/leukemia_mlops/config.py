@@ -28,12 +28,14 @@ _MISSING = object()
 T = TypeVar("T")
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+def compose(
+    overrides: Sequence[str] = (), config_name: str = "config", config_dir: str | Path = CONF_DIR
+) -> DictConfig:
     """Compose ``conf/`` with Hydra overrides, as ``python -m leukemia_mlops.train`` would."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 

@@ -1,6 +1,8 @@
 """``python -m leukemia_mlops.train [group=option ...] [-m]``: Hydra entry point for training.
 
 Returns the best validation weighted F1, the objective of ``-m hparams_search=...`` sweeps.
+A sweep job whose trainer starts several processes (DDP) trains in a child process (see
+:mod:`leukemia_mlops.training.launch`), so that its ranks never re-run the multirun.
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ from leukemia_mlops.config import CONF_DIR
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    from leukemia_mlops.training.launch import launches_processes, train_in_child
     from leukemia_mlops.training.run import run_training
 
-    return run_training(cfg, HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and launches_processes(cfg.trainer):
+        return train_in_child(cfg, hydra_cfg.runtime.output_dir)
+    return run_training(cfg, hydra_cfg.runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -46,19 +46,19 @@ _PATH_ERRORS = (
 def run_cli(body: Callable[[], None]) -> None:
     """Run a command body: an expected failure (:func:`expected_failure`) prints one
     ``error:`` line and exits with status 2; anything else is a bug: its traceback, a line
-    asking to report it, and status 1. Both pass through :func:`redact`, as do log lines."""
-    from leukemia_mlops.redaction import install_log_redaction, redact
+    asking to report it, and status 1. What it prints and logs is redacted (no URL password)."""
+    from leukemia_mlops.redaction import install_redaction
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    install_log_redaction()
+    install_redaction()
     try:
         body()
     except Exception as err:
         if not expected_failure(err):
-            print(redact("".join(traceback.format_exception(err))), end="", file=sys.stderr)
+            traceback.print_exception(err, file=sys.stderr)
             print(BUG_HINT, file=sys.stderr)
             raise SystemExit(1) from None
-        print(f"error: {redact(one_line(err))}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -34,6 +34,7 @@ from leukemia_mlops.cli.args import run_cli, stage_config
 from leukemia_mlops.config import CONF_DIR, DVC_FILE, stage_deps
 from leukemia_mlops.errors import ConfigError, InputError
 from leukemia_mlops.tracking.provenance import config_hash, paths_digest
+from leukemia_mlops.tracking.sweep_runs import RESULTS_FILE
 
 log = logging.getLogger(__name__)
 STAGE = "sweep"
@@ -57,8 +58,6 @@ def main(argv: list[str] | None = None) -> None:
         if finished.returncode != 0:
             print(f"error: the sweep failed; its trials are in {sweep_dir}", file=sys.stderr)
             raise SystemExit(finished.returncode)
-        from hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper import RESULTS_FILE
-
         results = yaml.safe_load((sweep_dir / RESULTS_FILE).read_text())
         write_reports(results, reports_dir)
         log.info(

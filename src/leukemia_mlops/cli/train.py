@@ -10,7 +10,6 @@ replace the configured ones. A ``<KEY>_trainer`` section (``detector_trainer``) 
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +30,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from leukemia_mlops.training.run import run_training
+        from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+        from leukemia_mlops.training.run import atomic_write_text, run_training
 
         cfg = load_params(args.params, args.overrides)
         if args.best_params:
@@ -40,10 +41,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         family = cfg.model.family
         run_dir = Path(cfg.paths.models_dir) / family
         best = run_training(cfg, run_dir)
+        if rank_zero_only.rank != 0:  # under DDP the reports are rank 0's alone
+            return
         reports = Path(cfg.paths.reports_dir)
         reports.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / "metrics.json", reports / f"train_{family}.json")
-        shutil.copyfile(run_dir / "history.csv", reports / f"train_{family}_history.csv")
+        for source, target in (("metrics.json", ".json"), ("history.csv", "_history.csv")):
+            text = (run_dir / source).read_text()
+            atomic_write_text(reports / f"train_{family}{target}", text)
         log.info("best val weighted F1 of %s: %.4f", family, best)
 
     run_cli(body)

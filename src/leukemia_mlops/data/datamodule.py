@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from leukemia_mlops.data.augment import train_transforms
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
-from leukemia_mlops.data.sampling import SeededIndex, SeededSampler
+from leukemia_mlops.data.sampling import SeededIndex, SeededSampler, unpadded_shard
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 
 BALANCE_MODES = ("none", "sampler", "loss")
@@ -153,10 +153,14 @@ class CellDataModule(pl.LightningDataModule):
         self.first_epoch = int(state_dict.get("next_epoch", 0))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["val"])
+        return self._eval_loader(self.datasets["val"])
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["test"])
+        return self._eval_loader(self.datasets["test"])
+
+    def _eval_loader(self, dataset: CellDataset) -> DataLoader:
+        """Every cell scored exactly once: under DDP the ranks share the split unpadded."""
+        return self._loader(dataset, sampler=unpadded_shard(len(dataset)))
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         return DataLoader(

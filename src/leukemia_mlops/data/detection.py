@@ -22,6 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from leukemia_mlops.data.augment import dihedral_flips, jitter
 from leukemia_mlops.data.datamodule import CellDataModule, SplitImages
+from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
 from leukemia_mlops.data.sampling import SeededIndex
 from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, crop_cell
@@ -218,16 +219,17 @@ class DetectionDataModule(CellDataModule):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DetectionDataModule:
-        """From a resolved run config: ``datamodule`` loader settings, ``model.img_size``,
-        ``model.scenes`` and ``data.prepare.window`` (only ``fit=window`` caches map boxes)."""
-        if config["data"]["prepare"]["fit"] != "window":
-            raise ConfigError("YOLO training needs data.prepare.fit=window (cells at true scale)")
+        """From a resolved run config (``datamodule`` loader settings, ``model.img_size``,
+        ``model.scenes``) and the cache's window (only ``fit=window`` caches map boxes)."""
         loader = config["datamodule"]
+        identity = read_identity(loader["prepared_dir"])
+        if identity.fit != "window":
+            raise ConfigError("YOLO training needs data.prepare.fit=window (cells at true scale)")
         keys = ("batch_size", "num_workers", "pin_memory", "augment_strength", "flips")
         return cls(
             loader["prepared_dir"],
             img_size=config["model"]["img_size"],
-            window=config["data"]["prepare"]["window"],
+            window=identity.window,
             seed=config["seed"],
             **{key: loader[key] for key in keys},
             **config["model"]["scenes"],

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch.distributed as dist
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DistributedSampler
 
 #: A dataset item: its index and the seed of its augmentation.
@@ -21,6 +22,18 @@ def _process_group() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
+
+
+def unpadded_shard(size: int) -> UnrepeatedDistributedSampler:
+    """In-order items ``rank, rank + world size, ...`` of ``range(size)``, not padded.
+
+    For evaluation: Lightning's own ``DistributedSampler`` pads every rank to the same length,
+    so that a few cells would count twice in the gathered metrics. Being a
+    ``DistributedSampler``, Lightning keeps it. (Unequal shard lengths are safe only without
+    gradients: DDP synchronises nothing in a forward pass then.)
+    """
+    world_size, rank = _process_group()
+    return UnrepeatedDistributedSampler(range(size), world_size, rank, shuffle=False)
 
 
 class SeededSampler(DistributedSampler):

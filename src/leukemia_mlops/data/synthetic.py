@@ -111,7 +111,7 @@ def _n_all(n_subjects: int, all_fraction: float) -> int:
 # two libm builds then almost surely lands on the same grid point and never reaches a pixel.
 
 _GRID = 2.0**16  # grid of the snapped scalars: 1/65536
-_ANGLES = 512  # angular samples of an outline (a power of two: angles wrap with a bit mask)
+_ANGLES = 512  # angular samples of an outline
 _ONE = 1 << 14  # fixed-point unit of the cosine table and of the resampling weights
 _ATAN_STEPS = 1024  # tangent samples of the first octant
 _SUBSTEPS = 64  # angle table resolution: 1/64 of an outline step
@@ -144,6 +144,7 @@ _DECAY = (
 
 
 def _normal(rng: np.random.Generator, mean: float, sd: float) -> float:
+    """A draw of N(mean, sd) whose standard-normal part is snapped to the grid."""
     return mean + sd * _snap(rng.standard_normal())
 
 
@@ -153,13 +154,14 @@ def _lognormal(rng: np.random.Generator, sd: float) -> float:
 
 
 def _clip(x: float, low: float, high: float) -> float:
+    """``x`` limited to [low, high] (a Python float, unlike ``np.clip``)."""
     return min(max(x, low), high)
 
 
 def _direction(rng: np.random.Generator) -> tuple[float, float]:
     """(sin, cos) of a random angle, from the cosine table."""
     step = int(rng.integers(_ANGLES))
-    return _COS[(step - _ANGLES // 4) % _ANGLES] / _ONE, _COS[step] / _ONE
+    return int(_COS[(step - _ANGLES // 4) % _ANGLES]) / _ONE, int(_COS[step]) / _ONE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +274,7 @@ def _offsets(ys: np.ndarray, xs: np.ndarray, cy: float, cx: float) -> tuple[np.n
 
 
 def _distance(dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """Euclidean distance from the offsets (not np.hypot: its kernels differ by CPU)."""
     return np.sqrt(dy * dy + dx * dx)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from leukemia_mlops.errors import ConfigError
-from leukemia_mlops.training.metrics import ClassificationMetrics
+from leukemia_mlops.models.metrics import ClassificationMetrics
 
 SCHEDULERS = ("cosine", "onecycle", "none")
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
@@ -49,6 +49,9 @@ class FineTunedModule(pl.LightningModule):
         self.train_losses = MetricCollection(
             {name: MeanMetric() for name in train_losses}, prefix="train/", compute_groups=False
         )
+        # Lightning's ``sync_dist`` mean truncates the batch sizes summed over unequal DDP
+        # shards, so the evaluation losses are metrics too: the mean over every cell once.
+        self.eval_losses = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     @property
     def backbone(self) -> nn.Module:

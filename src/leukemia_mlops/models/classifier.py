@@ -9,7 +9,7 @@ from torch import nn
 
 from leukemia_mlops.models.backbones import build_classifier
 from leukemia_mlops.models.base import FineTunedModule, checked_optimizer
-from leukemia_mlops.training.metrics import ClassificationMetrics
+from leukemia_mlops.models.metrics import ClassificationMetrics
 
 
 class CellClassifier(FineTunedModule):
@@ -77,7 +77,8 @@ class CellClassifier(FineTunedModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: ClassificationMetrics
     ) -> None:
         loss = self._step(batch, metrics)
-        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(batch[1]), sync_dist=True)
+        self.eval_losses[stage].update(loss, len(batch[1]))
+        self.log(f"{stage}/loss", self.eval_losses[stage], on_epoch=True)
         for collection in metrics.collections():
             self.log_dict(collection, on_epoch=True)
 

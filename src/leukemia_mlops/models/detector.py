@@ -22,6 +22,7 @@ from leukemia_mlops.data.naming import ALL, HEM
 from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.backbones import WeightsError, load_backbone_weights
 from leukemia_mlops.models.base import FineTunedModule, checked_optimizer
+from leukemia_mlops.models.metrics import ClassificationMetrics
 from leukemia_mlops.models.yolo import (
     YoloConfig,
     YoloV3,
@@ -31,7 +32,6 @@ from leukemia_mlops.models.yolo import (
     postprocess,
 )
 from leukemia_mlops.models.yolo.common import conv_layers
-from leukemia_mlops.training.metrics import ClassificationMetrics
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 CLASS_NAMES = {ALL: "ALL", HEM: "HEM"}

@@ -35,6 +35,7 @@ PARENT_WAIT_S = 60  # how long a worker waits for the study's creator to name th
 SUMMARY_ATTEMPTS = 3
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 STATES = ("complete", "pruned", "fail", "running")
+RESULTS_FILE = "optuna_results.yaml"  # the study summary a sweep writes into its directory
 
 
 def trial_tags(link: Mapping[str, Any] | None) -> dict[str, str]:

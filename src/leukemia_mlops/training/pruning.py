@@ -45,7 +45,7 @@ def storage_url(url: str) -> str:
         return url
     path = Path(parsed.database).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return parsed.set(database=str(path)).render_as_string(hide_password=False)
+    return parsed.set(database=str(path)).render_as_string()  # sqlite: no password to keep
 
 
 def open_storage(url: str | None, **heartbeat: Any) -> optuna.storages.BaseStorage | None:

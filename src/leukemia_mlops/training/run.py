@@ -8,6 +8,10 @@ A run directory holds ``checkpoints/{best,last}.ckpt``, ``run.json`` (the MLflow
 config hash and the status) and, when finished, ``metrics.json`` and ``history.csv``. A run
 that stopped before finishing resumes from ``last.ckpt`` into the same MLflow run when it is
 started again with the same config.
+
+Under DDP only rank 0 reads and writes the run directory: it decides whether to resume and
+hands that decision to the ranks Lightning starts (which re-run the command), and every rank
+waits until rank 0 has written the finished run's files. Files are replaced atomically.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import shutil
+import os
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +39,14 @@ from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.models.detector import YoloDetector
+from leukemia_mlops.models.metrics import MONITOR
+from leukemia_mlops.owned import remove_owned
 from leukemia_mlops.redaction import redact
 from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
 from leukemia_mlops.tracking.provenance import config_hash, dvc_data_hash, flatten, git_commit
 from leukemia_mlops.tracking.store import ensure_experiment, tracking_uri
 from leukemia_mlops.tracking.sweep_runs import trial_tags
 from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory, EpochSeed
-from leukemia_mlops.training.metrics import MONITOR
 from leukemia_mlops.training.precision import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,8 @@ HISTORY_KEYS = (
     "val/map",
 )
 OVERLAYS = 4  # validation scenes drawn with a detector's predictions
+#: Rank 0's run state, handed to the ranks that Lightning's launcher starts as its children.
+RUN_STATE_ENV = "LEUKEMIA_MLOPS_RUN_STATE"
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
@@ -68,7 +78,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     identity.check(cfg.get("data"), cfg.datamodule.prepared_dir)
     datamodule, module, backbone = build_data_and_module(cfg, config)
 
-    state = _resume_state(run_dir, config_hash(config))
+    state, resume = _inherited_state() or _resume_state(run_dir, config_hash(config))
     uri = tracking_uri(cfg.logger.mlflow.tracking_uri, cfg.paths.mlruns_dir)
     trial_link = config.get("optuna_trial")  # set by the Optuna sweeper on its trials
     logger = ResumableMLFlowLogger(
@@ -126,16 +136,17 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     trainer = instantiate(
         trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir)
     )
-    resume = state.get("status") == "running" and (run_dir / "checkpoints/last.ckpt").is_file()
-    trainer.fit(
-        module,
-        datamodule=datamodule,
-        ckpt_path=str(run_dir / "checkpoints/last.ckpt") if resume else None,
-        weights_only=True,
-    )
+    with _handed_to_launched_ranks(state, resume):
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=str(run_dir / "checkpoints/last.ckpt") if resume else None,
+            weights_only=True,
+        )
     best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else 0.0
     if trainer.is_global_zero:
         _finish_run(run_dir, cfg, logger, uri, checkpoint, history, best, trainer_cfg, datamodule)
+    trainer.strategy.barrier("run finished")  # the other ranks leave once rank 0's files exist
     return best
 
 
@@ -177,28 +188,58 @@ def _check_trainer_keys(trainer: dict[str, Any]) -> None:
             raise ConfigError(f"trainer.{key} must be a whole number, got {value!r}")
 
 
-def _resume_state(run_dir: Path, digest: str) -> dict[str, Any]:
-    """The unfinished run of this same config to resume, or a clean run directory."""
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file, so that no reader ever sees it half-written."""
+    prefix = f".{path.name}."
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=prefix, delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+@contextmanager
+def _handed_to_launched_ranks(state: dict[str, Any], resume: bool) -> Iterator[None]:
+    """Hand rank 0's run state to the ranks that Lightning's DDP launcher starts meanwhile."""
+    handed = {"launcher_pid": os.getpid(), "state": state, "resume": resume}
+    os.environ[RUN_STATE_ENV] = json.dumps(handed)
+    try:
+        yield
+    finally:
+        os.environ.pop(RUN_STATE_ENV, None)
+
+
+def _inherited_state() -> tuple[dict[str, Any], bool] | None:
+    """Rank 0's run state and resume decision, in a rank its DDP launcher started."""
+    handed = json.loads(os.environ.get(RUN_STATE_ENV, "{}"))
+    if handed.get("launcher_pid") != os.getppid():
+        return None
+    return handed["state"], handed["resume"]
+
+
+def _resume_state(run_dir: Path, digest: str) -> tuple[dict[str, Any], bool]:
+    """The unfinished run of this same config and whether to resume it from ``last.ckpt``,
+    or a clean run directory."""
     state_file = run_dir / "run.json"
     if state_file.is_file():
         state = json.loads(state_file.read_text())
         if state.get("config_hash") == digest and state.get("status") == "running":
             log.info("resuming MLflow run %s from %s", state["mlflow_run_id"], run_dir)
-            return state
+            return state, (run_dir / "checkpoints/last.ckpt").is_file()
     if rank_zero_only.rank == 0:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        # run.json proves the checkpoints are this project's: a folder that merely happens
+        # to hold a checkpoints/ (paths.models_dir=~ ...) is refused, never wiped.
+        remove_owned(run_dir / "checkpoints", state_file)
         state_file.unlink(missing_ok=True)
-    return {"config_hash": digest}
+    return {"config_hash": digest}, False
 
 
 def _start_run(run_dir: Path, logger: ResumableMLFlowLogger, config: dict, state: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     logger.log_hyperparams(flatten(config))
     config_file = run_dir / "config.yaml"
-    config_file.write_text(redact(OmegaConf.to_yaml(OmegaConf.create(config))))
+    atomic_write_text(config_file, redact(OmegaConf.to_yaml(OmegaConf.create(config))))
     logger.experiment.log_artifact(logger.run_id, str(config_file))
     state.update(mlflow_run_id=logger.run_id, status="running")
-    (run_dir / "run.json").write_text(json.dumps(state, indent=2))
+    atomic_write_text(run_dir / "run.json", json.dumps(state, indent=2))
 
 
 def _finish_run(
@@ -213,21 +254,21 @@ def _finish_run(
     datamodule: pl.LightningDataModule,
 ) -> None:
     """Write metrics and curves, and log the best checkpoint and model to the MLflow run."""
-    pd.DataFrame(history.rows).to_csv(run_dir / "history.csv", index=False)
+    atomic_write_text(run_dir / "history.csv", pd.DataFrame(history.rows).to_csv(index=False))
     best_row = max(history.rows, key=lambda r: r.get(MONITOR, float("-inf")), default={})
     metrics = {
         "best_epoch": best_row.get("epoch", -1),
         **{k.replace("/", "_"): v for k, v in best_row.items() if k != "epoch"},
     }
     metrics["precision"] = trainer_cfg["precision"]
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     if checkpoint.best_model_path:
         logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
         _log_best_model(cfg, logger, uri, checkpoint.best_model_path, datamodule)
     logger.experiment.log_metric(logger.run_id, "best/" + MONITOR, best)
     state = json.loads((run_dir / "run.json").read_text())
     state["status"] = "finished"
-    (run_dir / "run.json").write_text(json.dumps(state, indent=2))
+    atomic_write_text(run_dir / "run.json", json.dumps(state, indent=2))
 
 
 def _log_best_model(

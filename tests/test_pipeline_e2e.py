@@ -1,0 +1,125 @@
+"""The whole DVC pipeline on tiny data, as a user drives it: repro, no-op, experiments, new data.
+
+Every stage runs under ``dvc repro`` and so sees only the params keys it declares: a stage
+that read an undeclared key would fail here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import TINY_SPEC
+from test_dvc_pipeline import DVC, REPO, run
+
+from leukemia_mlops.data.synthetic import generate_cnmc
+
+# conf/local/default.yaml of the test project: the user's standing choices (here: tiny runs).
+TINY_LOCAL = """# @package _global_
+data:
+  prepare: {image_size: 32, workers: 1}
+datamodule: {batch_size: 32, num_workers: 0}
+trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false}
+detector: {img_size: 64, scenes: {train_scenes: 4, val_scenes: 2}}
+detector_trainer: {max_epochs: 1}
+logger: {mlflow: {log_model: false}}
+evaluate: {n_resamples: 20, tta: false}
+sweep: {n_trials: 1, max_epochs: 1}
+"""
+
+
+PIPELINE_TIMEOUT = 1200  # seconds for one dvc command that trains (2 cores, shared in CI)
+
+
+def lmo(*args: str, cwd: Path) -> str:
+    return run(sys.executable, "-m", *args, cwd=cwd)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A git + DVC repo with the project's pipeline, conf/ (tiny local choices) and tiny data."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root)
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "src", root / "src", ignore=ignore)
+    shutil.copytree(REPO / "hydra_plugins", root / "hydra_plugins", ignore=ignore)
+    shutil.copytree(REPO / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf/local").mkdir()
+    (root / "conf/local/default.yaml").write_text(TINY_LOCAL)
+    generate_cnmc(root / "data/raw", TINY_SPEC)
+    run("git", "init", "-q", cwd=root)
+    run(DVC, "init", "-q", cwd=root)
+    shutil.copy(REPO / ".dvc/config", root / ".dvc/config")
+    run(DVC, "add", "-q", "data/raw", cwd=root)
+    (root / "data.dvc").write_text(
+        (root / "data/raw.dvc").read_text().replace("path: raw", "path: data/raw")
+    )
+    (root / "data/raw.dvc").unlink()
+    lmo("leukemia_mlops.cli.params", "--config-dir", "conf", cwd=root)
+    run("git", "add", "-A", cwd=root)
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny", cwd=root)
+    return root
+
+
+def studies(root: Path) -> dict[str, int]:
+    """Study name -> finished trials, in the project's Optuna storage."""
+    storage = f"sqlite:///{root / 'mlruns/optuna.db'}"
+    return {
+        s.study_name: s.n_trials
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    }
+
+
+@pytest.mark.slow
+def test_repro_then_noop_then_an_experiment_then_new_data(project):
+    first = run(DVC, "repro", cwd=project, timeout=PIPELINE_TIMEOUT)
+    for stage in ("prepare", "sweep", "train", "train_yolo", "evaluate"):
+        assert f"Running stage '{stage}'" in first
+    metrics = json.loads((project / "reports/eval/metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["f1_weighted"] <= 1.0
+    identity = json.loads((project / "data/prepared/identity.json").read_text())
+    assert (identity["source"], identity["image_size"]) == ("synthetic", 32)
+    [campaign] = studies(project)
+    assert studies(project)[campaign] == 1
+
+    assert "Running stage" not in run(DVC, "repro", cwd=project, timeout=PIPELINE_TIMEOUT)
+
+    # An experiment composes conf/ (the local choices included) with its -S overrides.
+    experiment = run(
+        DVC, "exp", "run", "-S", "model=mobilenet_v3_large", cwd=project, timeout=PIPELINE_TIMEOUT
+    )
+    assert "Running stage 'sweep'" in experiment and "Running stage 'train'" in experiment
+    assert "Running stage 'prepare'" not in experiment
+    composed = (project / "params.yaml").read_text()
+    lmo(
+        "leukemia_mlops.cli.params",
+        "--config-dir",
+        "conf",
+        "--out",
+        "made.yaml",
+        "model=mobilenet_v3_large",
+        cwd=project,
+    )
+    assert (project / "made.yaml").read_text() == composed
+    assert yaml.safe_load(composed)["model"]["backbone"] == "mobilenet_v3_large"
+    shown = json.loads(run(DVC, "exp", "show", "--json", cwd=project))
+    assert "f1_weighted" in json.dumps(shown)
+    assert len(studies(project)) == 2  # the new model's params started its own campaign
+
+    # New data: a new campaign of sweep.n_trials trials, the old studies left as they were.
+    before = studies(project)
+    extra = next((project / "data/raw").rglob("*_hem.bmp"))
+    shutil.copy(extra, extra.with_name(extra.name.replace("_hem", "9_hem")))
+    run(DVC, "commit", "-f", "-q", "data.dvc", cwd=project)
+    rerun = run(DVC, "repro", "sweep", cwd=project, timeout=PIPELINE_TIMEOUT)
+    assert "Running stage 'prepare'" in rerun and "Running stage 'sweep'" in rerun
+    after = studies(project)
+    assert {k: after[k] for k in before} == before
+    [new] = set(after) - set(before)
+    assert after[new] == 1

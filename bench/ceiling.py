@@ -1,62 +1,155 @@
-"""How close training comes to the machine's ceiling: fp32 matmul GFLOP/s vs training FLOP/s."""
+"""How close training comes to the machine's ceiling: a roofline per precision.
+
+The matmul peak is measured in every precision the device runs natively (fp32 always; bf16
+where the CPU has AVX512-BF16/AMX or the GPU is Ampere or later; TF32 and fp16 on CUDA GPUs),
+and each training row is compared with the peak of the precision it trains in: a bf16 rate
+over the fp32 peak would read as more than 100%.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 
-from bench.loops import project_rate
-from bench.precision import project_sweep_rate
+from bench.loops import build, model_overrides, precision_of, project_rate
+from bench.machine import cpu_flags
+from bench.precision import project_sweep_rate, sweep_overrides
 from bench.report import Section, pct
 from bench.timing import BatchClock, rate_of
 from bench.workspace import Workspace
-from leukemia_mlops.models.backbones import build_classifier
 from leukemia_mlops.models.yolo import count_flops
+from leukemia_mlops.training.precision import choose_precision, cpu_has_bf16
 
-TITLE = "The machine's ceiling: matmul peak vs resnet18 training"
-MATMUL_N = 2048
+TITLE = "The machine's ceiling: a roofline per precision"
+MODELS = ("resnet18", "efficientnet_b0", "yolov3_tiny")
 TRAINING_FACTOR = 3  # forward + backward (two matmuls per forward one) per image
+#: Matrix side of the peak measurement, and multiplications per timed call, by device type.
+MATMUL_N = {"cpu": 2048, "cuda": 8192}
+MATMUL_REPEAT = {"cpu": 1, "cuda": 20}
+#: Matmul precision of each training precision (the one its convolutions and matmuls run in).
+PEAK_OF = {"32-true": "fp32", "bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16"}
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.half}
 
 
-def matmul_gflops(ws: Workspace) -> float:
-    """Sustained fp32 ``torch.mm`` GFLOP/s on square matrices, all threads."""
-    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
-    out = torch.empty(MATMUL_N, MATMUL_N)
-    rate = rate_of(
-        lambda: (torch.mm(a, b, out=out), 1)[1], BatchClock(ws.sizes.warmup, ws.sizes.budget_s / 4)
-    )
-    return 2 * MATMUL_N**3 * rate.per_s / 1e9
+def native_precisions(device: str) -> tuple[str, ...]:
+    """The matmul precisions ``device`` (``cpu`` or ``cuda``) computes natively."""
+    if device == "cpu":
+        return ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
+    capability = torch.cuda.get_device_capability()
+    ampere = choose_precision(capability, cpu_bf16=False) == "bf16-mixed"
+    return ("fp32", "tf32", "fp16", "bf16") if ampere else ("fp32", "fp16")
+
+
+@contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """fp32 matmuls on TF32 tensor cores while the block runs."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """Waits for the device's queued work (a no-op on the CPU), so that a clock sees it done."""
+    return torch.cuda.synchronize if device == "cuda" else lambda: None
+
+
+def matmul_gflops(precision: str, device: str, warmup: int, budget_s: float) -> float:
+    """Sustained ``torch.mm`` GFLOP/s on square matrices in ``precision``, all threads."""
+    n, repeat, sync = MATMUL_N[device], MATMUL_REPEAT[device], synchronizer(device)
+    a, b = (torch.randn(n, n, device=device, dtype=DTYPES[precision]) for _ in range(2))
+    out = torch.empty_like(a)
+
+    def call() -> int:
+        for _ in range(repeat):
+            torch.mm(a, b, out=out)
+        sync()
+        return repeat
+
+    with tf32(precision == "tf32"):
+        rate = rate_of(call, BatchClock(warmup, budget_s))
+    return 2 * n**3 * rate.per_s / 1e9
+
+
+def matmul_peaks(ws: Workspace) -> dict[str, float]:
+    """GFLOP/s of each native CPU precision; measured once per run."""
+
+    def measure() -> dict[str, float]:
+        budget = ws.sizes.budget_s / 4
+        return {
+            p: matmul_gflops(p, "cpu", ws.sizes.warmup, budget) for p in native_precisions("cpu")
+        }
+
+    return ws.memo(("matmul peaks",), measure)
+
+
+def roofline_row(label: str, precision: str, gflop: float, per_s: float, peaks: dict) -> list:
+    """``label``'s achieved GFLOP/s against the peak of its own precision (none: not native)."""
+    peak_name = PEAK_OF.get(precision, precision)
+    achieved = gflop * per_s
+    peak = peaks.get(peak_name)
+    share = pct(achieved / peak) if peak else f"no native {peak_name} peak"
+    return [label, precision, gflop, per_s, achieved, peak_name, share]
 
 
 def run(ws: Workspace) -> Section:
-    peak = matmul_gflops(ws)
-    net = build_classifier("resnet18")
-    rows, raw = [], {"matmul_gflops": peak}
-    for size, batch, rate in (
+    peaks = matmul_peaks(ws)
+    size = ws.image_size
+    rows, raw = [], {"matmul_gflops": peaks, "cpu_flags": cpu_flags()}
+    trainings = [
         (
-            ws.image_size,
-            ws.defaults.datamodule.batch_size,
-            project_rate(ws, "resnet18", ws.image_size),
-        ),
-        (ws.sizes.sweep_size, ws.sizes.sweep_batch, project_sweep_rate(ws)),
-    ):
-        gflop = TRAINING_FACTOR * count_flops(net, size) / 1e9
-        achieved = gflop * rate.per_s
-        label = f"resnet18 training, {size} px, batch {batch}"
-        rows.append([label, gflop, rate.per_s, achieved, pct(achieved / peak)])
-        raw[label] = {"train_gflop_per_image": gflop, "img_per_s": rate.per_s}
-    rows.append([f"torch.mm {MATMUL_N}x{MATMUL_N} fp32", "", "", peak, "100%"])
+            f"{model} training, {size} px",
+            size,
+            model_overrides(model, size),
+            project_rate(ws, model, size),
+        )
+        for model in MODELS
+    ]
+    sweep = ws.sizes.sweep_size
+    trainings.append(
+        (
+            f"resnet18 training, {sweep} px (precision table)",
+            sweep,
+            sweep_overrides(ws),
+            project_sweep_rate(ws),
+        )
+    )
+    for label, px, overrides, rate in trainings:
+        cfg = ws.config(ws.prepared(ws.train_spec, px), px, *overrides)
+        precision = precision_of(cfg)
+        gflop = TRAINING_FACTOR * count_flops(build(cfg)[1].net, px) / 1e9
+        rows.append(roofline_row(label, precision, gflop, rate.per_s, peaks))
+        raw[label] = {
+            "precision": precision,
+            "train_gflop_per_image": gflop,
+            "img_per_s": rate.per_s,
+        }
+    n = MATMUL_N["cpu"]
+    rows += [[f"torch.mm {n}x{n}", p, "", "", peak, p, "100%"] for p, peak in peaks.items()]
     return Section(
         TITLE,
-        f"Sustained fp32 GFLOP/s of `torch.mm` on {MATMUL_N}x{MATMUL_N} matrices with all "
-        f"{torch.get_num_threads()} threads, against the FLOP rate resnet18 training reaches "
-        "through the project's path (training FLOPs per image = 3x the forward FLOPs counted "
-        "by `FlopCounterMode`; training images/s from the training and precision benchmarks).",
-        ["workload", "GFLOP per image", "img/s", "GFLOP/s", "of matmul peak"],
+        f"Sustained GFLOP/s of `torch.mm` on {n}x{n} matrices with all "
+        f"{torch.get_num_threads()} threads in each precision this CPU computes natively "
+        f"(CPU flags: {cpu_flags()}; bf16 counts only with AVX512-BF16 or AMX), against the "
+        "FLOP rate each model's training reaches through the project's path at its resolved "
+        "precision (training FLOPs per image = 3x the forward FLOPs counted by "
+        "`FlopCounterMode`; images/s from the training benchmark). Each row is a share of the "
+        "peak of its own precision.",
+        ["workload", "precision", "GFLOP per image", "img/s", "GFLOP/s", "peak used", "of peak"],
         rows,
         [
-            f"resnet18 training reaches {rows[0][-1]} and {rows[1][-1]} of the matmul peak "
-            "(no target; convolutions, normalisation, the optimizer and data loading all run "
-            "below matmul speed)."
+            "native matmul precisions here: "
+            + ", ".join(f"{p} {peak:,.0f} GFLOP/s" for p, peak in peaks.items())
+            + ("" if "bf16" in peaks else " (bf16 is emulated on this CPU: no bf16 roofline)"),
+            *(
+                f"{row[0]} reaches {row[-1]} of the {row[5]} peak (no target; convolutions, "
+                "normalisation, the optimizer and data loading run below matmul speed)"
+                for row in rows[: len(trainings)]
+            ),
         ],
         raw,
     )

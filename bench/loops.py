@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from bench.clock import ClockCallback
 from bench.timing import BatchClock, Rate, endless
 from bench.workspace import Workspace
 from leukemia_mlops.models.detector import YoloDetector
@@ -46,38 +47,6 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module, _ = build_data_and_module(cfg, OmegaConf.to_container(cfg, resolve=True))
     return datamodule, module
-
-
-class ClockCallback(pl.Callback):
-    """Feeds a :class:`BatchClock` from Lightning's hooks and stops the fit when it has enough.
-
-    Forward is timed by hooks on ``module.net``; the optimizer phase runs from
-    ``on_before_optimizer_step`` to the end of the batch (the step and Lightning's bookkeeping).
-    """
-
-    def __init__(self, clock: BatchClock):
-        self.clock = clock
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.net.register_forward_pre_hook(lambda *_: self.clock.enter("forward"))
-        pl_module.net.register_forward_hook(lambda *_: self.clock.exit("forward"))
-        self.clock.start()
-
-    def on_before_backward(self, *_: Any) -> None:
-        self.clock.enter("backward")
-
-    def on_after_backward(self, *_: Any) -> None:
-        self.clock.exit("backward")
-
-    def on_before_optimizer_step(self, *_: Any) -> None:
-        self.clock.enter("optimizer")
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, _: int
-    ) -> None:
-        self.clock.exit("optimizer")
-        if self.clock.tick(len(batch[0])):
-            trainer.should_stop = True
 
 
 def fit_lightning(cfg: DictConfig, callbacks: list[pl.Callback], **trainer_args: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -31,21 +31,33 @@ def _mem_total_gib() -> float:
     return kib / 2**20
 
 
+def cpu_flags() -> str:
+    """The CPU flags that decide the SIMD and bf16 kernels, as listed in ``/proc/cpuinfo``."""
+    flags = set(_cpuinfo("flags").split())
+    return " ".join(f for f in FLAGS if f in flags) or "none"
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:  # a GPU machine carries only what its checks need
+        return "not installed"
+
+
 def describe() -> dict[str, object]:
     """Stable facts about this machine (no load or clock figures)."""
-    flags = set(_cpuinfo("flags").split())
     return {
         "cpu": _cpuinfo("model name") or platform.processor() or "unknown",
         "cores": os.cpu_count() or 1,
         "torch threads": torch.get_num_threads(),
         "memory GiB": round(_mem_total_gib(), 1),
-        "CPU flags of interest": " ".join(f for f in FLAGS if f in flags) or "none",
+        "CPU flags of interest": cpu_flags(),
         "native bf16 (cpu_has_bf16)": cpu_has_bf16(),
         "torch CPU kernels": torch.backends.cpu.get_cpu_capability(),
         "resolve_precision('auto', 'cpu')": resolve_precision("auto", "cpu"),
         "os": platform.platform(),
         "python": platform.python_version(),
-        **{name: version(name) for name in PACKAGES},
+        **{name: _version(name) for name in PACKAGES},
     }
 
 

@@ -7,6 +7,7 @@ emulated and slow, which is why ``precision: auto`` resolves per machine.
 from __future__ import annotations
 
 from bench.loops import layout_name, model_overrides, train_rate
+from bench.machine import cpu_flags
 from bench.report import Section, fmt, verdict
 from bench.timing import Rate
 from bench.workspace import Workspace
@@ -16,19 +17,17 @@ TITLE = "Training precision and layout: resnet18"
 SPEEDUP_TARGET = 3.0
 #: (precision, channels_last) of the plain-loop rows, the first being the baseline.
 VARIANTS = (("32-true", False), ("32-true", True), ("bf16-mixed", False), ("bf16-mixed", True))
-#: img/s of the same rows on the earlier machine of this kind, at (px, batch) EARLIER_AT.
-EARLIER = (19, 30, 46, 61)
-EARLIER_AT = (224, 32)
 
 
-def _overrides(ws: Workspace) -> list[str]:
+def sweep_overrides(ws: Workspace) -> list[str]:
+    """resnet18 at the sweep's size and batch."""
     size = ws.sizes.sweep_size
     return [*model_overrides("resnet18", size), f"datamodule.batch_size={ws.sizes.sweep_batch}"]
 
 
 def project_sweep_rate(ws: Workspace) -> Rate:
     """The project's resnet18 speed (Lightning, ``auto`` precision) at the sweep's size."""
-    return train_rate(ws, "lightning", ws.sizes.sweep_size, *_overrides(ws))
+    return train_rate(ws, "lightning", ws.sizes.sweep_size, *sweep_overrides(ws))
 
 
 def run(ws: Workspace) -> Section:
@@ -38,18 +37,16 @@ def run(ws: Workspace) -> Section:
             ws,
             "plain",
             size,
-            *_overrides(ws),
+            *sweep_overrides(ws),
             f"trainer.precision={precision}",
             f"model.channels_last={str(cl).lower()}",
         )
         for precision, cl in VARIANTS
     }
     baseline = plain[VARIANTS[0]].per_s
-    comparable = (size, batch) == EARLIER_AT
-    earlier = EARLIER if comparable else ("",) * len(EARLIER)
     rows = [
-        ["plain", precision, layout_name(cl), rate.per_s, rate.per_s / baseline, before]
-        for ((precision, cl), rate), before in zip(plain.items(), earlier, strict=True)
+        ["plain", precision, layout_name(cl), rate.per_s, rate.per_s / baseline]
+        for (precision, cl), rate in plain.items()
     ]
     auto = resolve_precision("auto", "cpu")
     project = project_sweep_rate(ws)
@@ -61,12 +58,11 @@ def run(ws: Workspace) -> Section:
             layout_name(ws.defaults.model.channels_last),
             project.per_s,
             ratio,
-            "",
         ]
     )
     best = max(plain, key=lambda key: plain[key].per_s)
     readings = [
-        f"native bf16 on this CPU: {'yes' if cpu_has_bf16() else 'no'}; "
+        f"native bf16 on this CPU: {'yes' if cpu_has_bf16() else 'no'} (CPU flags: {cpu_flags()}); "
         f"`resolve_precision('auto', 'cpu')` picks **{auto}**; the fastest plain row is "
         f"{best[0]} {layout_name(best[1])}.",
         verdict("project vs plain fp32", ratio, SPEEDUP_TARGET)
@@ -75,13 +71,6 @@ def run(ws: Workspace) -> Section:
         "is native, so it does not apply here (emulated bf16 would be slower, as the bf16 "
         "rows show, and `auto` rightly keeps fp32).",
     ]
-    if comparable:
-        readings.append(
-            "the earlier machine of this kind measured 19 / 30 / 46 / 61 img/s for the four "
-            "plain rows (its bf16 gains imply native bf16); this run's rows: "
-            + " / ".join(fmt(rate.per_s) for rate in plain.values())
-            + " img/s."
-        )
     raw = {f"plain {p} cl={cl}": rate.as_dict() for (p, cl), rate in plain.items()}
     raw["lightning auto"] = {**project.as_dict(), "precision": auto}
     return Section(
@@ -90,7 +79,7 @@ def run(ws: Workspace) -> Section:
         "each precision and layout (bf16-mixed = `torch.autocast` bf16 around forward and "
         "loss, as Lightning's `bf16-mixed` does), and through the project's Lightning path "
         "with `precision: auto`. Same loader, cache and timing as the training benchmark.",
-        ["loop", "precision", "layout", "img/s", "vs plain fp32", "earlier machine img/s"],
+        ["loop", "precision", "layout", "img/s", "vs plain fp32"],
         rows,
         readings,
         raw,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 
-from bench.ceiling import matmul_gflops
+from bench.ceiling import matmul_peaks, native_precisions, synchronizer
 from bench.report import Section, pct, verdict
 from bench.timing import BatchClock, rate_of
 from bench.workspace import Workspace
@@ -22,40 +25,51 @@ def _size_check(variant: str) -> tuple[int, float]:
     return count_params(model), count_flops(model, IMG_SIZE) / 1e9
 
 
-def _rates(ws: Workspace, variant: str) -> tuple[float, float]:
-    """Training (forward, loss, backward, AdamW) and inference images/s, 2 classes."""
-    model, criterion = build({"variant": variant, "num_classes": 2, "img_size": IMG_SIZE})
-    batch = 2 if ws.sizes.budget_s < 5 else 4
-    images = torch.rand(batch, 3, IMG_SIZE, IMG_SIZE)
-    box = torch.tensor([[120.0, 110.0, 300.0, 290.0]])
-    targets = [{"boxes": box, "labels": torch.tensor([1])} for _ in range(batch)]
+def yolo_rates(
+    variant: str, img_size: int, batch: int, device: str, clock: Callable[[], BatchClock]
+) -> tuple[float, float]:
+    """Training (forward, loss, backward, AdamW) and inference images/s, 2 classes.
+
+    bf16 autocast on a GPU that runs it natively, fp32 elsewhere."""
+    model, criterion = build({"variant": variant, "num_classes": 2, "img_size": img_size})
+    model = model.to(device)
+    images = torch.rand(batch, 3, img_size, img_size, device=device)
+    box = torch.tensor([[0.3, 0.25, 0.7, 0.7]], device=device) * img_size
+    targets = [{"boxes": box, "labels": torch.tensor([1], device=device)} for _ in range(batch)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    bf16 = "bf16" in native_precisions(device) and device == "cuda"
+    sync = synchronizer(device)
 
     def train_step() -> int:
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = criterion(model(images), targets)
+        with torch.autocast(device, torch.bfloat16, enabled=bf16):
+            loss, _ = criterion(model(images), targets)
         loss.backward()
         optimizer.step()
+        sync()
         return batch
 
     def infer_step() -> int:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=bf16):
             model(images)
+        sync()
         return batch
 
     model.train()
-    train = rate_of(train_step, BatchClock(ws.sizes.warmup, ws.sizes.budget_s))
+    train = rate_of(train_step, clock())
     model.eval()
-    infer = rate_of(infer_step, BatchClock(ws.sizes.warmup, ws.sizes.budget_s))
+    infer = rate_of(infer_step, clock())
     return train.per_s, infer.per_s
 
 
 def run(ws: Workspace) -> Section:
-    peak = matmul_gflops(ws)
+    peak = matmul_peaks(ws)["fp32"]
     rows, readings, raw = [], [], {"matmul_gflops": peak}
     for variant, (params_ref, gflops_ref) in PUBLISHED.items():
         params, gflops = _size_check(variant)
-        train, infer = _rates(ws, variant)
+        batch = 2 if ws.sizes.budget_s < 5 else 4
+        clock = partial(BatchClock, ws.sizes.warmup, ws.sizes.budget_s)
+        train, infer = yolo_rates(variant, IMG_SIZE, batch, "cpu", clock)
         rows.append(
             [
                 variant,

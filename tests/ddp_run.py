@@ -71,9 +71,11 @@ class EvalBatchNorm(pl.Callback):
                 module.eval()
 
 
-def trainer(devices: int, epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+def trainer(
+    devices: int, epochs: int, callbacks: list[pl.Callback], accelerator: str = "cpu"
+) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         precision="32-true",
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--eval-bn", action="store_true")
     parser.add_argument("--checkpoint")
+    parser.add_argument("--accelerator", default="cpu", help="gpu: one rank per GPU (NCCL)")
     args = parser.parse_args()
     datamodule = CellDataModule(args.prepared, args.batch_size, num_workers=0, seed=SEED)
     if args.mode == "validate":
@@ -119,7 +122,7 @@ def main() -> None:
     ]
     if args.eval_bn:
         callbacks.append(EvalBatchNorm())
-    run = trainer(args.devices, args.epochs, callbacks)
+    run = trainer(args.devices, args.epochs, callbacks, args.accelerator)
     run.fit(module, datamodule=datamodule)
     if run.is_global_zero:
         torch.save(module.net.state_dict(), args.out / "weights.pt")

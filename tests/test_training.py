@@ -1,12 +1,17 @@
 """CNN training on tiny synthetic data: real Lightning, real MLflow store."""
 
 import json
+import os
 
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
 
+from leukemia_mlops.config import compose
+from leukemia_mlops.data.datamodule import CellDataModule
+from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.backbones import HEADS, WeightsError, build_classifier
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.tracking.store import tracking_uri
@@ -167,3 +172,25 @@ def test_auto_precision_of_a_gpu_reads_only_its_own_device(monkeypatch, gpu, cap
 def test_auto_precision_of_a_cpu_follows_its_bf16_flags(flags, expected):
     cpuinfo = f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\nbogomips\t: 1\n"
     assert choose_precision(None, cpu_flags_have_bf16(cpuinfo)) == expected
+
+
+@pytest.mark.parametrize("trainer", ["gpu", "ddp"])
+def test_gpu_trainers_bring_gpu_input_settings(trainer):
+    cpu = compose(["trainer=cpu"])
+    gpu = compose([f"trainer={trainer}"])
+    assert gpu.datamodule.pin_memory and not cpu.datamodule.pin_memory
+    assert gpu.datamodule.num_workers == "auto"
+    assert gpu.datamodule.batch_size > cpu.datamodule.batch_size
+    assert gpu.trainer.benchmark and "benchmark" not in cpu.trainer
+    assert compose([f"trainer={trainer}", "datamodule.batch_size=8"]).datamodule.batch_size == 8
+
+
+def test_auto_loader_workers_share_the_cpus_among_the_ranks(tiny_prepared):
+    cpus = len(os.sched_getaffinity(0))
+    datamodule = CellDataModule(str(tiny_prepared), 4, num_workers="auto")
+    assert datamodule.workers() == max(cpus - 1, 0)
+    datamodule.trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    assert datamodule.workers() == max(cpus // 2 - 1, 0)
+    assert CellDataModule(str(tiny_prepared), 4, num_workers=3).workers() == 3
+    with pytest.raises(ConfigError, match="num_workers"):
+        CellDataModule(str(tiny_prepared), 4, num_workers="many")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import albumentations as A
@@ -95,7 +96,7 @@ class CellDataModule(pl.LightningDataModule):
         self,
         prepared_dir: str,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: int | str = 2,
         pin_memory: bool = False,
         balance: str = "loss",
         augment_strength: float = 1.0,
@@ -107,6 +108,8 @@ class CellDataModule(pl.LightningDataModule):
             raise ConfigError(f"datamodule.balance must be one of {BALANCE_MODES}, got {balance!r}")
         if batch_size < 1:
             raise ConfigError(f"datamodule.batch_size must be >= 1, got {batch_size}")
+        if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ConfigError(f"datamodule.num_workers must be >= 0 or auto, got {num_workers!r}")
         self.prepared_dir = Path(prepared_dir)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.balance, self.seed = balance, seed
@@ -162,12 +165,21 @@ class CellDataModule(pl.LightningDataModule):
         """Every cell scored exactly once: under DDP the ranks share the split unpadded."""
         return self._loader(dataset, sampler=unpadded_shard(len(dataset)))
 
+    def workers(self) -> int:
+        """Loader processes per rank; ``auto``: this node's CPUs shared among its ranks, one
+        CPU of each share left to the rank itself."""
+        if self.num_workers != "auto":
+            return self.num_workers
+        ranks = self.trainer.num_devices if self.trainer is not None else 1
+        return max(len(os.sched_getaffinity(0)) // ranks - 1, 0)
+
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
+        workers = self.workers()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
             **kwargs,
         )

@@ -162,7 +162,8 @@ class YoloDetector(FineTunedModule):
         images, targets = batch
         outputs = self(images)
         loss, _ = self.criterion(outputs, targets)
-        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(targets), sync_dist=True)
+        self.eval_losses[stage].update(loss, len(targets))
+        self.log(f"{stage}/loss", self.eval_losses[stage], on_epoch=True)
         outputs = [o.float() for o in outputs]
         detections = postprocess(
             outputs,

@@ -11,7 +11,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 export DO_NOT_TRACK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup params data repro test test-fast test-slow lint format ui bench clean
+.PHONY: help setup params data repro test test-fast test-slow lint format ui bench gpu-check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,10 @@ ui: setup ## Open the MLflow UI on 127.0.0.1:5000 over the local store
 
 bench: setup ## Run the benchmarks and rewrite BENCHMARKS.md
 	python -m bench.run
+
+# On a GPU machine without .venv: the system python3, with the project's sources on the path.
+gpu-check: ## GPU smoke list and speed vs the ceiling (8 min on a GPU; BENCHMARKS.md section)
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(if $(wildcard $(BIN)/python),python,python3) -m bench.gpu_check
 
 clean: ## Remove pipeline outputs kept outside git (never data/raw or the committed reports)
 	rm -rf data/prepared models outputs multirun

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from bench.ceiling import PEAK_OF, TRAINING_FACTOR, matmul_gflops, native_precisions, synchronizer
-from bench.report import Section, pct, verdict
+from bench.report import Section, fmt, pct, verdict
 from bench.timing import BatchClock, rate_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ class Sizes:
 
     quick: bool
     image_size: int  # CNN smoke and speed size
-    cells_per_subject: int  # synthetic data behind the fit and the loader
+    synthetic: dict[str, int]  # SyntheticSpec fields of the data behind the fit and loader
     smoke_batch: int
     speed_batch: int
     warmup: int  # batches before a clock measures
@@ -64,20 +64,40 @@ class Sizes:
 
 
 FULL = Sizes(
-    False, 224, 12, 32, 128, 3, 10.0, (("yolov3_tiny", 64), ("yolov3", 16)), 416, "inductor"
+    quick=False,
+    image_size=224,
+    synthetic={"cells_per_subject": 40},  # about 1,500 images
+    smoke_batch=32,
+    speed_batch=128,
+    warmup=3,
+    budget_s=10.0,
+    yolo=(("yolov3_tiny", 64), ("yolov3", 16)),
+    yolo_size=416,
+    compile_backend="inductor",
 )
-QUICK = Sizes(True, 32, 2, 8, 4, 1, 0.3, (("yolov3_tiny", 2),), 64, "eager")
+QUICK = Sizes(
+    quick=True,
+    image_size=32,
+    synthetic={"n_train_subjects": 8, "n_prelim_subjects": 4, "cells_per_subject": 3},
+    smoke_batch=8,
+    speed_batch=4,
+    warmup=1,
+    budget_s=0.3,
+    yolo=(("yolov3_tiny", 2),),
+    yolo_size=64,
+    compile_backend="eager",
+)
 
 
 @dataclass
 class Outcome:
     """One check's result: ``passed`` is None for a measurement or a skipped check."""
 
-    name: str
     passed: bool | None
     result: str
-    seconds: float = 0.0
     raw: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # the check's, set by :func:`attempt`
+    seconds: float = 0.0
 
 
 class Run:
@@ -89,6 +109,7 @@ class Run:
         self.accelerator = "gpu" if self.device == "cuda" else "cpu"
         self.sync = synchronizer(self.device)
         self.shared: dict[str, Any] = {}
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
 
     def clock(self) -> BatchClock:
         return BatchClock(self.sizes.warmup, self.sizes.budget_s)
@@ -104,8 +125,8 @@ class Run:
             from leukemia_mlops.data.synthetic import SyntheticSpec, generate_cnmc
 
             raw, out = self.root / "raw", self.root / "prepared"
-            spec = SyntheticSpec(cells_per_subject=self.sizes.cells_per_subject, n_final_images=0)
-            generate_cnmc(raw, spec, workers=self.workers())
+            spec = replace(SyntheticSpec(n_final_images=0), **self.sizes.synthetic)
+            generate_cnmc(raw, spec, workers=max(1, self.workers()))
             prepare = PrepareSpec(image_size=self.sizes.image_size, workers=max(1, self.workers()))
             prepare_dataset(raw, out, prepare, SplitSpec(), progress=False)
             self.shared["prepared"] = out
@@ -136,10 +157,8 @@ def check_fit(run: Run) -> Outcome:
             self.moved: list[float] = []
 
         def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            now = module.backbone.parameters()
-            self.moved.append(
-                sum(float((a - b).abs().sum()) for a, b in zip(now, self.start, strict=True))
-            )
+            pairs = zip(module.backbone.parameters(), self.start, strict=True)
+            self.moved.append(sum(float((a.detach() - b).abs().sum()) for a, b in pairs))
 
     pl.seed_everything(0, verbose=False)
     precision = run.precision()
@@ -161,7 +180,6 @@ def check_fit(run: Run) -> Outcome:
     frozen, thawed = probe.moved[0] == 0.0, probe.moved[1] > 0.0
     f1 = float(trainer.callback_metrics.get("val/f1_weighted", float("nan")))
     return Outcome(
-        "2-epoch fit with warm-up",
         frozen and thawed and trainer.current_epoch == 2,
         f"precision {precision}; backbone {'frozen' if frozen else 'MOVED'} in epoch 0, "
         f"{'moved' if thawed else 'STILL FROZEN'} in epoch 1; val F1 {f1:.3f}",
@@ -188,7 +206,7 @@ def check_ddp(run: Run) -> Outcome:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     if done.returncode != 0:
-        return Outcome("DDP replica equality", False, f"{how}: " + done.stderr[-500:])
+        return Outcome(False, f"{how}: " + done.stderr[-500:])
     records = json.loads((out / "digests.json").read_text())
     unequal = [
         record["when"]
@@ -197,7 +215,6 @@ def check_ddp(run: Run) -> Outcome:
     ]
     moments = ", ".join(record["when"] for record in records)
     return Outcome(
-        "DDP replica equality",
         not unequal and len(records) == 3,
         f"{how}: ranks {'differ at ' + ', '.join(unequal) if unequal else 'bit-identical'} "
         f"({moments})",
@@ -234,7 +251,6 @@ def check_yolo_syncs(run: Run) -> Outcome:
     if run.device != "cuda":
         loss = float(step())
         return Outcome(
-            "YOLO-tiny step syncs",
             None,
             f"loss {loss:.3f}; syncs not counted without CUDA "
             "(tests/test_yolo_device.py counts the sync ops on a CPU)",
@@ -249,7 +265,6 @@ def check_yolo_syncs(run: Run) -> Outcome:
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     return Outcome(
-        "YOLO-tiny step syncs",
         syncs <= SYNC_LIMIT,
         f"{syncs} host-device syncs in one training step at {size} px (limit {SYNC_LIMIT}); "
         f"loss {float(loss):.3f}",
@@ -279,7 +294,6 @@ def check_parity(run: Run) -> Outcome:
     within = all(diff <= PARITY_TOLERANCE for diff in diffs.values())
     shown = ", ".join(f"{name} {diff:.1e}" for name, diff in diffs.items())
     return Outcome(
-        "predictions .ckpt / .onnx / runs:/",
         within,
         f"largest probability difference from .ckpt on {run.device}: {shown} "
         f"(tolerance {PARITY_TOLERANCE:.0e}){skipped}",
@@ -323,7 +337,7 @@ def check_peaks(run: Run) -> Outcome:
     }
     run.shared["peaks"] = peaks
     shown = ", ".join(f"{p} {gflops:,.0f}" for p, gflops in peaks.items())
-    return Outcome("matmul peaks", None, f"GFLOP/s: {shown}", raw=peaks)
+    return Outcome(None, f"GFLOP/s: {shown}", raw=peaks)
 
 
 def of_peak(run: Run, precision: str, gflop_per_s: float) -> float | None:
@@ -405,13 +419,12 @@ def check_training(run: Run, backbone: str) -> Outcome:
     }
     shares = {loop: of_peak(run, precision, gflop * rate) for loop, rate in rates.items()}
     shown = "; ".join(
-        f"{loop} {rate:,.0f} img/s" + (f" ({pct(shares[loop])} of peak)" if shares[loop] else "")
+        f"{loop} {fmt(rate)} img/s" + (f" ({pct(shares[loop])} of peak)" if shares[loop] else "")
         for loop, rate in rates.items()
     )
     return Outcome(
-        f"{backbone} training, {size} px",
         None,
-        f"{precision}, channels-last, batch {run.sizes.speed_batch}: {shown}",
+        f"{size} px, {precision}, channels-last, batch {run.sizes.speed_batch}: {shown}",
         raw={
             "precision": precision,
             "peak": PEAK_OF.get(precision, precision),
@@ -431,8 +444,8 @@ def check_yolo_speed(run: Run) -> Outcome:
         variant: yolo_rates(variant, run.sizes.yolo_size, batch, run.device, clock)
         for variant, batch in run.sizes.yolo
     }
-    shown = "; ".join(f"{v} train {t:,.0f} / infer {i:,.0f} img/s" for v, (t, i) in rates.items())
-    return Outcome(f"YOLOv3 at {run.sizes.yolo_size} px", None, shown, raw=rates)
+    shown = "; ".join(f"{v} train {fmt(t)} / infer {fmt(i)} img/s" for v, (t, i) in rates.items())
+    return Outcome(None, f"at {run.sizes.yolo_size} px: {shown}", raw=rates)
 
 
 SPEED: dict[str, Callable[[Run], Outcome]] = {
@@ -451,11 +464,11 @@ def attempt(name: str, check: Callable[[Run], Outcome], run: Run) -> Outcome:
     try:
         outcome = check(run)
     except ModuleNotFoundError as err:
-        outcome = Outcome(name, None, f"skipped: {err.name} is not importable here")
+        outcome = Outcome(None, f"skipped: {err.name} is not importable here")
     except Exception as err:  # a broken check must not hide the others' results
         traceback.print_exc()
-        outcome = Outcome(name, False, f"error: {type(err).__name__}: {err}"[:500])
-    return replace(outcome, seconds=time.perf_counter() - started)
+        outcome = Outcome(False, f"error: {type(err).__name__}: {err}"[:500])
+    return replace(outcome, name=name, seconds=time.perf_counter() - started)
 
 
 def verdicts(outcomes: list[Outcome], device: str) -> list[str]:

@@ -72,8 +72,8 @@ def now() -> str:
 
 
 def stored(results: Path) -> list[dict]:
-    """Every stored result, in the benchmarks' order."""
-    files = [results / f"{name}.json" for name in BENCHMARKS]
+    """Every stored result, in the benchmarks' order, then the GPU check's (``bench.gpu_check``)."""
+    files = [results / f"{name}.json" for name in (*BENCHMARKS, "gpu_check")]
     return [json.loads(f.read_text()) for f in files if f.is_file()]
 
 

@@ -1,9 +1,11 @@
-"""Smoke test of the benchmark runner: its cheapest benchmark at quick sizes, end to end."""
+"""Smoke tests of the benchmark runner and of the GPU check, at quick sizes, end to end."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from leukemia_mlops.training.precision import cpu_has_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,3 +23,53 @@ def test_quick_preprocessing_writes_its_table_and_result(tmp_path):
     assert record["quick"] is True
     assert [row[0] for row in record["rows"]] == ["naive PIL loop", "prepare_dataset"]
     assert all(row[4] > 0 for row in record["rows"])  # img/s
+
+
+def test_quick_gpu_check_runs_every_check_and_gets_the_known_answers(tmp_path):
+    checks = tmp_path / "checks.json"
+    command = [sys.executable, "-m", "bench.gpu_check", "--quick", "--json", str(checks)]
+    done = subprocess.run([*command, "--out", str(tmp_path)], cwd=REPO, timeout=900)
+
+    outcomes = {o["name"]: o for o in json.loads(checks.read_text())}
+    assert list(outcomes) == [
+        "2-epoch fit with warm-up",
+        "DDP replica equality",
+        "YOLO-tiny step syncs",
+        "predictions .ckpt / .onnx / runs:/",
+        "matmul peaks",
+        "resnet18 training",
+        "efficientnet_b0 training",
+        "YOLOv3 speed",
+    ]
+    for name, outcome in outcomes.items():  # everything is installed here: nothing skipped
+        assert outcome["result"] and not outcome["result"].startswith(("error", "skip")), name
+    fit = outcomes["2-epoch fit with warm-up"]
+    assert fit["passed"] is True
+    assert fit["raw"]["backbone_moved"][0] == 0 < fit["raw"]["backbone_moved"][1]
+    assert outcomes["DDP replica equality"]["passed"] is True
+    assert outcomes["DDP replica equality"]["raw"]["unequal"] == []
+    parity = outcomes["predictions .ckpt / .onnx / runs:/"]
+    assert parity["passed"] is True and set(parity["raw"]["max_abs_diff"]) == {".onnx", "runs:/"}
+    assert max(parity["raw"]["max_abs_diff"].values()) <= 1e-4
+    peaks = outcomes["matmul peaks"]["raw"]
+    assert set(peaks) == ({"fp32", "bf16"} if cpu_has_bf16() else {"fp32"})
+    for model in ("resnet18 training", "efficientnet_b0 training"):
+        raw = outcomes[model]["raw"]
+        assert raw["peak"] == {"32-true": "fp32", "bf16-mixed": "bf16"}[raw["precision"]]
+        assert len(raw["img_per_s"]) == 3 and min(raw["img_per_s"].values()) > 0
+        assert all(share > 0 for share in raw["of_peak"].values())  # of its own peak
+    assert min(outcomes["YOLOv3 speed"]["raw"]["yolov3_tiny"]) > 0
+    assert done.returncode == 0  # no check failed
+    assert not (tmp_path / "BENCHMARKS.md").exists()  # the GPU section is written on CUDA only
+
+
+def test_the_roofline_divides_each_rate_by_the_peak_of_its_own_precision(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))  # bench/ is a folder of the repository, not installed
+    from bench.ceiling import roofline_row
+
+    peaks = {"fp32": 100.0, "bf16": 800.0}
+    # 2 GFLOP per image at 100 img/s = 200 GFLOP/s: a quarter of the bf16 peak, not twice fp32's.
+    assert roofline_row("r", "bf16-mixed", 2.0, 100.0, peaks)[-2:] == ["bf16", "25.0%"]
+    assert roofline_row("r", "32-true", 2.0, 25.0, peaks)[-2:] == ["fp32", "50.0%"]
+    emulated = roofline_row("r", "bf16-mixed", 2.0, 100.0, {"fp32": 100.0})
+    assert emulated[-1] == "no native bf16 peak"

@@ -259,11 +259,7 @@ def test_a_sweep_stage_killed_mid_trial_is_finished_by_its_rerun(
 ):
     # 4 epochs a trial: trial 1 is killed once its first epoch is reported, with 3 to go.
     cfg = tiny_config("sweep.n_trials=3", "sweep.max_epochs=4")
-    cfg.sweep.fixed = [
-        "model=resnet18",
-        "hydra.sweeper.heartbeat_interval=1",
-        "hydra.sweeper.grace_period=3",
-    ]
+    cfg.sweep.sweeper = {"heartbeat_interval": 1, "grace_period": 3}
     params = tmp_path / "params.yaml"
     write_params(cfg, params)
     command = [sys.executable, "-m", "leukemia_mlops.cli.sweep", "--params", str(params)]

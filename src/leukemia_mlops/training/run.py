@@ -227,7 +227,7 @@ def _resume_state(run_dir: Path, digest: str) -> tuple[dict[str, Any], bool]:
     if rank_zero_only.rank == 0:
         # run.json proves the checkpoints are this project's: a folder that merely happens
         # to hold a checkpoints/ (paths.models_dir=~ ...) is refused, never wiped.
-        __import__('shutil').rmtree(run_dir / "checkpoints", ignore_errors=True)
+        remove_owned(run_dir / "checkpoints", state_file)
         state_file.unlink(missing_ok=True)
     return {"config_hash": digest}, False
 

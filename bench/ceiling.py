@@ -29,7 +29,7 @@ TRAINING_FACTOR = 3  # forward + backward (two matmuls per forward one) per imag
 MATMUL_N = {"cpu": 2048, "cuda": 8192}
 MATMUL_REPEAT = {"cpu": 1, "cuda": 20}
 #: Matmul precision of each training precision (the one its convolutions and matmuls run in).
-PEAK_OF = {"32-true": "fp32", "bf16-mixed": "fp32", "bf16-true": "bf16", "16-mixed": "fp16"}
+PEAK_OF = {"32-true": "fp32", "bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16"}
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.half}
 
 

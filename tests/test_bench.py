@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from leukemia_mlops.training.precision import cpu_has_bf16
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +27,7 @@ def test_quick_preprocessing_writes_its_table_and_result(tmp_path):
     assert all(row[4] > 0 for row in record["rows"])  # img/s
 
 
+@pytest.mark.slow  # two DDP processes and an MLflow store: about 80 s of CPU
 def test_quick_gpu_check_runs_every_check_and_gets_the_known_answers(tmp_path):
     checks = tmp_path / "checks.json"
     command = [sys.executable, "-m", "bench.gpu_check", "--quick", "--json", str(checks)]

@@ -264,6 +264,9 @@ class MlflowServer:
     log_file: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    #: ``mlflow server --app-name`` (``basic-auth``: its settings come from the environment,
+    #: ``MLFLOW_AUTH_CONFIG_PATH`` and ``MLFLOW_FLASK_SERVER_SECRET_KEY``).
+    app_name: str | None = None
 
     @property
     def url(self) -> str:
@@ -297,6 +300,7 @@ class MlflowServer:
             self.backend_uri,
             "--artifacts-destination",
             str(self.artifacts_dir),
+            *(["--app-name", self.app_name] if self.app_name else []),
         ]
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(

@@ -28,8 +28,9 @@ import pytest
 import torch
 from conftest import TINY_SIZE, tree_digest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
-from servers import MlflowServer
+from servers import MlflowServer, Postgres, postgres_bin_dir, start_postgres
 
 from leukemia_mlops.cli import evaluate as evaluate_cli
 from leukemia_mlops.cli import export as export_cli
@@ -196,8 +197,6 @@ def test_resuming_from_a_last_checkpoint_with_a_payload_is_refused(
 def test_an_mlflow_model_in_pickle_format_is_refused(marker, tracking_server, tmp_path):
     """``predict runs:/...`` loads MLflow models: one saved in MLflow's pickle format is
     refused (MLflow would unpickle it by default; the predict loader turns that off)."""
-    from mlflow.exceptions import MlflowException
-
     from leukemia_mlops.evaluation.predict import load_scorer
 
     uri = tracking_server.url
@@ -346,6 +345,8 @@ def test_make_ui_serves_on_localhost_only():
         ),
         ("http://alice:a/b:c@host/path", "http://alice:***@host/path"),  # '/' and ':' in it
         ("redis://:onlypw@cache", "redis://:***@cache"),  # no user name
+        # as Hydra escapes a URL in override text (a sweep trial's link to its storage)
+        (r"storage:postgresql\://u\:pw@db\:5432/o", r"storage:postgresql\://u\:***@db\:5432/o"),
         ("x=http://u:p1@a and y=https://v:p2@b", "x=http://u:***@a and y=https://v:***@b"),
         ("http://user@host:5000/x", "http://user@host:5000/x"),  # no password: unchanged
         ("http://127.0.0.1:5000/api", "http://127.0.0.1:5000/api"),
@@ -454,3 +455,101 @@ def test_a_training_never_wipes_a_checkpoints_folder_it_did_not_write(tiny_confi
     with pytest.raises(InputError, match="checkpoints exists and was not written by leukemia"):
         run_training(tiny_config("trainer.max_epochs=1"), run_dir)
     assert (run_dir / "checkpoints/notes.txt").read_text() == "mine"
+
+
+def database_dump(postgres: Postgres, database: str) -> str:
+    """Every row of every table of ``database``, as JSON text (a dump to grep)."""
+    connection = postgres.connect(database)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT quote_ident(table_name) FROM information_schema.tables "
+                "WHERE table_schema = 'public'"
+            )
+            tables = [name for (name,) in cursor.fetchall()]
+            rows = []
+            for table in tables:
+                cursor.execute(f"SELECT row_to_json(t)::text FROM {table} t")
+                rows.extend(row for (row,) in cursor.fetchall())
+    finally:
+        connection.close()
+    assert len(tables) > 5 and rows  # the dump does hold the store
+    return "\n".join(rows)
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_no_password_of_its_tracking_uri_or_storage(
+    tiny_prepared, tmp_path, monkeypatch
+):
+    """A real 2-trial Optuna sweep (Hydra multirun) against an ``mlflow server --app-name
+    basic-auth`` over PostgreSQL, with the server's password in the tracking URI and the
+    PostgreSQL password in the storage URL: neither is in any output line, any file under the
+    sweep's folders, the MLflow artifact store, or a dump of the MLflow and Optuna databases."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb/postgres): apt-get install postgresql")
+    secret = "pw-" + os.urandom(8).hex()
+    auth = tmp_path / "auth/basic_auth.ini"  # the credentials file, outside every output folder
+    auth.parent.mkdir()
+    auth.write_text(
+        f"[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{auth.parent / 'users.db'}\n"
+        f"admin_username = alice\nadmin_password = {secret}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(auth))
+    monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", os.urandom(8).hex())
+    postgres = start_postgres(bin_dir)
+    try:
+        server = MlflowServer(
+            postgres.create_database("mlflow"),
+            tmp_path / "store/artifacts",
+            tmp_path / "log",
+            app_name="basic-auth",
+        )
+        server.start()
+        try:
+            with pytest.raises(MlflowException, match="401"):  # the server does check
+                MlflowClient(server.url).search_experiments()
+            uri = server.url.replace("http://", f"http://alice:{secret}@")
+            storage = postgres.create_database("optuna")
+            work = tmp_path / "work"
+            work.mkdir()
+            command = [
+                sys.executable,
+                "-m",
+                "leukemia_mlops.train",
+                "-m",
+                "hparams_search=cnn_optuna",
+                "hydra.sweeper.n_trials=2",
+                "hydra.sweeper.study_name=planted",
+                f"hydra.sweeper.storage='{storage}'",
+                f"hydra.sweep.dir={work / 'multirun'}",
+                f"paths.prepared_dir={tiny_prepared}",
+                f"paths.mlruns_dir={work / 'mlruns'}",
+                f"logger.mlflow.tracking_uri={uri}",
+                "logger.mlflow.experiment_name=planted",
+                "logger.mlflow.log_model=false",
+                "model=resnet18",
+                "trainer.max_epochs=1",
+                "trainer.enable_progress_bar=false",
+                f"data.prepare.image_size={TINY_SIZE}",
+                "datamodule.num_workers=0",
+            ]
+            env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+            env.update(OMP_NUM_THREADS="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
+            result = subprocess.run(command, cwd=work, env=env, capture_output=True, timeout=600)
+            output = (result.stdout + result.stderr).decode(errors="replace")
+            assert result.returncode == 0, output[-3000:]
+            dumps = database_dump(postgres, "mlflow") + database_dump(postgres, "optuna")
+        finally:
+            server.stop()
+    finally:
+        postgres.stop()
+    assert len(list((work / "multirun").rglob(".hydra/overrides.yaml"))) == 2  # both trials ran
+    assert '"planted"' in dumps  # the study and the experiment are in the dumps
+    for password in (secret, postgres.password):
+        assert [line for line in output.splitlines() if password in line] == []
+        assert files_holding(work, password) == []
+        assert files_holding(tmp_path / "store", password) == []
+        assert password not in dumps

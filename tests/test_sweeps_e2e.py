@@ -218,23 +218,27 @@ def test_a_bad_search_space_fails_before_any_trial(tiny_prepared, tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
-def test_the_sweep_stage_writes_the_best_params(tiny_prepared, tiny_config, tmp_path):
+def test_the_sweep_stage_tunes_the_configured_model_and_writes_the_best_params(
+    tiny_prepared, tiny_config, tmp_path
+):
     params = tmp_path / "params.yaml"
-    write_params(tiny_config("sweep.n_trials=2", "sweep.max_epochs=1", "sweep.fixed=[]"), params)
+    write_params(
+        tiny_config("model=mobilenet_v3_large", "sweep.n_trials=2", "sweep.max_epochs=1"), params
+    )
     command = [sys.executable, "-m", "leukemia_mlops.cli.sweep", "--params", str(params)]
     result = run(command, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     best = yaml.safe_load((tmp_path / "reports/best_params.yaml").read_text())
     study = load_study(tmp_path, best["study_name"])
-    assert best["study_name"].startswith("cnn_optuna-")
+    assert best["study_name"].startswith("cnn_optuna-") and best["tuned"] is True
     assert (best["trial"], best["value"]) == (study.best_trial.number, study.best_value)
     assert best["overrides"] == study.best_trial.user_attrs["overrides"]
-    assert f"model={study.best_params['model']}" in best["overrides"]
+    assert "model" not in study.best_params  # the search space's model choice is dropped
     lr = study.best_params["model.optimizer.lr"]
     assert f"model.optimizer.lr={lr}" in best["overrides"]
-    assert best["params"]["model"]["backbone"] == study.best_params["model"]
     assert best["params"]["model"]["optimizer"]["lr"] == lr
+    assert "backbone" not in best["params"]["model"]
     assert best["params"]["datamodule"]["batch_size"] == study.best_params["datamodule.batch_size"]
     metrics = yaml.safe_load((tmp_path / "reports/sweep.json").read_text())
     assert metrics == {
@@ -244,8 +248,22 @@ def test_the_sweep_stage_writes_the_best_params(tiny_prepared, tiny_config, tmp_
     }
     trial_dir = tmp_path / "multirun/sweep" / best["study_name"] / "trial_0"
     trial_config = yaml.safe_load((trial_dir / "config.yaml").read_text())
+    assert trial_config["model"]["backbone"] == "mobilenet_v3_large"  # params.yaml's model
     assert trial_config["trainer"]["max_epochs"] == 1  # sweep.max_epochs
-    assert trial_config["data"]["prepare"]["image_size"] == 48  # pinned from params.yaml
+    assert trial_config["data"]["prepare"]["image_size"] == 48  # params.yaml's value
+    # The same inputs name the same study: a rerun finds it full and runs nothing.
+    rerun = run(command, tmp_path)
+    assert rerun.returncode == 0 and len(load_study(tmp_path, best["study_name"]).trials) == 2
+
+
+def test_a_disabled_sweep_stage_tunes_nothing(tiny_config, tmp_path):
+    params = tmp_path / "params.yaml"
+    write_params(tiny_config("sweep.enabled=false"), params)
+    command = [sys.executable, "-m", "leukemia_mlops.cli.sweep", "--params", str(params)]
+    assert run(command, tmp_path).returncode == 0
+    best = yaml.safe_load((tmp_path / "reports/best_params.yaml").read_text())
+    assert best == {"tuned": False, "params": {}}
+    assert not (tmp_path / "mlruns/optuna.db").exists()
 
 
 def reported_an_epoch(storage: optuna.storages.RDBStorage, study_id: int, number: int) -> bool:

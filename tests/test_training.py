@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -20,7 +22,12 @@ from leukemia_mlops.training.precision import (
     cpu_flags_have_bf16,
     resolve_precision,
 )
-from leukemia_mlops.training.run import run_training
+from leukemia_mlops.training.run import (
+    RUN_STATE_ENV,
+    _handed_to_launched_ranks,
+    _inherited_state,
+    run_training,
+)
 
 
 def finished_run(cfg, run_dir):
@@ -194,3 +201,16 @@ def test_auto_loader_workers_share_the_cpus_among_the_ranks(tiny_prepared):
     assert CellDataModule(str(tiny_prepared), 4, num_workers=3).workers() == 3
     with pytest.raises(ConfigError, match="num_workers"):
         CellDataModule(str(tiny_prepared), 4, num_workers="many")
+
+
+def test_rank_zero_hands_its_run_state_to_the_ranks_it_launches():
+    # Lightning's DDP launcher re-runs the command: those ranks must not read run.json.
+    state = {"config_hash": "abc", "mlflow_run_id": "r1", "status": "running"}
+    probe = "from leukemia_mlops.training.run import _inherited_state; print(_inherited_state())"
+    with _handed_to_launched_ranks(state, resume=True):
+        child = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        )
+        assert _inherited_state() is None  # rank 0 decides for itself
+    assert child.stdout.splitlines()[-1] == str((state, True))
+    assert RUN_STATE_ENV not in os.environ

@@ -149,3 +149,35 @@ def test_the_train_stage_under_ddp_leaves_complete_outputs(tiny_config, tmp_path
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "val/f1_weighted")) == 1
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_torchrun_ranks_share_rank_zeros_run_directory_and_resume(tiny_prepared, tmp_path):
+    # torchrun starts every rank at once and each resolves its own Hydra run directory (here
+    # run_<RANK>, as two ${now} seconds would): only rank 0's may be read and written.
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [
+        str(torchrun),
+        "--nproc-per-node=2",
+        "-m",
+        "leukemia_mlops.train",
+        "trainer=ddp_cpu",
+        f"paths.prepared_dir={tiny_prepared}",
+        f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+        "data.prepare.image_size=48",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "datamodule.batch_size=8",
+        "datamodule.num_workers=0",
+        "logger.mlflow.log_model=false",
+        "hydra.run.dir=run_${oc.env:RANK}",
+    ]
+    for attempt in ("fresh", "resumed"):
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (attempt, result.stderr[-3000:])
+        state = json.loads((tmp_path / "run_0/run.json").read_text())
+        assert state["status"] == "finished"
+        assert not {"checkpoints", "run.json"} & {p.name for p in (tmp_path / "run_1").iterdir()}
+        # Mark the run unfinished: every rank must resume from rank 0's last.ckpt alike.
+        state["status"] = "running"
+        (tmp_path / "run_0/run.json").write_text(json.dumps(state))
+    assert "Restoring states from the checkpoint" in result.stderr + result.stdout

@@ -16,12 +16,15 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@\s]*@")
+# Also as Hydra escapes it in override text (``postgresql\://user\:pw@host``).
+_CREDENTIALS = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*\\?://)(?P<user>[^:/@\s\\]*)(?P<colon>\\?:)[^@\s]*@"
+)
 
 
 def redact(text: str) -> str:
     """Hide passwords in URLs (``postgresql://user:secret@host`` -> ``user:***@host``)."""
-    return _CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)
+    return _CREDENTIALS.sub(r"\g<scheme>\g<user>\g<colon>***@", text)
 
 
 class RedactingStream:

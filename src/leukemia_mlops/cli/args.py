@@ -70,7 +70,7 @@ def expected_failure(err: BaseException) -> bool:
     if isinstance(err, InstantiationException):
         # No cause: a malformed node; an ImportError: a _target_ that does not exist.
         cause = err.__cause__
-        return True
+        return cause is None or isinstance(cause, ImportError) or expected_failure(cause)
     if isinstance(err, _PATH_ERRORS) and err.filename is not None:
         return True
     return isinstance(err, ProjectError | OmegaConfBaseException | MlflowException)

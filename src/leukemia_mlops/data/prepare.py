@@ -165,9 +165,9 @@ def prepare_dataset(
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if out_dir == raw_dir or raw_dir in out_dir.parents or out_dir in raw_dir.parents:
         raise ConfigError(f"prepare output {out_dir} must lie outside the raw data {raw_dir}")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
     # A cache written before the marker existed is proved by its manifest (or, half-written,
     # by its images file).
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
     check_replaceable(out_dir, out_dir / MANIFEST_FILE)
     check_replaceable(tmp, tmp / IMAGES_FILE)
     table, skipped = scan_dataset(raw_dir)

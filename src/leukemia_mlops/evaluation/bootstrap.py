@@ -21,12 +21,11 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from leukemia_mlops.evaluation.metrics import ArrayLike, validated_arrays
+from leukemia_mlops.evaluation.metrics import CLASS_NAMES, ArrayLike, validated_arrays
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 # Cap on the cells x resamples weight matrix one vectorised batch may hold (float64 values).
 _BATCH_CELLS = 2_000_000
-CLASS_NAMES = ("HEM", "ALL")  # stratum order: label 0, then label 1
 
 
 class Interval(NamedTuple):
@@ -54,10 +53,10 @@ class WeightedMetric(Protocol):
     ) -> dict[str, np.ndarray]: ...
 
 
-def subjects_per_class(labels: np.ndarray, subject: np.ndarray) -> dict[str, int]:
-    """How many distinct subjects each class has; ``subject`` holds each cell's subject index."""
+def subjects_per_class(labels: np.ndarray, subjects: np.ndarray) -> dict[str, int]:
+    """How many distinct subjects each class has; ``subjects`` holds each cell's subject."""
     return {
-        name: int(np.unique(subject[labels == label]).size)
+        name: int(np.unique(subjects[labels == label]).size)
         for label, name in enumerate(CLASS_NAMES)
     }
 

@@ -25,13 +25,13 @@ from torchmetrics.functional.classification import (
 )
 
 from leukemia_mlops.evaluation.metrics import (
+    CLASS_NAMES,
     ArrayLike,
     as_labels,
     calibration_bin_index,
     validated_arrays,
 )
 
-CLASS_NAMES = ("HEM", "ALL")
 _DPI = 120
 
 

@@ -10,8 +10,9 @@ that stopped before finishing resumes from ``last.ckpt`` into the same MLflow ru
 started again with the same config.
 
 Under DDP only rank 0 reads and writes the run directory: it decides whether to resume and
-hands that decision to the ranks Lightning starts (which re-run the command), and every rank
-waits until rank 0 has written the finished run's files. Files are replaced atomically.
+hands its directory and decision to the other ranks (started by Lightning's launcher, which
+re-runs the command, or by torchrun), and every rank waits until rank 0 has written the
+finished run's files. Files are replaced atomically.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import inspect
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +29,10 @@ from typing import Any
 
 import pandas as pd
 import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
+from lightning_fabric.plugins.environments import TorchElasticEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -78,8 +81,10 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     identity.check(cfg.get("data"), cfg.datamodule.prepared_dir)
     datamodule, module, backbone = build_data_and_module(cfg, config)
 
-    state, resume = _inherited_state() or _resume_state(run_dir, config_hash(config))
     uri = tracking_uri(cfg.logger.mlflow.tracking_uri, cfg.paths.mlruns_dir)
+    if rank_zero_only.rank == 0:  # before any other rank opens the store
+        ensure_experiment(uri, cfg.logger.mlflow.experiment_name, cfg.paths.mlruns_dir)
+    run_dir, state, resume = _shared_start(run_dir, config_hash(config))
     trial_link = config.get("optuna_trial")  # set by the Optuna sweeper on its trials
     logger = ResumableMLFlowLogger(
         experiment_name=cfg.logger.mlflow.experiment_name,
@@ -98,7 +103,6 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         },
     )
     if rank_zero_only.rank == 0:
-        ensure_experiment(uri, cfg.logger.mlflow.experiment_name, cfg.paths.mlruns_dir)
         _start_run(run_dir, logger, config, state)
 
     history = EpochHistory(HISTORY_KEYS)
@@ -154,7 +158,8 @@ def build_data_and_module(
     cfg: DictConfig, config: dict[str, Any]
 ) -> tuple[pl.LightningDataModule, pl.LightningModule, str]:
     """The datamodule, the module and the backbone name (for tags) of ``model.family``."""
-    module_args = {k: v for k, v in config["model"].items() if k not in ("family", "scenes")}
+    not_args = ("family", "scenes", "name")  # name: model=timm's, already in model.backbone
+    module_args = {k: v for k, v in config["model"].items() if k not in not_args}
     if cfg.model.family == "cnn":
         datamodule = instantiate(cfg.datamodule)
         datamodule.setup("fit")
@@ -190,10 +195,9 @@ def _check_trainer_keys(trainer: dict[str, Any]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``path`` through a temporary file, so that no reader ever sees it half-written."""
-    prefix = f".{path.name}."
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=prefix, delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 @contextmanager
@@ -205,6 +209,25 @@ def _handed_to_launched_ranks(state: dict[str, Any], resume: bool) -> Iterator[N
         yield
     finally:
         os.environ.pop(RUN_STATE_ENV, None)
+
+
+def _shared_start(run_dir: Path, digest: str) -> tuple[Path, dict[str, Any], bool]:
+    """Rank 0's run directory, run state and resume decision, the same on every rank.
+
+    Ranks that Lightning's launcher starts inherit them. Ranks that torchrun starts together
+    (each may have resolved its own ``${now}`` run directory) join the process group at once,
+    and Lightning then keeps it, to receive them from rank 0.
+    """
+    inherited = _inherited_state()
+    if inherited is not None:
+        return run_dir, *inherited
+    if not TorchElasticEnvironment.detect():
+        return run_dir, *_resume_state(run_dir, digest)
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    shared = [(run_dir, *_resume_state(run_dir, digest)) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _inherited_state() -> tuple[dict[str, Any], bool] | None:

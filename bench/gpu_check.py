@@ -274,8 +274,8 @@ def check_yolo_syncs(run: Run) -> Outcome:
 
 def check_parity(run: Run) -> Outcome:
     """The fit's checkpoint scored as ``.ckpt``, ``.onnx`` and ``runs:/``: same probabilities."""
-    from leukemia_mlops.evaluation.export import export_onnx, parity_images
-    from leukemia_mlops.evaluation.predict import load_classifier, load_scorer
+    from leukemia_mlops.inference.export import export_onnx, parity_images
+    from leukemia_mlops.inference.loading import load_classifier, load_scorer
 
     checkpoint, size = run.shared["checkpoint"], run.sizes.image_size
     images = parity_images(None, size, 16)

@@ -61,7 +61,8 @@ def train(config: str) -> None:
 def predict(raw: str, out_csv: str, image_size: str) -> None:
     """``predict`` over every file under ``raw`` with an untrained resnet18 (its memory does
     not depend on the weights)."""
-    from leukemia_mlops.evaluation.predict import TorchScorer, predict_paths
+    from leukemia_mlops.inference.predict import predict_paths
+    from leukemia_mlops.inference.scorers import TorchScorer
     from leukemia_mlops.models.backbones import build_classifier
 
     size = int(image_size)

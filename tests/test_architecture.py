@@ -14,7 +14,8 @@ LAYERS = [
     {"data", "tracking"},
     {"models"},
     {"training", "tuning"},
-    {"evaluation", "inference"},
+    {"inference"},
+    {"evaluation"},
     {"train"},  # the Hydra main; the sweep stage launches it
     {"cli"},
 ]

@@ -30,17 +30,14 @@ from leukemia_mlops.evaluation.evaluate import (
     log_evaluation,
     mlflow_metrics,
 )
-from leukemia_mlops.evaluation.export import register_best
 from leukemia_mlops.evaluation.gradcam import gradcam, last_conv_block
 from leukemia_mlops.evaluation.metrics import binary_metrics
-from leukemia_mlops.evaluation.predict import (
-    TorchScorer,
-    dihedral_views,
-    load_classifier,
-    predict_paths,
-)
+from leukemia_mlops.inference.loading import load_classifier
+from leukemia_mlops.inference.predict import predict_paths
+from leukemia_mlops.inference.scorers import TorchScorer, dihedral_views
 from leukemia_mlops.models.backbones import build_classifier
 from leukemia_mlops.tracking.models import log_classifier
+from leukemia_mlops.tracking.registry import register_best
 from leukemia_mlops.tracking.store import ensure_experiment
 
 EXPERIMENT = "leukemia-test"

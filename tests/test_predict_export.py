@@ -15,8 +15,10 @@ from omegaconf import OmegaConf
 from leukemia_mlops.cli import export as export_cli
 from leukemia_mlops.cli import predict as predict_cli
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
-from leukemia_mlops.evaluation.export import ParityError, export_onnx
-from leukemia_mlops.evaluation.predict import TorchScorer, load_classifier, predict_paths
+from leukemia_mlops.inference.export import ParityError, export_onnx
+from leukemia_mlops.inference.loading import load_classifier
+from leukemia_mlops.inference.predict import predict_paths
+from leukemia_mlops.inference.scorers import TorchScorer
 
 # The session fixture training the tiny checkpoint, shared so that both files use one model.
 BROKEN = {"corrupt.png": "not a decodable image", "empty.bmp": "empty file", "notes.txt": ".txt"}

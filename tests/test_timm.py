@@ -17,7 +17,7 @@ from torch import nn
 
 from leukemia_mlops.config import compose
 from leukemia_mlops.errors import ConfigError
-from leukemia_mlops.evaluation.predict import load_classifier
+from leukemia_mlops.inference.loading import load_classifier
 from leukemia_mlops.models.backbones import WeightsError, _missing_timm_weights, build_classifier
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.tracking.store import tracking_uri

@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         markdown, _ = write_comparison(table, args.out)
         print(markdown.read_text(), end="")
         if args.register:
-            from leukemia_mlops.evaluation.export import register_best
+            from leukemia_mlops.tracking.registry import register_best
 
             best = table.iloc[0]
             version = register_best(uri, best["run_id"], args.name).version

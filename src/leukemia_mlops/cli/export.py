@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from pathlib import Path
 
         from leukemia_mlops.config import load_params
-        from leukemia_mlops.evaluation.export import export_onnx
+        from leukemia_mlops.inference.export import export_onnx
 
         image_size, prepared_dir = args.image_size, args.prepared_dir
         if image_size is None or (prepared_dir is None and Path(args.params).is_file()):

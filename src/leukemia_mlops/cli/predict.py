@@ -52,12 +52,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def body() -> None:
         from leukemia_mlops.config import load_params
-        from leukemia_mlops.evaluation.predict import (
-            PREPROCESSING_KEYS,
-            is_mlflow_uri,
-            load_scorer,
-            predict_paths,
-        )
+        from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, is_mlflow_uri, load_scorer
+        from leukemia_mlops.inference.predict import predict_paths
         from leukemia_mlops.tracking.store import tracking_uri
 
         params = load_params(args.params) if Path(args.params).is_file() else None

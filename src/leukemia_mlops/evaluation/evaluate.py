@@ -41,7 +41,8 @@ from leukemia_mlops.evaluation.plots import (
     reliability_plot,
     roc_curve_plot,
 )
-from leukemia_mlops.evaluation.predict import Scorer, TorchScorer, load_classifier
+from leukemia_mlops.inference.loading import load_classifier
+from leukemia_mlops.inference.scorers import Scorer, TorchScorer
 from leukemia_mlops.tracking.store import tracking_uri
 
 CONFIDENCE = 0.95

@@ -16,7 +16,7 @@ from torch import nn
 
 from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.evaluation.plots import image_grid
-from leukemia_mlops.evaluation.predict import TorchScorer
+from leukemia_mlops.inference.scorers import TorchScorer
 
 
 def last_conv_block(backbone: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Shipping a trained classifier: ONNX export with a parity check, and the MLflow registry.
+"""Shipping a trained classifier: ONNX export with a parity check against PyTorch.
 
 The export uses torch's TorchScript-based exporter (``dynamo=False``): the torch.export-based
 one needs ``onnxscript``, which is not a dependency, and the TorchScript exporter covers these
@@ -9,17 +9,15 @@ in [0, 1] -> ``logit_all [N]``, normalisation included.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from leukemia_mlops.data.prepare import IMAGES_FILE
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
-from leukemia_mlops.evaluation.predict import OnnxScorer, TorchScorer, load_classifier
-
-if TYPE_CHECKING:
-    from mlflow.entities.model_registry import ModelVersion
+from leukemia_mlops.inference.loading import load_classifier
+from leukemia_mlops.inference.scorers import OnnxScorer, TorchScorer
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -96,31 +94,3 @@ def export_onnx(
         "parity_source": "random" if prepared_dir is None else "prepare cache",
         "max_abs_diff": max_abs_diff,
     }
-
-
-def register_best(
-    uri: str, run_id: str, name: str = "leukemia-cnn", alias: str = "champion"
-) -> ModelVersion:
-    """Register ``runs:/<run_id>/model`` under ``name`` and point ``alias`` at the new version.
-
-    The version is tagged with the run's evaluation metrics (``test/*``, ``eval/*``), so the
-    registry shows why it was promoted; a run never evaluated is refused.
-    """
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(uri, registry_uri=uri)
-    try:
-        metrics = client.get_run(run_id).data.metrics
-        evaluation = {k: v for k, v in metrics.items() if k.startswith(("test/", "eval/"))}
-        if not evaluation:
-            raise InputError(f"run {run_id} has no evaluation metrics: run the evaluate stage")
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        tags = {key: str(value) for key, value in sorted(evaluation.items())}
-        version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
-        client.set_registered_model_alias(name, alias, version.version)
-    except MlflowException as err:
-        raise InputError(f"cannot register runs:/{run_id}/model as {name}: {err.message}") from None
-    return version

@@ -1,0 +1,1 @@
+"""Inference: scorers over any model source, batch prediction of image files, ONNX export."""

@@ -1,0 +1,95 @@
+"""Scorers: uint8 RGB images ``[B, S, S, 3]`` in, probabilities of ALL ``[B]`` out.
+
+Every model source (Lightning checkpoint, MLflow model, ONNX file) becomes a scorer, with the
+layout of the prepare cache as its input. Evaluation, batch prediction and the ONNX parity
+check all go through one, so they cannot disagree on input scaling or on the sigmoid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Scorer(Protocol):
+    """uint8 ``[B, S, S, 3]`` RGB images -> float64 probabilities of ALL ``[B]``."""
+
+    preprocessing: dict[str, Any]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def to_network_input(images: np.ndarray) -> np.ndarray:
+    """uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [0, 1], as training feeds the net."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {images.shape}")
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255
+
+
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square (4 rotations, with and without a flip), identity first.
+
+    A cell on a slide has no preferred orientation, so each view is an equally valid input.
+    """
+    flips = (images, images.flip(3))
+    return [torch.rot90(view, k, dims=(2, 3)) for view in flips for k in range(4)]
+
+
+class TorchScorer:
+    """A ``CellClassifierNet`` in eval mode; ``tta`` averages the probabilities of 8 views."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        tta: bool = False,
+        device: str | None = None,
+        preprocessing: dict[str, Any] | None = None,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = _eval_mode(net).float().to(self.device, memory_format=torch.contiguous_format)
+        self.tta = tta
+        self.preprocessing = dict(preprocessing or {})
+
+    def tensor(self, images: np.ndarray) -> torch.Tensor:
+        """The network input for ``images`` on this scorer's device."""
+        return torch.from_numpy(to_network_input(images)).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        batch = self.tensor(images)
+        views = dihedral_views(batch) if self.tta else [batch]
+        probs = torch.stack([torch.sigmoid(self.net(view).float()) for view in views]).mean(0)
+        return probs.double().cpu().numpy()
+
+
+def _eval_mode(net: nn.Module) -> nn.Module:
+    """``net`` in eval mode, where the mode can be set.
+
+    An exported program (MLflow's ``pt2`` model format) refuses ``eval()``: it keeps the mode
+    it was exported in, which ``log_classifier`` sets to eval.
+    """
+    try:
+        return net.eval()
+    except NotImplementedError:
+        return net
+
+
+class OnnxScorer:
+    """An exported network run by ONNX Runtime on the CPU (the network outputs ALL logits)."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (model_input,) = self.session.get_inputs()
+        self.input_name = model_input.name
+        size = model_input.shape[-1]
+        self.preprocessing = {"image_size": size} if isinstance(size, int) else {}
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run(None, {self.input_name: to_network_input(images)})
+        return torch.sigmoid(torch.from_numpy(logits)).double().numpy()

@@ -49,7 +49,12 @@ def tiny_prepared(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """The prepare cache of :func:`tiny_raw` at a tiny training size."""
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     prepare_dataset(
-        tiny_raw, out, PrepareSpec(image_size=TINY_SIZE, workers=1), SplitSpec(), progress=False
+        tiny_raw,
+        out,
+        PrepareSpec(image_size=TINY_SIZE, workers=1),
+        SplitSpec(),
+        progress=False,
+        source="synthetic",
     )
     return out
 

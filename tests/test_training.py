@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -57,6 +58,9 @@ def test_fit_lowers_the_loss_and_records_everything(tiny_config, tmp_path):
 
     client, run = finished_run(cfg, run_dir)
     assert run.data.tags["backbone"] == "resnet18"
+    identity = json.loads((cfg.paths.prepared_dir / Path("identity.json")).read_text())
+    assert run.data.tags["data_hash"] == identity["data_hash"]  # the cache's data identity
+    assert run.data.tags["image_size"] == str(identity["image_size"])
     assert run.data.tags["git_commit"]
     assert run.data.params["model.optimizer.lr"] == "0.003"
     for key in (
@@ -74,6 +78,19 @@ def test_fit_lowers_the_loss_and_records_everything(tiny_config, tmp_path):
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run.info.run_id for m in models)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize(
+    "override", ["data.prepare.image_size=64", "data.source=cnmc", "data.prepare.fit=box"]
+)
+def test_a_run_whose_config_describes_another_cache_stops_with_one_line(
+    tiny_config, tmp_path, override
+):
+    key = override.split("=")[0].rsplit(".", 1)[-1]
+    with pytest.raises(ConfigError, match=f"the config asks for data {key}=") as error:
+        run_training(tiny_config(override), tmp_path / "run")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
 
 
 def test_same_seed_gives_the_same_metrics(tiny_config, tmp_path):

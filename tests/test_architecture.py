@@ -13,7 +13,8 @@ LAYERS = [
     {"errors", "redaction", "owned", "config"},
     {"data", "tracking"},
     {"models"},
-    {"training", "tuning"},
+    {"tuning"},
+    {"training"},
     {"inference"},
     {"evaluation"},
     {"train"},  # the Hydra main; the sweep stage launches it

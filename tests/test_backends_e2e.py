@@ -30,7 +30,7 @@ from servers import MlflowServer, postgres_bin_dir, start_postgres
 
 from leukemia_mlops.config import write_params
 from leukemia_mlops.models.metrics import MONITOR
-from leukemia_mlops.tracking.sweep_runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL_TAG
+from leukemia_mlops.tuning.runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL_TAG
 
 pytestmark = pytest.mark.slow
 

@@ -26,10 +26,15 @@ def _targets(node: object) -> list[str]:
     return []
 
 
+# Modules a stage loads that no import names: Hydra discovers the sweeper plugin by itself.
+DISCOVERED = {"sweep": ["hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper"]}
+
+
 def stage_files(name: str) -> set[Path]:
     """The project files stage ``name`` can load: its command's imports and its params' targets."""
     words = shlex.split(STAGES[name]["cmd"])
     entry = [words[i + 1] for i, word in enumerate(words) if word == "-m"]
+    entry += DISCOVERED.get(name, [])
     declared = [key for key in STAGES[name].get("params", []) if isinstance(key, str)]
     targets = [t for key in declared for t in _targets(PARAMS.get(key.split(".")[0]))]
     return set(closure(entry + targets).values())

@@ -10,15 +10,15 @@ from hydra.errors import CompactHydraException
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper import trial_outcome
-from hydra_plugins.leukemia_optuna_sweeper.search_space import (
+from leukemia_mlops.config import compose
+from leukemia_mlops.tuning.pruning import OptunaPruning, live_trials, open_trial
+from leukemia_mlops.tuning.runs import PARENT_TAG, TRIAL_TAG, trial_tags
+from leukemia_mlops.tuning.search_space import (
     SearchSpace,
     check_keys,
     parse_overrides,
 )
-from leukemia_mlops.config import compose
-from leukemia_mlops.tracking.sweep_runs import PARENT_TAG, TRIAL_TAG, trial_tags
-from leukemia_mlops.training.pruning import OptunaPruning, live_trials, open_trial
+from leukemia_mlops.tuning.study import trial_outcome
 
 MONITOR = "val/f1_weighted"
 

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from leukemia_mlops.config import write_params
 from leukemia_mlops.tracking.store import tracking_uri
-from leukemia_mlops.tracking.sweep_runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL_TAG
+from leukemia_mlops.tuning.runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL_TAG
 
 pytestmark = pytest.mark.slow
 

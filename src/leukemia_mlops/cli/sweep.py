@@ -34,7 +34,7 @@ from leukemia_mlops.cli.args import run_cli, stage_config
 from leukemia_mlops.config import CONF_DIR, DVC_FILE, stage_deps
 from leukemia_mlops.errors import ConfigError, InputError
 from leukemia_mlops.tracking.provenance import config_hash, paths_digest
-from leukemia_mlops.tracking.sweep_runs import RESULTS_FILE
+from leukemia_mlops.tuning.runs import RESULTS_FILE
 
 log = logging.getLogger(__name__)
 STAGE = "sweep"

@@ -39,18 +39,20 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from leukemia_mlops.data.detection import DetectionDataModule
 from leukemia_mlops.data.identity import read_identity
+from leukemia_mlops.data.prepare import MANIFEST_FILE
 from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.models.metrics import MONITOR
 from leukemia_mlops.owned import remove_owned
 from leukemia_mlops.redaction import redact
+from leukemia_mlops.tracking.datasets import TRAINING_CONTEXTS, log_data_inputs
 from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
 from leukemia_mlops.tracking.provenance import config_hash, dvc_data_hash, flatten, git_commit
 from leukemia_mlops.tracking.store import ensure_experiment, tracking_uri
-from leukemia_mlops.tracking.sweep_runs import trial_tags
 from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory, EpochSeed
 from leukemia_mlops.training.precision import resolve_precision
+from leukemia_mlops.tuning.runs import trial_tags
 
 log = logging.getLogger(__name__)
 # Notices that are expected here: batches are normalised by the module on purpose, and the
@@ -104,6 +106,10 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     )
     if rank_zero_only.rank == 0:
         _start_run(run_dir, logger, config, state)
+        manifest = Path(cfg.datamodule.prepared_dir) / MANIFEST_FILE
+        log_data_inputs(
+            uri, logger.run_id, manifest, identity.source, identity.data_hash, TRAINING_CONTEXTS
+        )
 
     history = EpochHistory(HISTORY_KEYS)
     checkpoint = ModelCheckpoint(
@@ -129,7 +135,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         history,
     ]
     if trial_link:
-        from leukemia_mlops.training.pruning import OptunaPruning
+        from leukemia_mlops.tuning.pruning import OptunaPruning
 
         callbacks.append(OptunaPruning(trial_link, MONITOR))
     _check_trainer_keys(config["trainer"])

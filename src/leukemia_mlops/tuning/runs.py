@@ -54,6 +54,27 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return {state: counts.get(state, 0) for state in STATES}
 
 
+def study_summary(study: optuna.Study, direction: str, storage: str | None) -> dict[str, Any]:
+    """What :data:`RESULTS_FILE` holds: trial counts, and the best trial's value and overrides."""
+    from leukemia_mlops.redaction import redact
+
+    counts = state_counts(study)
+    summary: dict[str, Any] = {
+        "study_name": study.study_name,
+        "storage": redact(storage) if storage else None,
+        "direction": direction,
+        "trials": counts,
+    }
+    if counts["complete"]:
+        best = study.best_trial
+        summary.update(
+            best_trial=best.number,
+            best_value=best.value,
+            best_overrides=best.user_attrs.get("overrides", []),
+        )
+    return summary
+
+
 class SweepRuns:
     """The parent run of one study and the child runs of its trials."""
 

@@ -8,18 +8,16 @@ the trial through the shared storage when a launcher ran the job in another proc
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import optuna
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-SQLITE_TIMEOUT_S = 60  # how long a sqlite writer waits for the other workers' locks
-STORAGE_ATTEMPTS = 3
+from leukemia_mlops.tuning.storage import make_pruner, open_storage, trial_id
+
 _LIVE: dict[tuple[str, int], optuna.Trial] = {}
 
 
@@ -35,51 +33,6 @@ def live_trials(trials: Iterable[optuna.Trial]) -> Iterator[None]:
             _LIVE.pop(key, None)
 
 
-def storage_url(url: str) -> str:
-    """``url`` with a sqlite file made absolute (a job may run in another directory) and its
-    folder created; other URLs unchanged."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return url
-    path = Path(parsed.database).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return parsed.set(database=str(path)).render_as_string()  # sqlite: no password to keep
-
-
-def open_storage(url: str | None, **heartbeat: Any) -> optuna.storages.BaseStorage | None:
-    """Optuna's RDB storage at ``url`` (None: in memory); sqlite waits out concurrent writers.
-
-    ``heartbeat``: RDBStorage's heartbeat arguments (interval, grace period, stale callback).
-
-    Workers started together on a new database race to create its schema; a loser finds the
-    schema made when it tries again.
-    """
-    if not url:
-        return None
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
-    sqlite = make_url(url).get_backend_name() == "sqlite"
-    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite else None
-    for _ in range(STORAGE_ATTEMPTS - 1):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-        except (IntegrityError, OperationalError):
-            time.sleep(1.0)
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-
-
-def make_pruner(spec: Mapping[str, Any] | None) -> optuna.pruners.BasePruner:
-    """The pruner a ``_target_`` mapping describes; none: never prune."""
-    if not spec:
-        return optuna.pruners.NopPruner()
-    from hydra.utils import instantiate
-
-    return instantiate(dict(spec))
-
-
 def open_trial(link: Mapping[str, Any]) -> optuna.Trial:
     """The running trial that ``link`` (a job's ``optuna_trial``) names."""
     name, number = link["study_name"], int(link["number"])
@@ -91,16 +44,11 @@ def open_trial(link: Mapping[str, Any]) -> optuna.Trial:
             f"trial {number} of study {name} runs outside the sweeper's process, "
             "but the study has no storage to reach it through"
         )
+    storage = open_storage(link["storage"])
     study = optuna.load_study(
-        study_name=name,
-        storage=open_storage(link["storage"]),
-        pruner=make_pruner(link.get("pruner")),
+        study_name=name, storage=storage, pruner=make_pruner(link.get("pruner"))
     )
-    for frozen in study.get_trials(deepcopy=False):
-        if frozen.number == number:
-            # Optuna has no public lookup of a trial by number; a FrozenTrial knows its id.
-            return optuna.trial.Trial(study, frozen._trial_id)
-    raise LookupError(f"study {name} has no trial {number}")
+    return optuna.trial.Trial(study, trial_id(storage, name, number))
 
 
 class OptunaPruning(Callback):

@@ -14,6 +14,7 @@ config, an option a config group lacks) is a one-line :class:`SearchSpaceError`,
 ``ValueError`` naming the key.
 """
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
 
 LOG_TAG = "log"
+log = logging.getLogger(__name__)
 
 
 class SearchSpaceError(ValueError, CompactHydraException):
@@ -186,3 +188,41 @@ def _has_key(config: DictConfig, key: str) -> bool:
     )
     # `leaf in parent` is False for a ??? value, which is still a key of the config.
     return isinstance(parent, DictConfig) and leaf in parent.keys()  # noqa: SIM118
+
+
+def build_space(lines: Sequence[str], loader: ConfigLoader, config: DictConfig) -> SearchSpace:
+    """The search space of ``lines`` (sweep syntax), its keys checked against ``config``."""
+    overrides = parse_overrides(lines, loader)
+    config_name = config.hydra.job.config_name
+    search_path = list(config.hydra.overrides.hydra)  # hydra.searchpath among them
+
+    def group_options(group: str) -> list[str]:
+        return loader.get_group_options(group, config_name=config_name, overrides=search_path)
+
+    check_keys(overrides, config, group_options)
+    space = SearchSpace.from_overrides(overrides)
+    if not space.distributions:
+        raise SearchSpaceError("the search space is empty: set hydra.sweeper.params")
+    return space
+
+
+def swept_values(
+    loader: ConfigLoader, config: DictConfig, space: SearchSpace, overrides: list[str]
+) -> dict[str, Any] | None:
+    """The swept keys of the config a trial's ``overrides`` compose, as one nested mapping (a
+    swept config group contributes its whole node); None if it no longer composes."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        composed = loader.load_sweep_config(config, [*space.fixed, *overrides])
+    except (HydraException, OmegaConfBaseException) as err:
+        log.warning("cannot compose the best trial's config: %s", err)
+        return None
+    nested = OmegaConf.create()
+    for override in parse_overrides(overrides):
+        value = OmegaConf.select(composed, override.key_or_group)
+        if isinstance(value, DictConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        OmegaConf.update(nested, override.key_or_group, value, force_add=True)
+    return OmegaConf.to_container(nested)

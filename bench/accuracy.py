@@ -9,7 +9,7 @@ from bench.timing import stopwatch
 from bench.workspace import Workspace
 from leukemia_mlops.data.prepare import MANIFEST_FILE
 from leukemia_mlops.models.metrics import MONITOR
-from leukemia_mlops.training.precision import cpu_has_bf16
+from leukemia_mlops.training.mixed_precision import cpu_has_bf16
 from leukemia_mlops.training.run import run_training
 
 TITLE = "bf16 vs fp32: validation weighted F1"

@@ -20,7 +20,7 @@ from bench.report import Section, pct
 from bench.timing import BatchClock, rate_of
 from bench.workspace import Workspace
 from leukemia_mlops.models.yolo import count_flops
-from leukemia_mlops.training.precision import choose_precision, cpu_has_bf16
+from leukemia_mlops.training.mixed_precision import choose_precision, cpu_has_bf16
 
 TITLE = "The machine's ceiling: a roofline per precision"
 MODELS = ("resnet18", "efficientnet_b0", "yolov3_tiny")

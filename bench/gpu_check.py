@@ -133,7 +133,7 @@ class Run:
         return self.shared["prepared"]
 
     def precision(self) -> str:
-        from leukemia_mlops.training.precision import resolve_precision
+        from leukemia_mlops.training.mixed_precision import resolve_precision
 
         return resolve_precision("auto", self.accelerator)
 
@@ -305,7 +305,7 @@ def mlflow_model(run: Run, net: torch.nn.Module, size: int) -> str:
     """``net`` logged as the project logs models, into a store under the run's folder."""
     from mlflow import MlflowClient
 
-    from leukemia_mlops.tracking.models import log_classifier
+    from leukemia_mlops.tracking.model_logging import log_classifier
 
     uri = f"sqlite:///{run.root / 'mlflow.db'}"
     client = MlflowClient(uri)

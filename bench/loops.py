@@ -19,7 +19,7 @@ from bench.clock import ClockCallback
 from bench.timing import BatchClock, Rate, endless
 from bench.workspace import Workspace
 from leukemia_mlops.models.detector import YoloDetector
-from leukemia_mlops.training.precision import resolve_precision
+from leukemia_mlops.training.mixed_precision import resolve_precision
 from leukemia_mlops.training.run import build_data_and_module
 
 PRECISIONS = ("32-true", "bf16-mixed")

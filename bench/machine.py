@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from leukemia_mlops.training.precision import cpu_has_bf16, resolve_precision
+from leukemia_mlops.training.mixed_precision import cpu_has_bf16, resolve_precision
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "onnxruntime", "numpy", "albumentations")

@@ -11,7 +11,7 @@ from bench.machine import cpu_flags
 from bench.report import Section, fmt, verdict
 from bench.timing import Rate
 from bench.workspace import Workspace
-from leukemia_mlops.training.precision import cpu_has_bf16, resolve_precision
+from leukemia_mlops.training.mixed_precision import cpu_has_bf16, resolve_precision
 
 TITLE = "Training precision and layout: resnet18"
 SPEEDUP_TARGET = 3.0

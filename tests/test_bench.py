@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from leukemia_mlops.training.precision import cpu_has_bf16
+from leukemia_mlops.training.mixed_precision import cpu_has_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,7 @@ from leukemia_mlops.inference.loading import load_classifier
 from leukemia_mlops.inference.predict import predict_paths
 from leukemia_mlops.inference.scorers import TorchScorer, dihedral_views
 from leukemia_mlops.models.backbones import build_classifier
-from leukemia_mlops.tracking.models import log_classifier
+from leukemia_mlops.tracking.model_logging import log_classifier
 from leukemia_mlops.tracking.registry import register_best
 from leukemia_mlops.tracking.store import ensure_experiment
 

@@ -18,7 +18,7 @@ from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.backbones import HEADS, WeightsError, build_classifier
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.tracking.store import tracking_uri
-from leukemia_mlops.training.precision import (
+from leukemia_mlops.training.mixed_precision import (
     choose_precision,
     cpu_flags_have_bf16,
     resolve_precision,

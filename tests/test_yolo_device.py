@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from leukemia_mlops.models.detector import DecodedYolo, YoloDetector
 from leukemia_mlops.models.yolo import YoloLoss, build
-from leukemia_mlops.tracking.models import log_classifier
+from leukemia_mlops.tracking.model_logging import log_classifier
 
 SMALL = {"variant": "yolov3_tiny", "img_size": 64, "width_mult": 0.25}
 aten = torch.ops.aten

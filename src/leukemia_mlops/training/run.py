@@ -51,7 +51,7 @@ from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
 from leukemia_mlops.tracking.provenance import config_hash, dvc_data_hash, flatten, git_commit
 from leukemia_mlops.tracking.store import ensure_experiment, tracking_uri
 from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory, EpochSeed
-from leukemia_mlops.training.precision import resolve_precision
+from leukemia_mlops.training.mixed_precision import resolve_precision
 from leukemia_mlops.tuning.runs import trial_tags
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 # pytree deprecation is Lightning's own.
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+# The model summary does not know the mixed precisions and says so once per training.
+warnings.filterwarnings("ignore", message="Precision .* is not supported by the model summary")
 # Keys a family does not log are left out of its rows (the mAPs are the detectors').
 HISTORY_KEYS = (
     "train/loss",
@@ -291,6 +293,7 @@ def _finish_run(
     }
     metrics["precision"] = trainer_cfg["precision"]
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+    log.info("finished %s: %s", run_dir, metrics_line(metrics))
     if checkpoint.best_model_path:
         logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
         _log_best_model(cfg, logger, uri, checkpoint.best_model_path, datamodule)
@@ -298,6 +301,14 @@ def _finish_run(
     state = json.loads((run_dir / "run.json").read_text())
     state["status"] = "finished"
     atomic_write_text(run_dir / "run.json", json.dumps(state, indent=2))
+
+
+def metrics_line(metrics: dict[str, Any]) -> str:
+    """The final metrics on one line, ``name=value`` sorted by name."""
+    return " ".join(
+        f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
+        for key, value in sorted(metrics.items())
+    )
 
 
 def _log_best_model(
@@ -308,7 +319,7 @@ def _log_best_model(
     datamodule: pl.LightningDataModule,
 ) -> None:
     """Log the best network as an MLflow model; detectors also get prediction overlays."""
-    from leukemia_mlops.tracking.models import log_classifier
+    from leukemia_mlops.tracking.model_logging import log_classifier
 
     if cfg.model.family == "cnn":
         if cfg.logger.mlflow.log_model:

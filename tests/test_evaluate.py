@@ -34,7 +34,7 @@ from leukemia_mlops.evaluation.gradcam import gradcam, last_conv_block
 from leukemia_mlops.evaluation.metrics import binary_metrics
 from leukemia_mlops.inference.loading import load_classifier
 from leukemia_mlops.inference.predict import predict_paths
-from leukemia_mlops.inference.scorers import TorchScorer, dihedral_views
+from leukemia_mlops.inference.scorers import TorchScorer, dihedral_views, to_network_input
 from leukemia_mlops.models.backbones import build_classifier
 from leukemia_mlops.tracking.model_logging import log_classifier
 from leukemia_mlops.tracking.registry import register_best
@@ -376,3 +376,12 @@ def test_evaluate_stage_reads_params(tiny_prepared, tiny_checkpoint, tmp_path, c
     metrics = json.loads((tmp_path / "reports/eval/metrics.json").read_text())
     assert metrics["bootstrap"]["n_resamples"] == 5
     assert metrics["bootstrap"]["intervals"].startswith("none, too few subjects")
+
+
+def test_a_scorer_scales_uint8_on_its_device_exactly_as_training_does():
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    scorer = TorchScorer(build_classifier("resnet18"), device="cpu")
+    assert torch.equal(scorer.tensor(images), torch.from_numpy(to_network_input(images)))
+    assert scorer.autocast is None  # mixed precision only on a GPU
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        scorer.tensor(images.astype(np.float32))

@@ -25,9 +25,13 @@ class Scorer(Protocol):
 
 def to_network_input(images: np.ndarray) -> np.ndarray:
     """uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [0, 1], as training feeds the net."""
+    _check_images(images)
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255
+
+
+def _check_images(images: np.ndarray) -> None:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {images.shape}")
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255
 
 
 def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
@@ -53,17 +57,33 @@ class TorchScorer:
         self.net = _eval_mode(net).float().to(self.device, memory_format=torch.contiguous_format)
         self.tta = tta
         self.preprocessing = dict(preprocessing or {})
+        self.autocast = _gpu_autocast_dtype() if self.device.type == "cuda" else None
 
     def tensor(self, images: np.ndarray) -> torch.Tensor:
-        """The network input for ``images`` on this scorer's device."""
-        return torch.from_numpy(to_network_input(images)).to(self.device)
+        """The network input for ``images`` on this scorer's device: the uint8 batch is copied
+        there (a quarter of the float bytes) and scaled there, exactly as
+        :func:`to_network_input` scales it."""
+        _check_images(images)
+        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        return batch.permute(0, 3, 1, 2).float().div_(255).contiguous()
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
         batch = self.tensor(images)
         views = dihedral_views(batch) if self.tta else [batch]
-        probs = torch.stack([torch.sigmoid(self.net(view).float()) for view in views]).mean(0)
+        # Mixed precision on a GPU (bf16 where native, else fp16), as training runs it.
+        with torch.autocast("cuda", dtype=self.autocast, enabled=self.autocast is not None):
+            logits = [self.net(view).float() for view in views]
+        probs = torch.stack([torch.sigmoid(logit) for logit in logits]).mean(0)
         return probs.double().cpu().numpy()
+
+
+def _gpu_autocast_dtype() -> torch.dtype:
+    """bf16 on GPUs that run it natively, else fp16 (the training precision of ``auto``)."""
+    from leukemia_mlops.training.mixed_precision import choose_precision, local_gpu_capability
+
+    native = choose_precision(local_gpu_capability(), cpu_bf16=False) == "bf16-mixed"
+    return torch.bfloat16 if native else torch.float16
 
 
 def _eval_mode(net: nn.Module) -> nn.Module:

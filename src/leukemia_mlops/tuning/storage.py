@@ -62,7 +62,7 @@ def heartbeat_settings(interval: int, grace: int | None, retry: int) -> dict[str
     """RDBStorage's heartbeat arguments (none when heartbeats are off)."""
     if not interval:
         return {}
-    callback = optuna.storages.RetryFailedTrialCallback(max_retry=retry) if retry else None
+    callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retry) if retry else None
     return {
         "heartbeat_interval": interval,
         "grace_period": grace,

@@ -198,7 +198,7 @@ def _heartbeats(
     interval: int,
 ) -> Iterator[None]:
     """Record the trials' heartbeats every ``interval`` seconds while their jobs run."""
-    if not interval or not isinstance(storage, optuna.storages.BaseHeartbeat):
+    if not interval or not hasattr(storage, "record_heartbeat"):
         yield
         return
     ids = [trial_id(storage, study_name, trial.number) for trial in trials]

@@ -48,7 +48,8 @@ format: setup ## Format the code
 	ruff format src tests bench hydra_plugins
 	ruff check --fix src tests bench hydra_plugins
 
-ui: setup ## Open the MLflow UI on 127.0.0.1:5000 over the local store
+ui: setup ## Serve the MLflow UI on 127.0.0.1:5000; prints the experiment's model-training page
+	@url=$$(python -m leukemia_mlops.cli.ui_url --mlruns-dir mlruns) && echo "Open $$url"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
 		--default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port 5000 --workers 1
 

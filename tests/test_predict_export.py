@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,18 +11,28 @@ import onnx
 import pandas as pd
 import pytest
 from conftest import TINY_SIZE as SIZE
+from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from leukemia_mlops.cli import export as export_cli
 from leukemia_mlops.cli import predict as predict_cli
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
+from leukemia_mlops.evaluation.evaluate import EvaluateSpec, evaluate_model, log_evaluation
 from leukemia_mlops.inference.export import ParityError, export_onnx
-from leukemia_mlops.inference.loading import load_classifier
+from leukemia_mlops.inference.loading import (
+    ONNX_THRESHOLD_KEY,
+    file_sha256,
+    load_classifier,
+    validated_threshold,
+)
 from leukemia_mlops.inference.predict import predict_paths
 from leukemia_mlops.inference.scorers import TorchScorer
+from leukemia_mlops.tracking.model_logging import log_classifier
 
 # The session fixture training the tiny checkpoint, shared so that both files use one model.
 BROKEN = {"corrupt.png": "not a decodable image", "empty.bmp": "empty file", "notes.txt": ".txt"}
+COLUMNS = ["file", "prob_all", "label", "in_distribution", "ood_reason", "error"]
+NOTICE = "notice: no validated threshold is known for this model; calling ALL above 0.5"
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +100,7 @@ def test_predict_streams_a_folder_and_lists_unreadable_files(
 ):
     folder, rows = image_folder
     _, table = checkpoint_predictions
-    assert list(table.columns) == ["file", "prob_all", "label", "error"]
+    assert list(table.columns) == COLUMNS
     assert sorted(table["file"]) == sorted([*rows, *(str(folder / name) for name in BROKEN)])
     assert not table["file"].str.contains(".DS_Store").any()
 
@@ -98,8 +109,10 @@ def test_predict_streams_a_folder_and_lists_unreadable_files(
     for name, reason in BROKEN.items():
         assert reason in broken.loc[str(folder / name), "error"]
     assert broken["prob_all"].isna().all() and (broken["label"] == "").all()
+    assert not broken["in_distribution"].any() and (broken["ood_reason"] == "not scored").all()
 
     scored = table[table["error"] == ""]
+    assert scored["in_distribution"].all() and (scored["ood_reason"] == "").all()
     cache = np.load(tiny_prepared / IMAGES_FILE, mmap_mode="r")
     expected = TorchScorer(load_classifier(tiny_checkpoint).net, device="cpu")(
         np.asarray(cache[[rows[f] for f in scored["file"]]])
@@ -146,24 +159,46 @@ def test_a_failed_parity_check_removes_the_export(tiny_checkpoint, tmp_path):
     assert not path.exists()
 
 
-def test_predict_cli_uses_params_and_the_evaluation_threshold(
-    tiny_checkpoint,
-    image_folder,
-    tmp_path,
-    capsys,
+def labels_of(out: Path) -> set[str]:
+    """The labels a predictions CSV gives its readable files."""
+    table = pd.read_csv(out, keep_default_na=False)
+    return set(table.loc[table["error"] == "", "label"])
+
+
+def test_predict_cli_threshold_flag_then_the_evaluated_checkpoints_then_half(
+    tiny_checkpoint, image_folder, tmp_path, capsys
 ):
+    """--threshold beats the evaluation's threshold, which counts only for the checkpoint it
+    scored; with none known predict calls at 0.5 and says so."""
     params = tmp_path / "params.yaml"
     prepare = {"image_size": SIZE, "window": 450, "fit": "window"}
-    OmegaConf.save(OmegaConf.create({"data": {"prepare": prepare}}), params)
-    metrics = tmp_path / "metrics.json"
-    metrics.write_text('{"threshold": 0.0}')
+    paths = {"reports_dir": str(tmp_path / "reports"), "mlruns_dir": str(tmp_path / "mlruns")}
+    OmegaConf.save(OmegaConf.create({"data": {"prepare": prepare}, "paths": paths}), params)
+    evaluation = tmp_path / "reports" / "eval" / "metrics.json"
+    evaluation.parent.mkdir(parents=True)
     out = tmp_path / "out.csv"
     argv = [str(tiny_checkpoint), str(image_folder[0]), "--out", str(out), "--params", str(params)]
 
+    evaluation.write_text(json.dumps({"threshold": 0.0, "checkpoint_sha256": "0" * 64}))
+    predict_cli.main(argv)  # another checkpoint's evaluation: not this model's threshold
+    printed = capsys.readouterr()
+    assert NOTICE in printed.err and "at threshold 0.5 " in printed.out
+
+    evaluation.write_text(
+        json.dumps({"threshold": 0.0, "checkpoint_sha256": file_sha256(tiny_checkpoint)})
+    )
+    predict_cli.main(argv)
+    printed = capsys.readouterr()
+    assert labels_of(out) == {"ALL"} and NOTICE not in printed.err
+    assert "at threshold 0 (3 could not be read, 0 unlike the training images)" in printed.out
+
+    predict_cli.main([*argv, "--threshold", "1.0"])
+    assert labels_of(out) == {"HEM"} and "at threshold 1 " in capsys.readouterr().out
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"threshold": 1.0}')
     predict_cli.main([*argv, "--metrics", str(metrics)])
-    table = pd.read_csv(out, keep_default_na=False)
-    assert (table.loc[table["error"] == "", "label"] == "ALL").all()
-    assert "could not be read" in capsys.readouterr().out
+    assert labels_of(out) == {"HEM"} and "at threshold 1 " in capsys.readouterr().out
 
     with pytest.raises(SystemExit) as exit_info:
         predict_cli.main([str(tmp_path / "missing.ckpt"), str(image_folder[0])])
@@ -171,8 +206,63 @@ def test_predict_cli_uses_params_and_the_evaluation_threshold(
     assert capsys.readouterr().err.strip() == f"error: no such model file: {tmp_path}/missing.ckpt"
 
 
+def test_evaluate_records_whose_threshold_it_chose(tiny_checkpoint, tiny_prepared, tmp_path):
+    spec = EvaluateSpec(n_resamples=2, min_subjects=2, tta=False, seed=0, batch_size=64)
+    metrics = evaluate_model(tiny_checkpoint, tiny_prepared, tmp_path / "eval", spec)
+    evaluation = tmp_path / "eval" / "metrics.json"
+    assert validated_threshold(tiny_checkpoint, evaluation) == metrics["threshold"]
+    retrained = tmp_path / "retrained.ckpt"
+    retrained.write_bytes(tiny_checkpoint.read_bytes() + b"\0")
+    assert validated_threshold(retrained, evaluation) is None
+
+
+def test_an_onnx_model_carries_its_threshold(
+    tiny_checkpoint, exported, image_folder, tmp_path, capsys
+):
+    assert exported[1][ONNX_THRESHOLD_KEY] is None
+    assert validated_threshold(exported[0]) is None
+    path = tmp_path / "model.onnx"
+    report = export_onnx(tiny_checkpoint, path, SIZE, n_images=3, threshold=0.0)
+    props = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert report[ONNX_THRESHOLD_KEY] == 0.0 and props == {ONNX_THRESHOLD_KEY: "0.0"}
+    capsys.readouterr()
+    predict_paths(path, [image_folder[0]], tmp_path / "p.csv", image_size=SIZE)
+    assert labels_of(tmp_path / "p.csv") == {"ALL"} and NOTICE not in capsys.readouterr().err
+
+
+def test_an_mlflow_model_predicts_at_its_runs_evaluated_threshold(
+    tiny_checkpoint, image_folder, tmp_path, capsys
+):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    log_classifier(uri, run_id, load_classifier(tiny_checkpoint).net, SIZE)
+    model = f"runs:/{run_id}/model"
+    assert validated_threshold(model, tracking_uri=uri) is None
+    (tmp_path / "eval").mkdir()
+    log_evaluation(uri, run_id, {"threshold": 0.0}, tmp_path / "eval")
+    capsys.readouterr()
+    predict_paths(model, [image_folder[0]], tmp_path / "p.csv", tracking_uri=uri, image_size=SIZE)
+    assert labels_of(tmp_path / "p.csv") == {"ALL"} and NOTICE not in capsys.readouterr().err
+
+
 def test_export_cli_reports_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         export_cli.main(["--checkpoint", str(tmp_path / "no.ckpt"), "--image-size", "32"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: no such checkpoint")
+
+
+def test_export_cli_stores_the_evaluated_threshold(tiny_checkpoint, tmp_path):
+    metrics = tmp_path / "metrics.json"
+    digest = file_sha256(tiny_checkpoint)
+    metrics.write_text(json.dumps({"threshold": 0.25, "checkpoint_sha256": digest}))
+    out = tmp_path / "model.onnx"
+    export_cli.main(
+        [
+            *("--checkpoint", str(tiny_checkpoint), "--out", str(out)),
+            *("--image-size", str(SIZE), "--metrics", str(metrics)),
+            *("--params", str(tmp_path / "absent.yaml")),
+        ]
+    )
+    assert validated_threshold(out) == 0.25

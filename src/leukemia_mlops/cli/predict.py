@@ -3,7 +3,9 @@
 MODEL is a Lightning checkpoint, an ONNX file or an MLflow model URI (``runs:/<id>/model``,
 ``models:/<name>@<alias>``); INPUT are image files or folders (searched recursively). Images
 are preprocessed as ``prepare`` does, with the settings the model declares, else those of
-``params.yaml``.
+``params.yaml``. ALL is called above --threshold, else above the model's validated threshold
+(a checkpoint's from the evaluation of ``paths.reports_dir``, an ONNX file's from its
+metadata, an MLflow model's from its run), else above 0.5, with a notice.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _threshold(args: argparse.Namespace) -> float:
-    """--threshold, else the evaluation's (chosen on validation), else 0.5."""
+def _explicit_threshold(args: argparse.Namespace) -> float | None:
+    """--threshold, else that of the --metrics file, else None (the model's own then)."""
     if args.threshold is not None:
         return args.threshold
     if args.metrics is None:
-        return 0.5
+        return None
     threshold = json.loads(Path(args.metrics).read_text()).get("threshold")
     if not isinstance(threshold, int | float):
         raise InputError(f"{args.metrics} holds no decision threshold")
@@ -53,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         from leukemia_mlops.config import load_params
         from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, is_mlflow_uri, load_scorer
-        from leukemia_mlops.inference.predict import predict_paths
+        from leukemia_mlops.inference.predict import decision_threshold, predict_paths
         from leukemia_mlops.tracking.store import tracking_uri
 
         params = load_params(args.params) if Path(args.params).is_file() else None
@@ -69,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "(the model does not declare them)"
             )
         settings = {**{k: params.data.prepare[k] for k in missing}, **scorer.preprocessing}
+        evaluation = Path(params.paths.reports_dir) / "eval" / "metrics.json" if params else None
+        threshold = decision_threshold(args.model, _explicit_threshold(args), evaluation, uri)
         table = predict_paths(
             scorer,
             args.inputs,
@@ -76,10 +80,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             **settings,
             batch_size=args.batch_size,
             workers=args.workers,
-            threshold=_threshold(args),
+            threshold=threshold,
         )
         failed = int((table["error"] != "").sum())
-        print(f"{len(table)} files scored into {args.out} ({failed} could not be read)")
+        foreign = int((~table["in_distribution"] & (table["error"] == "")).sum())
+        print(
+            f"{len(table)} files scored into {args.out} at threshold {threshold:.4g} "
+            f"({failed} could not be read, {foreign} unlike the training images)"
+        )
 
     run_cli(body)
 

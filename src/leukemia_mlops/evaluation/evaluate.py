@@ -24,6 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from leukemia_mlops.data.datamodule import CellDataset
+from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import MANIFEST_FILE, write_json
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 from leukemia_mlops.evaluation.bootstrap import bootstrap_ci, subjects_per_class, too_few_subjects
@@ -41,8 +42,9 @@ from leukemia_mlops.evaluation.plots import (
     reliability_plot,
     roc_curve_plot,
 )
-from leukemia_mlops.inference.loading import load_classifier
+from leukemia_mlops.inference.loading import CHECKPOINT_DIGEST_KEY, file_sha256, load_classifier
 from leukemia_mlops.inference.scorers import Scorer, TorchScorer
+from leukemia_mlops.tracking.datasets import EVALUATION_CONTEXTS, log_data_inputs
 from leukemia_mlops.tracking.store import tracking_uri
 
 CONFIDENCE = 0.95
@@ -188,6 +190,7 @@ def evaluate_model(
     }
     metrics["bootstrap"] = bootstrap_report(test, spec)
     metrics["roles"] = ROLES
+    metrics[CHECKPOINT_DIGEST_KEY] = file_sha256(checkpoint)  # whose threshold it is
     metrics = _json_ready(metrics)
 
     out_dir = Path(out_dir)
@@ -198,7 +201,8 @@ def evaluate_model(
     _write_gallery(scorer, test, metrics["threshold"], out_dir / "gradcam.png")
     write_json(out_dir / "metrics.json", metrics)
     if mlflow_run_id:
-        log_evaluation(mlflow_uri or tracking_uri(None), mlflow_run_id, metrics, out_dir)
+        uri = mlflow_uri or tracking_uri(None)
+        log_evaluation(uri, mlflow_run_id, metrics, out_dir, prepared_dir=prepared_dir)
     return metrics
 
 
@@ -293,10 +297,24 @@ def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {key if key.startswith("test/") else f"eval/{key}": v for key, v in flat.items()}
 
 
-def log_evaluation(uri: str, run_id: str, metrics: dict[str, Any], out_dir: str | Path) -> None:
-    """Log the evaluation metrics and every file of ``out_dir`` (under ``evaluation/``)."""
+def log_evaluation(
+    uri: str,
+    run_id: str,
+    metrics: dict[str, Any],
+    out_dir: str | Path,
+    prepared_dir: str | Path | None = None,
+) -> None:
+    """Log the evaluation metrics and every file of ``out_dir`` (under ``evaluation/``), and
+    the test split of ``prepared_dir`` (the cache evaluated) as the run's ``test`` dataset."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
+
+    if prepared_dir is not None:
+        identity = read_identity(prepared_dir)
+        manifest = Path(prepared_dir) / MANIFEST_FILE
+        log_data_inputs(
+            uri, run_id, manifest, identity.source, identity.data_hash, EVALUATION_CONTEXTS
+        )
 
     client = MlflowClient(uri)
     now = int(time.time() * 1000)

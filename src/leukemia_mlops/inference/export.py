@@ -3,7 +3,8 @@
 The export uses torch's TorchScript-based exporter (``dynamo=False``): the torch.export-based
 one needs ``onnxscript``, which is not a dependency, and the TorchScript exporter covers these
 CNNs completely, offline. The ONNX graph is ``CellClassifierNet``: float ``images [N,3,S,S]``
-in [0, 1] -> ``logit_all [N]``, normalisation included.
+in [0, 1] -> ``logit_all [N]``, normalisation included. The decision threshold chosen on
+validation, when known, travels in the model's metadata (``validated_threshold``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from leukemia_mlops.data.prepare import IMAGES_FILE
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
-from leukemia_mlops.inference.loading import load_classifier
+from leukemia_mlops.inference.loading import ONNX_THRESHOLD_KEY, load_classifier
 from leukemia_mlops.inference.scorers import OnnxScorer, TorchScorer
 
 OPSET = 17
@@ -50,17 +51,21 @@ def export_onnx(
     prepared_dir: str | Path | None = None,
     n_images: int = 32,
     tolerance: float = PARITY_TOLERANCE,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Export the checkpoint's network to ONNX (any batch size) and check it against PyTorch.
 
     The check scores ``n_images`` cells (in one batch of another size than the export's
     example, so the dynamic batch axis is exercised too) with both runtimes; a probability
     differing by more than ``tolerance`` removes the file and raises :class:`ParityError`.
+    ``threshold`` (the checkpoint's validated one) is stored in the model's metadata.
     """
     import onnx
 
     if image_size < 1:
         raise ConfigError(f"image size must be positive, got {image_size}")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
     if prepared_dir is not None and not Path(prepared_dir).is_dir():
         raise MissingInputError(f"no prepare cache at {prepared_dir} for the parity check")
     scorer = TorchScorer(load_classifier(checkpoint).net, device="cpu")
@@ -77,6 +82,10 @@ def export_onnx(
         output_names=[OUTPUT_NAME],
         dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
     )
+    if threshold is not None:
+        model = onnx.load(str(out_path))
+        onnx.helper.set_model_props(model, {ONNX_THRESHOLD_KEY: repr(threshold)})
+        onnx.save(model, str(out_path))
     onnx.checker.check_model(str(out_path))
     images = parity_images(prepared_dir, image_size, n_images)
     max_abs_diff = float(np.abs(scorer(images) - OnnxScorer(out_path)(images)).max())
@@ -93,4 +102,5 @@ def export_onnx(
         "parity_images": len(images),
         "parity_source": "random" if prepared_dir is None else "prepare cache",
         "max_abs_diff": max_abs_diff,
+        ONNX_THRESHOLD_KEY: threshold,
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -14,6 +16,11 @@ from leukemia_mlops.models.classifier import CellClassifier
 PREPROCESSING_KEYS = ("image_size", "window", "fit")
 _MLFLOW_URI = re.compile(r"^(runs|models):/")
 _ALLOW_PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+#: Where the validated decision threshold travels: ONNX metadata key, MLflow metric of the
+#: evaluate stage (logged into the training run), ``metrics.json`` key of the checkpoint.
+ONNX_THRESHOLD_KEY = "validated_threshold"
+MLFLOW_THRESHOLD_METRIC = "eval/threshold"
+CHECKPOINT_DIGEST_KEY = "checkpoint_sha256"
 
 
 def load_classifier(checkpoint: str | Path) -> CellClassifier:
@@ -71,3 +78,74 @@ def _mlflow_scorer(uri: str, tracking_uri: str | None) -> TorchScorer:
     signature = mlflow.models.get_model_info(uri).signature
     shape = signature.inputs.inputs[0].shape if signature is not None else None
     return TorchScorer(net, preprocessing={"image_size": shape[-1]} if shape else {})
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 hex digest of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def evaluation_threshold(evaluation: str | Path, checkpoint: str | Path) -> float | None:
+    """The threshold of the evaluate stage's ``metrics.json`` if it evaluated ``checkpoint``.
+
+    The file records the digest of the checkpoint it scored; another checkpoint's evaluation
+    (a stale file, a retrained model) gives None, never its threshold.
+    """
+    if not Path(checkpoint).is_file():
+        raise MissingInputError(f"no such checkpoint: {checkpoint}")
+    path = Path(evaluation)
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    if metrics.get(CHECKPOINT_DIGEST_KEY) != file_sha256(checkpoint):
+        return None
+    return _threshold_value(metrics.get("threshold"), path)
+
+
+def validated_threshold(
+    source: str | Path, evaluation: str | Path | None = None, tracking_uri: str | None = None
+) -> float | None:
+    """The decision threshold chosen on validation for a model, None where none is known.
+
+    A ``.ckpt`` takes it from ``evaluation`` (see :func:`evaluation_threshold`), an ONNX file
+    from its metadata (written by the export), an MLflow model from its run's
+    ``eval/threshold`` metric (logged by the evaluate stage).
+    """
+    text = str(source)
+    if is_mlflow_uri(text):
+        return _mlflow_threshold(text, tracking_uri)
+    path = Path(source)
+    if path.suffix == ".onnx":
+        import onnx
+
+        props = {
+            p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
+        }
+        value = props.get(ONNX_THRESHOLD_KEY)
+        return None if value is None else _threshold_value(float(value), path)
+    return None if evaluation is None else evaluation_threshold(evaluation, path)
+
+
+def _mlflow_threshold(uri: str, tracking_uri: str | None) -> float | None:
+    """The ``eval/threshold`` metric of the run an MLflow model was logged from."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    run_id = mlflow.models.get_model_info(uri).run_id
+    if run_id is None:
+        return None
+    value = MlflowClient().get_run(run_id).data.metrics.get(MLFLOW_THRESHOLD_METRIC)
+    return None if value is None else _threshold_value(value, uri)
+
+
+def _threshold_value(value: object, where: str | Path) -> float:
+    """``value`` as a threshold, or an InputError naming ``where`` it came from."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise InputError(f"{where} holds no valid decision threshold (got {value!r})")
+    return float(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -15,10 +16,18 @@ from tqdm import tqdm
 
 from leukemia_mlops.data.prepare import PrepareSpec, decode_file
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
-from leukemia_mlops.inference.loading import load_scorer
+from leukemia_mlops.inference.loading import load_scorer, validated_threshold
+from leukemia_mlops.inference.ood import assess
 from leukemia_mlops.inference.scorers import Scorer
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+#: The decision threshold of a model with no validated one (the sigmoid's midpoint).
+FALLBACK_THRESHOLD = 0.5
+#: ``ood_reason`` of a file that could not be scored (its ``error`` says why).
+NOT_SCORED = "not scored"
+
+#: One file as the loader hands it over: training image, error, in distribution, why not.
+Item = tuple[np.ndarray | None, str, bool, str]
 
 
 def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -47,8 +56,8 @@ def _hidden(relative: Path) -> bool:
 
 
 class FileImages(Dataset):
-    """Each file's training image (None if it has none) and the reason it has none ("" if ok),
-    decoded and checked as ``prepare`` does."""
+    """Each file's training image (None if it has none), the reason it has none ("" if ok),
+    decoded and checked as ``prepare`` does, and whether it is like the training images."""
 
     def __init__(self, paths: list[Path], spec: PrepareSpec):
         self.paths, self.spec = paths, spec
@@ -56,20 +65,25 @@ class FileImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray | None, str]:
+    def __getitem__(self, index: int) -> Item:
         path = self.paths[index]
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            return None, f"not an image file ({path.suffix or 'no extension'})"
+            return None, f"not an image file ({path.suffix or 'no extension'})", False, NOT_SCORED
         decoded = decode_file(path, self.spec)
-        return decoded.pixels, decoded.reason
+        if decoded.pixels is None:
+            return None, decoded.reason, False, NOT_SCORED
+        verdict = assess(
+            decoded.height, decoded.width, decoded.box, decoded.pixels, self.spec.window
+        )
+        return decoded.pixels, "", verdict.in_distribution, verdict.reason
 
 
-def _stack_images(items: list[tuple[np.ndarray | None, str]]) -> tuple[torch.Tensor, list[str]]:
+def _stack_images(items: list[Item]) -> tuple[torch.Tensor, list[Item]]:
     """A batch: the images of the usable files as one tensor (a loader process hands it over
-    in shared memory), and every file's error ("" for the usable ones)."""
-    images = [image for image, _ in items if image is not None]
+    in shared memory), and every file's item without its image."""
+    images = [item[0] for item in items if item[0] is not None]
     stacked = torch.from_numpy(np.stack(images)) if images else torch.empty(0, dtype=torch.uint8)
-    return stacked, [error for _, error in items]
+    return stacked, [(None, *item[1:]) for item in items]
 
 
 def _check_preprocessing(scorer: Scorer, spec: PrepareSpec) -> None:
@@ -83,6 +97,28 @@ def _check_preprocessing(scorer: Scorer, spec: PrepareSpec) -> None:
         raise ConfigError(f"preprocessing differs from the model's: {', '.join(conflicts)}")
 
 
+def decision_threshold(
+    model_source: str | Path | Scorer,
+    threshold: float | None = None,
+    evaluation: str | Path | None = None,
+    tracking_uri: str | None = None,
+) -> float:
+    """``threshold`` if given, else the model's validated one (see :func:`validated_threshold`;
+    ``evaluation``: the metrics.json of a checkpoint's evaluation), else 0.5 with a notice."""
+    if threshold is not None:
+        return threshold
+    is_source = isinstance(model_source, str | Path)
+    known = validated_threshold(model_source, evaluation, tracking_uri) if is_source else None
+    if known is None:
+        print(
+            f"notice: no validated threshold is known for this model; "
+            f"calling ALL above {FALLBACK_THRESHOLD}",
+            file=sys.stderr,
+        )
+        return FALLBACK_THRESHOLD
+    return known
+
+
 def predict_paths(
     model_source: str | Path | Scorer,
     inputs: Iterable[str | Path],
@@ -92,7 +128,8 @@ def predict_paths(
     window: int = PrepareSpec.window,
     fit: str = PrepareSpec.fit,
     batch_size: int = 64,
-    threshold: float = 0.5,
+    threshold: float | None = None,
+    evaluation: str | Path | None = None,
     tracking_uri: str | None = None,
     workers: int = 1,
 ) -> pd.DataFrame:
@@ -103,18 +140,21 @@ def predict_paths(
     ``workers`` loader processes (0: in this one) while the model scores the previous batch;
     only a few batches are held in memory. Decoding apart from the model also keeps this
     process's heap from fragmenting: its peak memory stays flat over any number of files.
-    Columns: file, prob_all, label (ALL when prob_all > threshold, else HEM), error (why a
-    file could not be scored, else empty).
+    ``threshold`` defaults as :func:`decision_threshold` says. Columns: file, prob_all,
+    label (ALL when prob_all > threshold, else HEM), in_distribution and ood_reason (whether
+    the image is like the training images, and why not; see :mod:`~.inference.ood`), error
+    (why a file could not be scored, else empty).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
         raise ConfigError(f"workers must be >= 0, got {workers}")
-    if not 0 <= threshold <= 1:
+    if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
     spec = PrepareSpec(image_size=image_size, window=window, fit=fit, workers=1)
     is_source = isinstance(model_source, str | Path)
     scorer = load_scorer(model_source, tracking_uri) if is_source else model_source
+    threshold = decision_threshold(model_source, threshold, evaluation, tracking_uri)
     _check_preprocessing(scorer, spec)
     files = list_inputs(inputs)
     out_csv = Path(out_csv)
@@ -127,9 +167,9 @@ def predict_paths(
     )
     frames = []
     with tqdm(total=len(files), desc="predict", unit="img") as bar:
-        for start, (images, errors) in zip(range(0, len(files), batch_size), loader, strict=True):
+        for start, (images, items) in zip(range(0, len(files), batch_size), loader, strict=True):
             chunk = files[start : start + batch_size]
-            frame = _score_batch(scorer, chunk, images, errors, threshold)
+            frame = _score_batch(scorer, chunk, images, items, threshold)
             frame.to_csv(out_csv, mode="a" if start else "w", header=not start, index=False)
             frames.append(frame)
             bar.update(len(chunk))
@@ -158,9 +198,10 @@ def _score_batch(
     scorer: Scorer,
     paths: list[Path],
     images: torch.Tensor,
-    errors: list[str],
+    items: list[Item],
     threshold: float,
 ) -> pd.DataFrame:
+    _, errors, in_distribution, reasons = zip(*items, strict=True)
     ok = [i for i, error in enumerate(errors) if not error]
     probs = np.full(len(paths), np.nan)
     if ok:
@@ -171,6 +212,8 @@ def _score_batch(
             "file": [str(p) for p in paths],
             "prob_all": probs,
             "label": np.where(np.isnan(probs), "", labels),
-            "error": errors,
+            "in_distribution": np.array(in_distribution, dtype=bool),
+            "ood_reason": list(reasons),
+            "error": list(errors),
         }
     )

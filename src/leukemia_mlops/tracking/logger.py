@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
+
+#: Where Lightning's rank-zero notices go (the second name: Lightning Fabric's, when it wins).
+LIGHTNING_NOTICES = (
+    "pytorch_lightning.utilities.rank_zero",
+    "lightning_fabric.utilities.rank_zero",
+)
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    """Drop Lightning's "💡 Tip" advertisements (litlogger, litmodels): runs log to MLflow."""
+    return not str(record.msg).startswith("💡 Tip")
+
+
+for _name in LIGHTNING_NOTICES:
+    logging.getLogger(_name).addFilter(_not_a_tip)
 
 
 class ResumableMLFlowLogger(MLFlowLogger):

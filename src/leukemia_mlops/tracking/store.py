@@ -17,6 +17,11 @@ def tracking_uri(configured: str | None, mlruns_dir: str | Path = "mlruns") -> s
         return str(configured)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    return local_store_uri(mlruns_dir)
+
+
+def local_store_uri(mlruns_dir: str | Path = "mlruns") -> str:
+    """``sqlite:///<mlruns>/mlflow.db``, the local store (its folder created)."""
     mlruns = Path(mlruns_dir)
     mlruns.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{mlruns.resolve() / 'mlflow.db'}"
@@ -45,3 +50,18 @@ def ensure_experiment(uri: str, name: str, mlruns_dir: str | Path = "mlruns") ->
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+def ui_url(
+    uri: str,
+    name: str = DEFAULT_EXPERIMENT,
+    base_url: str = "http://127.0.0.1:5000",
+    mlruns_dir: str | Path = "mlruns",
+) -> str:
+    """The UI page of experiment ``name``'s runs in the model-training view (created if missing).
+
+    MLflow 3.17's UI opens in its GenAI view; the ``workflowType`` query of the page's URL
+    switches it (the experiment tag ``mlflow.experimentKind`` alone does not).
+    """
+    page = f"#/experiments/{ensure_experiment(uri, name, mlruns_dir)}/runs"
+    return f"{base_url.rstrip('/')}/{page}?workflowType=machine_learning"

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+# Heartbeats, their stale-trial callback and fail_stale_trials are marked experimental by
+# Optuna, with no stable replacement: the project relies on them knowingly.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 SQLITE_TIMEOUT_S = 60  # how long a sqlite writer waits for the other workers' locks
 STORAGE_ATTEMPTS = 3
 

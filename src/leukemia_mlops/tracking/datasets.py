@@ -1,0 +1,78 @@
+"""The data a run read, logged as MLflow dataset inputs (the UI's Dataset column).
+
+Each split a run reads is one input: named ``<source>-<split>`` (``synthetic-train``), its
+digest the DVC hash of ``data/raw`` that ``data.dvc`` records (the prepare cache's data hash
+without a ``data.dvc``), its source ``data.dvc`` at the git commit, its context tag
+(``training``, ``validation``, ``test``) and a profile of images and subjects per class.
+The split is in the name because MLflow keeps one input per name and digest in a run, so
+training and validation of one data version need two names. MLflow stores a dataset once
+per experiment, name and digest: its profile is the one first logged for them.
+
+``mlflow.search_runs`` filters on ``dataset.name``, ``dataset.digest`` and ``dataset.context``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from leukemia_mlops.tracking.provenance import dvc_data_hash, git_commit
+
+#: What a training run reads, split -> MLflow context.
+TRAINING_CONTEXTS = {"train": "training", "val": "validation"}
+#: What an evaluation reads.
+EVALUATION_CONTEXTS = {"test": "test"}
+CLASS_NAMES = {1: "ALL", 0: "HEM"}
+
+
+def split_profile(manifest: pd.DataFrame, split: str) -> dict[str, dict[str, int]]:
+    """Images and distinct subjects per class of one split of a prepare manifest."""
+    rows = manifest[manifest["split"] == split]
+    by_class = {name: rows[rows["label"] == label] for label, name in CLASS_NAMES.items()}
+    return {
+        "images": {name: len(cells) for name, cells in by_class.items()},
+        "subjects": {name: int(cells["subject"].nunique()) for name, cells in by_class.items()},
+    }
+
+
+def log_data_inputs(
+    uri: str,
+    run_id: str,
+    manifest_file: str | Path,
+    source: str | None,
+    cache_hash: str,
+    contexts: Mapping[str, str],
+    dvc_file: str | Path = "data.dvc",
+) -> None:
+    """Log one dataset input per split in ``contexts`` (split -> context) into a run.
+
+    ``source`` and ``cache_hash`` are the prepare cache's identity; without a ``dvc_file`` the
+    cache's hash is the digest and its manifest the source. Logging twice (a resumed run)
+    adds nothing.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    versioned = Path(dvc_file).is_file()
+    digest = dvc_data_hash(dvc_file) if versioned else cache_hash
+    origin = dvc_file if versioned else manifest_file
+    location = json.dumps({"uri": f"{origin}@{git_commit()}"})  # the UI shows it as "Path"
+    manifest = pd.read_parquet(manifest_file, columns=["split", "label", "subject"])
+    inputs = [
+        DatasetInput(
+            Dataset(
+                name=f"{source or 'unknown'}-{split}",
+                digest=digest,
+                source_type="local",
+                source=location,
+                profile=json.dumps(split_profile(manifest, split)),
+            ),
+            [InputTag(MLFLOW_DATASET_CONTEXT, context)],
+        )
+        for split, context in contexts.items()
+    ]
+    MlflowClient(uri).log_inputs(run_id, datasets=inputs)

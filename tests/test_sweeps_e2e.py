@@ -38,13 +38,21 @@ CNN = [
 # A test search space with a pruner that prunes every trial after its first epoch.
 PRUNING_SPACE = """\
 # @package _global_
+# Not an extension of _optuna: a pruner of another class takes none of the median pruner's keys.
 defaults:
-  - /hparams_search/_optuna
+  - override /hydra/sweeper: leukemia_optuna
 hydra:
   sweeper:
+    direction: maximize
     study_name: always_pruned
     storage: sqlite:///${paths.mlruns_dir}/optuna.db
     n_trials: 1
+    n_jobs: 1
+    max_failure_rate: 0.25
+    top_up: false
+    heartbeat_interval: 60
+    grace_period: 120
+    max_retry: 1
     sampler: {_target_: optuna.samplers.RandomSampler, seed: 0}
     pruner: {_target_: optuna.pruners.ThresholdPruner, lower: 1.01}
     params:

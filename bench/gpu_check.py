@@ -222,6 +222,44 @@ def check_ddp(run: Run) -> Outcome:
     )
 
 
+def check_train_stage(run: Run) -> Outcome:
+    """The DVC ``train`` stage command under DDP: rank 0 writes, every rank exits cleanly."""
+    from leukemia_mlops.config import compose, write_params
+
+    gpus = torch.cuda.device_count() if run.device == "cuda" else 0
+    trainer, how = ("trainer=ddp", "2 GPUs") if gpus >= 2 else ("trainer=ddp_cpu", "2 CPU ranks")
+    stage = run.root / "stage"
+    stage.mkdir()
+    overrides = [
+        trainer,
+        "trainer.devices=2",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        f"paths.prepared_dir={run.prepared()}",
+        f"paths.mlruns_dir={stage / 'mlruns'}",
+        f"paths.models_dir={stage / 'models'}",
+        f"paths.reports_dir={stage / 'reports'}",
+        f"data.prepare.image_size={run.sizes.image_size}",
+        f"datamodule.batch_size={run.sizes.smoke_batch}",
+        "datamodule.num_workers=0",
+        "logger.mlflow.log_model=false",
+    ]
+    write_params(compose(overrides), stage / "params.yaml")
+    command = [sys.executable, "-m", "leukemia_mlops.cli.train", "--params", "params.yaml"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    done = subprocess.run(command, cwd=stage, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:
+        return Outcome(False, f"{how}: exit {done.returncode}: " + done.stderr[-500:])
+    state = json.loads((stage / "models/cnn/run.json").read_text())
+    reported = (stage / "reports/train_cnn.json").is_file()
+    finished = state["status"] == "finished" and reported
+    return Outcome(
+        finished,
+        f"{how}: run.json {state['status']}, reports {'written' if reported else 'MISSING'}",
+        raw={"how": how, "status": state["status"], "reports": reported},
+    )
+
+
 def yolo_batch(img_size: int, batch: int, device: str) -> tuple[torch.Tensor, list[dict]]:
     """Images with one ALL cell box each, on ``device``."""
     box = torch.tensor([[0.3, 0.25, 0.7, 0.7]], device=device) * img_size
@@ -320,6 +358,7 @@ def mlflow_model(run: Run, net: torch.nn.Module, size: int) -> str:
 SMOKE = {
     "2-epoch fit with warm-up": check_fit,
     "DDP replica equality": check_ddp,
+    "DVC train stage under DDP": check_train_stage,
     "YOLO-tiny step syncs": check_yolo_syncs,
     "predictions .ckpt / .onnx / runs:/": check_parity,
 }

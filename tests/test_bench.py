@@ -37,6 +37,7 @@ def test_quick_gpu_check_runs_every_check_and_gets_the_known_answers(tmp_path):
     assert list(outcomes) == [
         "2-epoch fit with warm-up",
         "DDP replica equality",
+        "DVC train stage under DDP",
         "YOLO-tiny step syncs",
         "predictions .ckpt / .onnx / runs:/",
         "matmul peaks",
@@ -51,6 +52,8 @@ def test_quick_gpu_check_runs_every_check_and_gets_the_known_answers(tmp_path):
     assert fit["raw"]["backbone_moved"][0] == 0 < fit["raw"]["backbone_moved"][1]
     assert outcomes["DDP replica equality"]["passed"] is True
     assert outcomes["DDP replica equality"]["raw"]["unequal"] == []
+    stage = outcomes["DVC train stage under DDP"]
+    assert stage["passed"] is True and stage["raw"]["status"] == "finished"
     parity = outcomes["predictions .ckpt / .onnx / runs:/"]
     assert parity["passed"] is True and set(parity["raw"]["max_abs_diff"]) == {".onnx", "runs:/"}
     assert max(parity["raw"]["max_abs_diff"].values()) <= 1e-4

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -149,6 +150,22 @@ def test_the_train_stage_under_ddp_leaves_complete_outputs(tiny_config, tmp_path
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "val/f1_weighted")) == 1
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+    # The evaluate stage after it, with the same DDP trainer config: one process scores each
+    # test cell once and logs into the DDP run.
+    evaluate = [sys.executable, "-m", "leukemia_mlops.cli.evaluate", "--params", "params.yaml"]
+    result = subprocess.run(
+        [*evaluate, "evaluate.n_resamples=20", "evaluate.tta=false"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((reports / "eval/metrics.json").read_text())
+    manifest = pd.read_parquet(cfg.paths.prepared_dir + "/manifest.parquet")
+    assert metrics["counts"]["test_cells"] == int((manifest["split"] == "test").sum())
+    assert "test/f1_weighted" in client.get_run(run.info.run_id).data.metrics
 
 
 def test_torchrun_ranks_share_rank_zeros_run_directory_and_resume(tiny_prepared, tmp_path):

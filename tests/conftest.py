@@ -36,6 +36,13 @@ def tree_digest(root: Path) -> dict[str, str]:
     }
 
 
+@pytest.fixture(autouse=True)
+def no_inherited_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without ``$MLFLOW_TRACKING_URI``: ``mlflow.set_tracking_uri`` (which the
+    project calls to log models) also sets it, and would send a later test's runs elsewhere."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic dataset in the Kaggle C-NMC layout (prelim CSV and final set included)."""

@@ -343,3 +343,28 @@ class MlflowServer:
         # Workers left in the group (the server's own children) go too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def server_sweep_command(
+    storage: str, study_name: str, tracking_uri: str, experiment: str, prepared: Path, work: Path
+) -> list[str]:
+    """A 2-trial one-epoch resnet18 sweep on a shared study storage, logging to a server."""
+    return [
+        sys.executable,
+        "-m",
+        "leukemia_mlops.train",
+        "-m",
+        "hparams_search=cnn_optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.study_name={study_name}",
+        f"hydra.sweeper.storage='{storage}'",
+        f"paths.prepared_dir={prepared}",
+        f"paths.mlruns_dir={work / 'mlruns'}",
+        f"logger.mlflow.tracking_uri={tracking_uri}",
+        f"logger.mlflow.experiment_name={experiment}",
+        "logger.mlflow.log_model=false",
+        "model=resnet18",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "datamodule.num_workers=0",
+    ]

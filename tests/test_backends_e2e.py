@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from servers import MlflowServer, postgres_bin_dir, start_postgres
+from servers import MlflowServer, postgres_bin_dir, server_sweep_command, start_postgres
 
 from leukemia_mlops.config import write_params
 from leukemia_mlops.models.metrics import MONITOR
@@ -234,28 +234,14 @@ def test_concurrent_trainings_lose_no_metric_point(
 def sweep_worker(tmp_path: Path, prepared: Path, storage: str, server: MlflowServer, seed: int):
     """One worker of the shared study, through the real Hydra multirun command line."""
     command = [
-        sys.executable,
-        "-m",
-        "leukemia_mlops.train",
-        "-m",
-        "hparams_search=cnn_optuna",
-        "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.study_name=pg_shared",
-        f"hydra.sweeper.storage='{storage}'",
+        *server_sweep_command(
+            storage, "pg_shared", server.url, "postgres-sweep", prepared, tmp_path
+        ),
         f"hydra.sweeper.sampler.seed={seed}",
         "hydra.sweeper.pruner.n_startup_trials=100",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        f"paths.prepared_dir={prepared}",
-        f"paths.mlruns_dir={tmp_path / 'mlruns'}",
-        f"logger.mlflow.tracking_uri={server.url}",
-        "logger.mlflow.experiment_name=postgres-sweep",
-        "logger.mlflow.log_model=false",
-        "model=resnet18",
-        "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "data.prepare.image_size=48",
-        "datamodule.num_workers=0",
     ]
     log = tmp_path / f"sweep_{seed}.log"
     with open(log, "ab") as out:

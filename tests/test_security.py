@@ -30,7 +30,13 @@ from conftest import TINY_SIZE, tree_digest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
-from servers import MlflowServer, Postgres, postgres_bin_dir, start_postgres
+from servers import (
+    MlflowServer,
+    Postgres,
+    postgres_bin_dir,
+    server_sweep_command,
+    start_postgres,
+)
 
 from leukemia_mlops.cli import evaluate as evaluate_cli
 from leukemia_mlops.cli import export as export_cli
@@ -516,25 +522,9 @@ def test_a_sweep_writes_no_password_of_its_tracking_uri_or_storage(
             work = tmp_path / "work"
             work.mkdir()
             command = [
-                sys.executable,
-                "-m",
-                "leukemia_mlops.train",
-                "-m",
-                "hparams_search=cnn_optuna",
-                "hydra.sweeper.n_trials=2",
-                "hydra.sweeper.study_name=planted",
-                f"hydra.sweeper.storage='{storage}'",
+                *server_sweep_command(storage, "planted", uri, "planted", tiny_prepared, work),
                 f"hydra.sweep.dir={work / 'multirun'}",
-                f"paths.prepared_dir={tiny_prepared}",
-                f"paths.mlruns_dir={work / 'mlruns'}",
-                f"logger.mlflow.tracking_uri={uri}",
-                "logger.mlflow.experiment_name=planted",
-                "logger.mlflow.log_model=false",
-                "model=resnet18",
-                "trainer.max_epochs=1",
-                "trainer.enable_progress_bar=false",
                 f"data.prepare.image_size={TINY_SIZE}",
-                "datamodule.num_workers=0",
             ]
             env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
             env.update(OMP_NUM_THREADS="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")

@@ -4,10 +4,10 @@
 cells) or ``yolo`` (a YOLOv3 detector over single cells and composed scenes); both are scored
 with the same classification metrics and share the logger, checkpoints and resume logic.
 
-A run directory holds ``checkpoints/{best,last}.ckpt``, ``run.json`` (the MLflow run id, the
-config hash and the status) and, when finished, ``metrics.json`` and ``history.csv``. A run
-that stopped before finishing resumes from ``last.ckpt`` into the same MLflow run when it is
-started again with the same config.
+A run directory (its files named in :mod:`leukemia_mlops.tracking.run_files`) holds the
+checkpoints, ``run.json`` (the MLflow run id, the config hash and the status) and, when
+finished, the metrics and curves. A run that stopped before finishing resumes from its last
+checkpoint into the same MLflow run when it is started again with the same config.
 
 Under DDP only rank 0 reads and writes the run directory: it decides whether to resume and
 hands its directory and decision to the other ranks (started by Lightning's launcher, which
@@ -49,7 +49,8 @@ from leukemia_mlops.redaction import redact
 from leukemia_mlops.tracking.datasets import TRAINING_CONTEXTS, log_data_inputs
 from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
 from leukemia_mlops.tracking.provenance import config_hash, dvc_data_hash, flatten, git_commit
-from leukemia_mlops.tracking.store import ensure_experiment, tracking_uri
+from leukemia_mlops.tracking.run_files import RunFiles, store_uri
+from leukemia_mlops.tracking.store import ensure_experiment
 from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory, EpochSeed
 from leukemia_mlops.training.mixed_precision import resolve_precision
 from leukemia_mlops.tuning.runs import trial_tags
@@ -85,7 +86,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     identity.check(cfg.get("data"), cfg.datamodule.prepared_dir)
     datamodule, module, backbone = build_data_and_module(cfg, config)
 
-    uri = tracking_uri(cfg.logger.mlflow.tracking_uri, cfg.paths.mlruns_dir)
+    uri = store_uri(cfg)
     if rank_zero_only.rank == 0:  # before any other rank opens the store
         ensure_experiment(uri, cfg.logger.mlflow.experiment_name, cfg.paths.mlruns_dir)
     run_dir, state, resume = _shared_start(run_dir, config_hash(config))
@@ -115,8 +116,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
 
     history = EpochHistory(HISTORY_KEYS)
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
+        dirpath=RunFiles(run_dir).checkpoints,
+        filename=RunFiles(run_dir).best_checkpoint.stem,
         monitor=MONITOR,
         mode="max",
         save_last=cfg.callbacks.checkpoint.save_last,
@@ -152,7 +153,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         trainer.fit(
             module,
             datamodule=datamodule,
-            ckpt_path=str(run_dir / "checkpoints/last.ckpt") if resume else None,
+            ckpt_path=str(RunFiles(run_dir).last_checkpoint) if resume else None,
             weights_only=True,
         )
     best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else 0.0
@@ -249,28 +250,28 @@ def _inherited_state() -> tuple[dict[str, Any], bool] | None:
 def _resume_state(run_dir: Path, digest: str) -> tuple[dict[str, Any], bool]:
     """The unfinished run of this same config and whether to resume it from ``last.ckpt``,
     or a clean run directory."""
-    state_file = run_dir / "run.json"
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if state.get("config_hash") == digest and state.get("status") == "running":
-            log.info("resuming MLflow run %s from %s", state["mlflow_run_id"], run_dir)
-            return state, (run_dir / "checkpoints/last.ckpt").is_file()
+    files = RunFiles(run_dir)
+    state = files.read_state()
+    if state.get("config_hash") == digest and state.get("status") == "running":
+        log.info("resuming MLflow run %s from %s", state["mlflow_run_id"], run_dir)
+        return state, files.last_checkpoint.is_file()
     if rank_zero_only.rank == 0:
         # run.json proves the checkpoints are this project's: a folder that merely happens
         # to hold a checkpoints/ (paths.models_dir=~ ...) is refused, never wiped.
-        remove_owned(run_dir / "checkpoints", state_file)
-        state_file.unlink(missing_ok=True)
+        remove_owned(files.checkpoints, files.state)
+        files.state.unlink(missing_ok=True)
     return {"config_hash": digest}, False
 
 
 def _start_run(run_dir: Path, logger: ResumableMLFlowLogger, config: dict, state: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     logger.log_hyperparams(flatten(config))
-    config_file = run_dir / "config.yaml"
+    files = RunFiles(run_dir)
+    config_file = files.config
     atomic_write_text(config_file, redact(OmegaConf.to_yaml(OmegaConf.create(config))))
     logger.experiment.log_artifact(logger.run_id, str(config_file))
     state.update(mlflow_run_id=logger.run_id, status="running")
-    atomic_write_text(run_dir / "run.json", json.dumps(state, indent=2))
+    atomic_write_text(files.state, json.dumps(state, indent=2))
 
 
 def _finish_run(
@@ -285,22 +286,23 @@ def _finish_run(
     datamodule: pl.LightningDataModule,
 ) -> None:
     """Write metrics and curves, and log the best checkpoint and model to the MLflow run."""
-    atomic_write_text(run_dir / "history.csv", pd.DataFrame(history.rows).to_csv(index=False))
+    files = RunFiles(run_dir)
+    atomic_write_text(files.history, pd.DataFrame(history.rows).to_csv(index=False))
     best_row = max(history.rows, key=lambda r: r.get(MONITOR, float("-inf")), default={})
     metrics = {
         "best_epoch": best_row.get("epoch", -1),
         **{k.replace("/", "_"): v for k, v in best_row.items() if k != "epoch"},
     }
     metrics["precision"] = trainer_cfg["precision"]
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+    atomic_write_text(files.metrics, json.dumps(metrics, indent=2, sort_keys=True))
     log.info("finished %s: %s", run_dir, metrics_line(metrics))
     if checkpoint.best_model_path:
         logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
         _log_best_model(cfg, logger, uri, checkpoint.best_model_path, datamodule)
     logger.experiment.log_metric(logger.run_id, "best/" + MONITOR, best)
-    state = json.loads((run_dir / "run.json").read_text())
+    state = files.read_state()
     state["status"] = "finished"
-    atomic_write_text(run_dir / "run.json", json.dumps(state, indent=2))
+    atomic_write_text(files.state, json.dumps(state, indent=2))
 
 
 def metrics_line(metrics: dict[str, Any]) -> str:

@@ -1,0 +1,80 @@
+"""Where a run's files live: the run directory, the evaluation reports and the MLflow store.
+
+A training run directory (``<paths.models_dir>/<family>``) holds ``checkpoints/{best,last}.ckpt``,
+``run.json`` (the MLflow run id, the config hash and the status), ``config.yaml`` and, once
+finished, ``metrics.json`` and ``history.csv``. The evaluate stage writes each family's report
+to ``<paths.reports_dir>/eval/<family>``. Train, evaluate, export and predict find them here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from leukemia_mlops.tracking.store import tracking_uri
+
+#: The model families the pipeline trains, each into its own run directory.
+FAMILIES = ("cnn", "yolo")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one training run directory."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / "best.ckpt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def state(self) -> Path:
+        """``run.json``: the MLflow run id, the config hash and the status."""
+        return self.root / "run.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    def read_state(self) -> dict[str, Any]:
+        """The run's ``run.json``, empty when there is none."""
+        return json.loads(self.state.read_text()) if self.state.is_file() else {}
+
+    def mlflow_run_id(self) -> str | None:
+        """The MLflow run this directory's training logged into, if recorded."""
+        return self.read_state().get("mlflow_run_id")
+
+
+def model_run(cfg: DictConfig, family: str) -> RunFiles:
+    """The run directory the pipeline trains ``family`` into."""
+    return RunFiles(Path(cfg.paths.models_dir) / family)
+
+
+def eval_dir(cfg: DictConfig, family: str) -> Path:
+    """Where the evaluate stage writes ``family``'s report."""
+    return Path(cfg.paths.reports_dir) / "eval" / family
+
+
+def store_uri(cfg: DictConfig) -> str:
+    """The MLflow tracking URI the config names (``logger.mlflow``, ``paths.mlruns_dir``)."""
+    return tracking_uri(cfg.logger.mlflow.tracking_uri, cfg.paths.mlruns_dir)

@@ -4,6 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
+PLOTS_TEMPLATE := dvc_template/offline.html
 export PATH := $(BIN):$(PATH)
 # Keep libraries quiet and offline: nothing is downloaded at run time.
 export DVC_NO_ANALYTICS := 1
@@ -16,13 +17,19 @@ export DO_NOT_TRACK := 1
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install the pinned stack (a second run does nothing)
+setup: $(STAMP) $(PLOTS_TEMPLATE) ## Create .venv, install the pinned stack and the plots page template
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
+
+# `dvc plots show` page template with vega inlined (offline plots): the libraries come from the
+# npm registry at the versions of dvc_template/package-lock.json.
+$(PLOTS_TEMPLATE): dvc_template/package.json dvc_template/package-lock.json dvc_template/build_template.py | $(STAMP)
+	npm ci --prefix dvc_template --no-audit --no-fund --loglevel=error
+	$(BIN)/python dvc_template/build_template.py
 
 params: setup ## Compose conf/ into params.yaml (the config the DVC pipeline runs with)
 	lmo-params

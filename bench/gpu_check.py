@@ -4,8 +4,9 @@ First the smoke list (does the project run right on this device?): a 2-epoch fit
 frozen-backbone warm-up, 2-process DDP replica equality, YOLO-tiny's host-device syncs per
 training step, and CNN predictions agreeing across ``.ckpt``, ``.onnx`` and MLflow ``runs:/``.
 Then speed: the matmul peak of every native precision, resnet18 and efficientnet_b0 through
-the project's Lightning path vs a compute-only loop (eager and ``torch.compile``d), and YOLOv3
-at 416 px, each training rate against the peak of its own precision.
+the project's Lightning path (augmented on CPU workers or on the device, eager or with
+``model.compile``) vs a compute-only loop (eager and ``torch.compile``d), the loader with device
+augmentation, and YOLOv3 at 416 px, each training rate against the peak of its own precision.
 
 On a CUDA device the results become the GPU section of ``DIR/BENCHMARKS.md`` (sized for at
 most 8 minutes on one GPU); elsewhere nothing is written there. ``--quick`` runs tiny sizes
@@ -44,6 +45,7 @@ PARITY_TOLERANCE = 1e-4
 SYNC_LIMIT = 5  # host-device syncs a YOLO training step may make ("a handful")
 ROOFLINE_TARGET = 40.0  # percent of the bf16 matmul peak for resnet18 at 224 px on a GPU
 OVERHEAD_TARGET = 5.0  # percent: the project's path against the compute-only loop
+FEED_TARGET = 3.0  # the device-augmentation loader against the fastest training rate
 CNNS = ("resnet18", "efficientnet_b0")
 
 
@@ -412,8 +414,11 @@ def compute_only_rate(run: Run, backbone: str, precision: str, compiled: bool) -
     return rate_of(step, run.clock()).per_s
 
 
-def project_rate(run: Run, backbone: str, precision: str) -> float:
-    """Training images/s of ``Trainer.fit`` on the prepare cache, augmentation on CPU workers."""
+def project_rate(
+    run: Run, backbone: str, precision: str, augment_on: str = "cpu", compiled: bool = False
+) -> float:
+    """Training images/s of ``Trainer.fit`` on the prepare cache, augmented on CPU workers or
+    on the device, the network eager or compiled (``model.compile``)."""
     import pytorch_lightning as pl
 
     from bench.clock import ClockCallback
@@ -436,8 +441,15 @@ def project_rate(run: Run, backbone: str, precision: str) -> float:
         run.sizes.speed_batch,
         num_workers=run.workers(),
         pin_memory=run.device == "cuda",
+        augment_on=augment_on,
     )
-    trainer.fit(CellClassifier(backbone=backbone, warmup_epochs=0), datamodule=data)
+    module = CellClassifier(
+        backbone=backbone,
+        warmup_epochs=0,
+        compile=compiled,
+        compile_backend=run.sizes.compile_backend,
+    )
+    trainer.fit(module, datamodule=data)
     return clock.rate().per_s
 
 
@@ -449,14 +461,16 @@ def check_training(run: Run, backbone: str) -> Outcome:
     precision = run.precision()
     size = run.sizes.image_size
     gflop = TRAINING_FACTOR * count_flops(build_classifier(backbone), size) / 1e9
+    compiled = f"compiled ({run.sizes.compile_backend})"
     rates = {
         "project": project_rate(run, backbone, precision),
+        "project, device augmentation": project_rate(run, backbone, precision, "device"),
+        f"project, {compiled}": project_rate(run, backbone, precision, compiled=True),
         "compute-only": compute_only_rate(run, backbone, precision, compiled=False),
-        f"compute-only, compiled ({run.sizes.compile_backend})": compute_only_rate(
-            run, backbone, precision, compiled=True
-        ),
+        f"compute-only, {compiled}": compute_only_rate(run, backbone, precision, compiled=True),
     }
     shares = {loop: of_peak(run, precision, gflop * rate) for loop, rate in rates.items()}
+    run.shared.setdefault("training", {})[backbone] = rates
     shown = "; ".join(
         f"{loop} {fmt(rate)} img/s" + (f" ({pct(shares[loop])} of peak)" if shares[loop] else "")
         for loop, rate in rates.items()
@@ -487,9 +501,30 @@ def check_yolo_speed(run: Run) -> Outcome:
     return Outcome(None, f"at {run.sizes.yolo_size} px: {shown}", raw=rates)
 
 
+def check_feed(run: Run) -> Outcome:
+    """The loader shipping uint8 batches for device augmentation, and that augmentation on the
+    device, against the fastest project training rate measured before."""
+    from bench.feed import augment_rate, loader_capacity
+
+    size, batch = run.sizes.image_size, run.sizes.speed_batch
+    loader = loader_capacity(run.prepared(), batch, "device", run.workers(), run.clock()).per_s
+    augment = augment_rate(size, batch, run.device, run.clock(), run.sync).per_s
+    training = max(
+        (rates["project"] for rates in run.shared.get("training", {}).values()), default=None
+    )
+    versus = f"; {loader / training:.1f}x the fastest training" if training else ""
+    return Outcome(
+        None,
+        f"{size} px, batch {batch}: loader {fmt(loader)} img/s with {run.workers()} workers"
+        f"{versus}; augmentation on {run.device} {fmt(augment)} img/s",
+        raw={"loader": loader, "augment": augment, "training": training, "workers": run.workers()},
+    )
+
+
 SPEED: dict[str, Callable[[Run], Outcome]] = {
     "matmul peaks": check_peaks,
     **{f"{b} training": partial(check_training, backbone=b) for b in CNNS},
+    "loader, device augmentation": check_feed,
     "YOLOv3 speed": check_yolo_speed,
 }
 
@@ -514,6 +549,11 @@ def verdicts(outcomes: list[Outcome], device: str) -> list[str]:
     """The issue's targets against this run's figures."""
     lines = []
     for outcome in outcomes:
+        if outcome.raw.get("training"):
+            label = f"{outcome.name}: loader vs the fastest training"
+            lines.append(
+                verdict(label, outcome.raw["loader"] / outcome.raw["training"], FEED_TARGET)
+            )
         rates = outcome.raw.get("img_per_s")
         if not rates:
             continue

@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from bench.feed import loader_rate
 from bench.loops import project_rate
 from bench.report import Section, verdict
-from bench.timing import BatchClock, Rate, endless, rate_of
+from bench.timing import BatchClock
 from bench.workspace import Workspace
 from leukemia_mlops.data.naming import LABEL_NAMES
 from leukemia_mlops.data.prepare import MANIFEST_FILE
@@ -52,9 +53,8 @@ def torchvision_transforms(window: int, size: int) -> v2.Compose:
     )
 
 
-def loader_rate(loader: DataLoader, ws: Workspace) -> Rate:
-    batches = endless(loader)
-    return rate_of(lambda: len(next(batches)[0]), BatchClock(ws.sizes.warmup, ws.sizes.budget_s))
+def clock(ws: Workspace) -> BatchClock:
+    return BatchClock(ws.sizes.warmup, ws.sizes.budget_s)
 
 
 def run(ws: Workspace) -> Section:
@@ -63,7 +63,7 @@ def run(ws: Workspace) -> Section:
     cfg = ws.config(prepared, size)
     datamodule = instantiate(cfg.datamodule)
     datamodule.setup("fit")
-    cache = loader_rate(datamodule.train_dataloader(), ws)
+    cache = loader_rate(datamodule.train_dataloader(), clock(ws))
     folder = datasets.ImageFolder(
         image_folder(prepared, ws.raw(ws.train_spec), ws.root / "imagefolder"),
         torchvision_transforms(int(cfg.data.prepare.window), size),
@@ -72,7 +72,7 @@ def run(ws: Workspace) -> Section:
     loader = DataLoader(
         folder, batch, shuffle=True, num_workers=workers, persistent_workers=workers > 0
     )
-    bmp = loader_rate(loader, ws)
+    bmp = loader_rate(loader, clock(ws))
     training = project_rate(ws, "resnet18", size).per_s
     rows = [
         [

@@ -11,7 +11,19 @@ import torch
 
 from leukemia_mlops.training.mixed_precision import cpu_has_bf16, resolve_precision
 
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+#: SIMD and matrix-unit flags that decide the kernels (and whether bf16 and fp16 are native).
+FLAGS = (
+    "avx2",
+    "fma",
+    "avx_vnni",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "onnxruntime", "numpy", "albumentations")
 #: Keys that identify the machine; a stored section measured elsewhere is flagged by them.
 IDENTITY = ("cpu", "cores")

@@ -6,6 +6,7 @@ the images/s arithmetic are the same for the measured stage and its baseline.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -112,23 +113,47 @@ def rate_of(call: Callable[[], int], clock: BatchClock) -> Rate:
     return clock.rate()
 
 
-def alternating_best(calls: dict[str, Callable[[], int]], budget_s: float) -> tuple[dict, int]:
-    """Items/s of each call's fastest pass, and the passes each made.
+@dataclass(frozen=True)
+class Spread:
+    """A figure measured in several rounds: its median, lowest and highest value."""
 
-    Every call (which returns the items it processed) runs once to warm up; then they take
-    turns until ``budget_s`` is spent, so that a passing slowdown of a shared machine cannot
-    fall on one of them alone.
+    values: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def low(self) -> float:
+        return min(self.values)
+
+    @property
+    def high(self) -> float:
+        return max(self.values)
+
+    def as_dict(self) -> dict:
+        return {"median": self.median, "min": self.low, "max": self.high, "values": self.values}
+
+
+def alternating_rounds(
+    calls: dict[str, Callable[[], int]], rounds: int, round_s: float
+) -> dict[str, Spread]:
+    """Items/s of each call in each of ``rounds`` rounds, the calls taking turns.
+
+    Every call (which returns the items it processed) runs once to warm up; then, round after
+    round, each one runs again and again for at least ``round_s`` seconds, so that a passing
+    slowdown of a shared machine cannot fall on one of them alone.
     """
     for call in calls.values():
         call()
-    best = dict.fromkeys(calls, 0.0)
-    passes, start = 0, time.perf_counter()
-    while passes == 0 or time.perf_counter() - start < budget_s:
+    rates: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
         for name, call in calls.items():
-            items, seconds = stopwatch(call)
-            best[name] = max(best[name], items / seconds)
-        passes += 1
-    return best, passes
+            items, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < round_s or not items:
+                items += call()
+            rates[name].append(items / elapsed)
+    return {name: Spread(tuple(values)) for name, values in rates.items()}
 
 
 def stopwatch(call: Callable[[], T]) -> tuple[T, float]:

@@ -31,9 +31,11 @@ class Sizes:
     sweep_batch: int
     warmup: int  # batches before a clock starts measuring
     budget_s: float  # seconds a clock measures
+    loop_rounds: int  # alternating rounds of the Lightning vs plain loop comparison
+    loop_round_s: float  # seconds each loop measures in a round
     prep_images: int
     memory_images: tuple[int, int]
-    predict_images: tuple[int, int]
+    predict_images: tuple[int, int, int]
     accuracy_images: int
     accuracy_size: int
     accuracy_epochs: int
@@ -48,10 +50,12 @@ FULL = Sizes(
     sweep_size=224,
     sweep_batch=32,
     warmup=2,
-    budget_s=20.0,
+    budget_s=10.0,  # the loop comparison has its own rounds: the whole run takes about 25 min
+    loop_rounds=5,
+    loop_round_s=20.0,
     prep_images=1000,
-    memory_images=(1000, 4000),
-    predict_images=(1000, 10000),
+    memory_images=(500, 2000),
+    predict_images=(1000, 10000, 30000),
     accuracy_images=300,
     accuracy_size=64,
     accuracy_epochs=3,
@@ -65,9 +69,11 @@ QUICK = Sizes(
     sweep_batch=8,
     warmup=1,
     budget_s=0.5,
+    loop_rounds=2,
+    loop_round_s=0.5,
     prep_images=100,
     memory_images=(100, 400),  # prepare starts worker processes from 64 images
-    predict_images=(50, 200),
+    predict_images=(50, 100, 200),
     accuracy_images=100,
     accuracy_size=32,
     accuracy_epochs=1,

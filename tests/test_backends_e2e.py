@@ -2,7 +2,8 @@
 
 * four trainings log to one server at once and no metric point is lost;
 * two sweep workers share one Optuna study in PostgreSQL through the real Hydra multirun
-  command line: distinct trial numbers, every trial's run nested under the study's parent;
+  command line: distinct trial numbers, trials of both workers running at once, every trial's
+  run nested under the study's parent;
 * the server is killed while a training logs to it: a short outage is ridden out by the
   MLflow client's retries; a longer one fails the run, whose data logged before the outage is
   intact once the server is back, and the same command then resumes it into the same run.
@@ -31,6 +32,7 @@ from servers import MlflowServer, postgres_bin_dir, server_sweep_command, start_
 from leukemia_mlops.config import write_params
 from leukemia_mlops.models.metrics import MONITOR
 from leukemia_mlops.tuning.runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL_TAG
+from leukemia_mlops.tuning.study import WORKER_ATTR
 
 pytestmark = pytest.mark.slow
 
@@ -251,6 +253,22 @@ def sweep_worker(tmp_path: Path, prepared: Path, storage: str, server: MlflowSer
     return process, log
 
 
+def assert_workers_overlapped(trials: list[optuna.trial.FrozenTrial]) -> None:
+    """Two workers ran two trials each, and a trial of one ran while one of the other did."""
+    by_worker: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for trial in trials:
+        by_worker.setdefault(trial.user_attrs[WORKER_ATTR], []).append(trial)
+    assert sorted(len(mine) for mine in by_worker.values()) == [2, 2], by_worker.keys()
+    first, second = by_worker.values()
+    assert any(
+        a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+        for a in first
+        for b in second
+    ), [
+        (t.number, t.user_attrs[WORKER_ATTR], t.datetime_start, t.datetime_complete) for t in trials
+    ]
+
+
 def test_two_sweep_workers_share_a_postgres_study(
     postgres, mlflow_server, client, spawned, tiny_prepared, tmp_path
 ):
@@ -265,6 +283,7 @@ def test_two_sweep_workers_share_a_postgres_study(
     study = optuna.load_study(study_name="pg_shared", storage=storage)
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert_workers_overlapped(study.trials)
     parent_id = study.user_attrs[PARENT_ATTR]
     parent = client.get_run(parent_id)
     assert parent.data.tags["optuna_study"] == "pg_shared"

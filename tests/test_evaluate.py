@@ -6,22 +6,34 @@ import dataclasses
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import TINY_SIZE
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
+from leukemia_mlops.cli import compare as compare_cli
 from leukemia_mlops.cli import evaluate as evaluate_cli
 from leukemia_mlops.config import build_spec, compose
-from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
-from leukemia_mlops.evaluation.compare import KEY_METRICS, compare_runs, write_comparison
+from leukemia_mlops.data.detection import DetectionDataModule
+from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE, PrepareSpec, prepare_dataset
+from leukemia_mlops.data.scenes import SceneSpec
+from leukemia_mlops.data.splits import SplitSpec
+from leukemia_mlops.evaluation.compare import (
+    KEY_METRICS,
+    champion,
+    compare_runs,
+    write_comparison,
+)
+from leukemia_mlops.evaluation.detection import subject_scenes
 from leukemia_mlops.evaluation.evaluate import (
     INTERVAL_KEYS,
     EvaluateSpec,
@@ -32,18 +44,22 @@ from leukemia_mlops.evaluation.evaluate import (
 )
 from leukemia_mlops.evaluation.gradcam import gradcam, last_conv_block
 from leukemia_mlops.evaluation.metrics import binary_metrics
-from leukemia_mlops.inference.loading import load_classifier
+from leukemia_mlops.inference.loading import load_classifier, load_detector
 from leukemia_mlops.inference.predict import predict_paths
 from leukemia_mlops.inference.scorers import TorchScorer, dihedral_views, to_network_input
 from leukemia_mlops.models.backbones import build_classifier
+from leukemia_mlops.models.detector import YoloDetector, cell_probability
+from leukemia_mlops.tracking.datasets import log_data_inputs
 from leukemia_mlops.tracking.model_logging import log_classifier
 from leukemia_mlops.tracking.registry import register_best
-from leukemia_mlops.tracking.store import ensure_experiment
+from leukemia_mlops.tracking.run_files import FAMILIES
+from leukemia_mlops.tracking.store import ensure_experiment, local_store_uri
 
 EXPERIMENT = "leukemia-test"
 METRICS = tuple(binary_metrics([0.2, 0.8], [0, 1]))
 FILES = (
     "metrics.json",
+    "summary.json",
     "predictions.csv",
     "subjects.csv",
     "confusion_matrix.png",
@@ -55,6 +71,9 @@ FILES = (
     "reliability.csv",
     "gradcam.png",
 )
+#: A detector's report: the CNN's, with detection overlays instead of Grad-CAM.
+YOLO_FILES = (*FILES[:-1], "overlays.png")
+YOLO_SIZE = 64  # the detector's input side (a multiple of 32), also its cache's side
 
 
 class Evaluated(NamedTuple):
@@ -92,6 +111,57 @@ def evaluated(tiny_prepared, tiny_checkpoint, tmp_path_factory) -> Evaluated:
         mlflow_uri=uri,
     )
     return Evaluated(metrics, out_dir, uri, run_id)
+
+
+@pytest.fixture(scope="module")
+def yolo_prepared(tiny_raw, tmp_path_factory) -> Path:
+    """The tiny dataset cached at the detector's input side, as the pipeline caches it."""
+    out = tmp_path_factory.mktemp("yolo_prepared") / "prepared"
+    spec = PrepareSpec(image_size=YOLO_SIZE, workers=1)
+    prepare_dataset(tiny_raw, out, spec, SplitSpec(), progress=False, source="synthetic")
+    return out
+
+
+@pytest.fixture(scope="module")
+def yolo_checkpoint(yolo_prepared, tmp_path_factory) -> Path:
+    """A quarter-width YOLOv3-tiny trained for one epoch on the tiny cache (poor, but real)."""
+    path = tmp_path_factory.mktemp("yolo_checkpoint") / "yolo.ckpt"
+    pl.seed_everything(0)
+    module = YoloDetector(img_size=YOLO_SIZE, width_mult=0.25, channels_last=False)
+    datamodule = DetectionDataModule(
+        str(yolo_prepared), YOLO_SIZE, batch_size=16, num_workers=0, train_scenes=4, val_scenes=2
+    )
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def yolo_evaluated(evaluated, yolo_prepared, yolo_checkpoint, tmp_path_factory) -> Evaluated:
+    """The detector evaluated like the CNN, logged into its own run of the same store."""
+    client = MlflowClient(evaluated.uri)
+    experiment_id = client.get_run(evaluated.run_id).info.experiment_id
+    tags = {"family": "yolo", "backbone": "yolov3_tiny"}
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    out_dir = tmp_path_factory.mktemp("yolo_eval") / "yolo"
+    metrics = evaluate_model(
+        yolo_checkpoint,
+        yolo_prepared,
+        out_dir,
+        evaluate_spec(n_resamples=50, tta=True, min_subjects=2, scenes_per_subject=2),
+        family="yolo",
+        mlflow_run_id=run_id,
+        mlflow_uri=evaluated.uri,
+    )
+    return Evaluated(metrics, out_dir, evaluated.uri, run_id)
 
 
 def test_metrics_json_holds_every_section(evaluated, tiny_prepared):
@@ -157,6 +227,16 @@ def test_report_files_are_written(evaluated, tiny_prepared):
         table = pd.read_csv(out / name)
         assert len(table) > 0 and not table.isna().any().any(), name
 
+    metrics = json.loads((out / "metrics.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == {
+        "test_f1": metrics["test"]["f1_weighted"],
+        "ci_low": metrics["test"]["f1_weighted_bca_low"],
+        "ci_high": metrics["test"]["f1_weighted_bca_high"],
+        "auroc": metrics["test"]["auroc"],
+        "val_f1": metrics["val_selection"]["f1_weighted"],
+    }
+
     predictions = pd.read_csv(out / "predictions.csv")
     assert list(predictions.columns) == [
         "path", "subject", "split", "label", "prob_all", "pred", "prob_all_tta", "pred_tta",
@@ -209,39 +289,169 @@ def test_mlflow_run_receives_metrics_and_artifacts(evaluated):
     assert artifacts == set(FILES)
 
 
-def test_comparison_keeps_the_best_run_per_backbone(evaluated, tmp_path):
-    client = MlflowClient(evaluated.uri)
-    experiment_id = client.get_run(evaluated.run_id).info.experiment_id
-    worse = json.loads(json.dumps(evaluated.metrics))
-    worse["test"]["f1_weighted"] = evaluated.metrics["test"]["f1_weighted"] - 0.1
-    yolo = {"threshold": 0.5, "test": {"f1_weighted": 0.5, "auroc": 0.6}}
-    for tags, metrics in (
-        ({"family": "cnn", "backbone": "resnet18"}, worse),
-        ({"family": "yolo", "backbone": "darknet53"}, yolo),
-    ):
-        run_id = client.create_run(experiment_id, tags=tags).info.run_id
-        log_evaluation(evaluated.uri, run_id, metrics, evaluated.out_dir)
-    client.create_run(experiment_id, tags={"family": "cnn", "backbone": "resnet50"})  # unevaluated
+def test_the_detector_is_scored_with_the_classifiers_protocol(evaluated, yolo_evaluated):
+    """Same sections, metrics, intervals and TTA as the CNN, plus box mAP on test scenes."""
+    cnn, yolo = evaluated.metrics, yolo_evaluated.metrics
+    assert set(yolo) == set(cnn) | {"detection"}
+    for section in ("val_selection", "test", "test_default", "subject", "counts", "tta"):
+        assert set(yolo[section]) == set(cnn[section]), section
+    assert yolo["bootstrap"] == cnn["bootstrap"]  # the same test subjects, the same resamples
+    assert {p.name for p in yolo_evaluated.out_dir.iterdir()} == set(YOLO_FILES)
+    predictions = pd.read_csv(yolo_evaluated.out_dir / "predictions.csv")
+    val = predictions[predictions["split"] == "val"]
+    expected = binary_metrics(
+        val["prob_all"].to_numpy(), val["label"].to_numpy(), yolo["threshold"]
+    )
+    selection = {key: math.nan if v is None else v for key, v in yolo["val_selection"].items()}
+    assert selection == pytest.approx(expected, nan_ok=True)
+    assert (predictions["pred"] == (predictions["prob_all"] > yolo["threshold"])).all()
 
-    table = compare_runs(evaluated.uri, EXPERIMENT)
-    scores = {
-        ("cnn", "resnet18"): evaluated.metrics["test"]["f1_weighted"],
-        ("yolo", "darknet53"): 0.5,
+
+def test_the_detectors_cell_probability_is_its_validation_score(
+    yolo_evaluated, yolo_checkpoint, yolo_prepared
+):
+    """``prob_all`` of a YOLO model is :func:`cell_probability` of its raw outputs, the
+    number its training validates (and picks checkpoints) with."""
+    detector = load_detector(yolo_checkpoint).eval()
+    manifest = pd.read_parquet(yolo_prepared / MANIFEST_FILE)
+    rows = manifest.index[manifest["split"] == "test"]
+    cache = np.load(yolo_prepared / IMAGES_FILE, mmap_mode="r")
+    images = torch.from_numpy(np.asarray(cache[rows])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        net = detector.net
+        expected = cell_probability(
+            net(images), net.anchors, net.strides, detector.hparams.conf_threshold
+        )
+    predictions = pd.read_csv(yolo_evaluated.out_dir / "predictions.csv")
+    scored = predictions[predictions["split"] == "test"]["prob_all"].to_numpy()
+    np.testing.assert_allclose(scored, expected.numpy(), rtol=0, atol=1e-5)
+
+
+def test_detection_map_has_subject_intervals(yolo_evaluated, yolo_prepared):
+    detection = yolo_evaluated.metrics["detection"]
+    manifest = pd.read_parquet(yolo_prepared / MANIFEST_FILE)
+    test_subjects = manifest.loc[manifest["split"] == "test", "subject"].nunique()
+    assert detection["scenes"] == 2 * test_subjects
+    spec = SceneSpec()
+    assert spec.min_cells * detection["scenes"] <= detection["boxes"]
+    assert detection["boxes"] <= spec.max_cells * detection["scenes"]
+    for key in ("map", "map_50"):
+        assert 0 <= detection[key] <= 1
+        assert detection[f"{key}_low"] <= detection[key] <= detection[f"{key}_high"]
+        assert 0 < detection[f"{key}_n_valid"] <= 50
+    assert detection["map"] <= detection["map_50"]
+    logged = MlflowClient(yolo_evaluated.uri).get_run(yolo_evaluated.run_id).data.metrics
+    assert logged["eval/detection/map_50"] == detection["map_50"]
+
+
+def test_test_scenes_are_composed_per_test_subject(yolo_prepared):
+    scenes = subject_scenes(yolo_prepared, YOLO_SIZE, SceneSpec(), 3, seed=0)
+    manifest = pd.read_parquet(yolo_prepared / MANIFEST_FILE)
+    test = manifest[manifest["split"] == "test"]
+    assert sorted(scenes.subjects) == sorted(test["subject"].astype(str).unique())
+    assert np.bincount(scenes.scene_subject).tolist() == [3] * len(scenes.subjects)
+    for (image, target), owner in zip(scenes.samples, scenes.scene_subject, strict=True):
+        assert image.shape == (3, YOLO_SIZE, YOLO_SIZE)
+        label = test.loc[test["subject"].astype(str) == scenes.subjects[owner], "label"].iloc[0]
+        assert scenes.label_of[owner] == label
+        assert (target["labels"] == label).all()  # one subject's cells share its class
+    again = subject_scenes(yolo_prepared, YOLO_SIZE, SceneSpec(), 3, seed=0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(scenes.samples, again.samples, strict=True))
+
+
+def evaluated_run(
+    uri: str, family: str, val_f1: float, test_f1: float, prepared: Path, digest: str | None
+) -> str:
+    """A run with hand-made evaluation metrics, tested on ``prepared``'s test split: its DVC
+    version (``data.dvc``), or the data of ``digest``."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    tags = {"family": family, "backbone": "resnet18" if family == "cnn" else "yolov3_tiny"}
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    metrics = {
+        "threshold": 0.5,
+        "val_selection": {"f1_weighted": val_f1},
+        "test": {"f1_weighted": test_f1, "auroc": 0.7},
     }
-    groups = list(zip(table["family"], table["backbone"], strict=True))
-    assert groups == sorted(scores, key=scores.get, reverse=True)
-    best = table.set_index("backbone").loc["resnet18"]
-    assert best["run_id"] == evaluated.run_id
-    expected = mlflow_metrics(evaluated.metrics)
-    for key in KEY_METRICS:
-        assert best[key] == expected[key] or (math.isnan(best[key]) and key not in expected), key
-    assert math.isnan(table.set_index("backbone").loc["darknet53", "test/sensitivity"])
+    with tempfile.TemporaryDirectory() as report:
+        log_evaluation(uri, run_id, metrics, report)
+    manifest = prepared / MANIFEST_FILE
+    dvc_file = "data.dvc" if digest is None else "no-such.dvc"
+    contexts = {"test": "test"}
+    log_data_inputs(uri, run_id, manifest, "synthetic", digest or "", contexts, dvc_file)
+    return run_id
 
+
+def tiny_model(uri: str, run_id: str) -> None:
+    """Log a small network as the run's ``model`` (what training logs when asked to)."""
+    net = torch.nn.Sequential(
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 1)
+    )
+    log_classifier(uri, run_id, net, 8)
+
+
+def test_comparison_lists_both_families_in_the_same_columns(evaluated, yolo_evaluated, tmp_path):
+    table = compare_runs(evaluated.uri, EXPERIMENT)
+    rows = table.set_index("family")
+    assert set(rows.index) == {"cnn", "yolo"}
+    assert table["digest"].nunique() == 1 and (table["dataset"] == "synthetic-test").all()
+    for family, result in (("cnn", evaluated), ("yolo", yolo_evaluated)):
+        assert rows.loc[family, "run_id"] == result.run_id
+        expected = mlflow_metrics(result.metrics)
+        for key in KEY_METRICS:
+            value = rows.loc[family, key]
+            assert value == expected.get(key) or (math.isnan(value) and key not in expected)
+    assert not math.isnan(rows.loc["yolo", "eval/detection/map_50"])
     markdown, csv = write_comparison(table, tmp_path / "comparison.md")
-    assert evaluated.run_id in markdown.read_text()
+    assert yolo_evaluated.run_id in markdown.read_text()
     pd.testing.assert_frame_equal(pd.read_csv(csv), table, check_dtype=False)
     with pytest.raises(ValueError, match="no MLflow experiment"):
         compare_runs(evaluated.uri, "no-such-experiment")
+    with pytest.raises(ValueError, match="validation metric"):
+        compare_runs(evaluated.uri, EXPERIMENT, "test/f1_weighted")
+
+
+def test_register_picks_the_champion_of_one_dataset_by_validation(tiny_prepared, tmp_path, capsys):
+    params = write_params(tmp_path / "params.yaml", tmp_path, tiny_prepared)
+    uri = local_store_uri(tmp_path / "mlruns")
+    ensure_experiment(uri, EXPERIMENT, tmp_path / "mlruns")
+    by_test = evaluated_run(
+        uri, "cnn", val_f1=0.80, test_f1=0.95, prepared=tiny_prepared, digest=None
+    )
+    by_val = evaluated_run(
+        uri, "yolo", val_f1=0.90, test_f1=0.70, prepared=tiny_prepared, digest=None
+    )
+    elsewhere = evaluated_run(uri, "cnn", 0.99, 0.99, tiny_prepared, digest="other-data")
+    MlflowClient(uri).set_tag(elsewhere, "backbone", "resnet50")
+
+    out = tmp_path / "comparison.md"
+    compare_cli.main(["--params", str(params), "--out", str(out)])
+    table = pd.read_csv(out.with_suffix(".csv"), dtype={"digest": str})
+    main = table.loc[table["run_id"] == by_val, "digest"].item()
+    assert main != "other-data"
+    # Grouped by dataset, each group best first by validation: the other dataset's better
+    # scores sit in their own group, and the test score never orders a group.
+    assert table["run_id"].tolist() in ([by_val, by_test, elsewhere], [elsewhere, by_val, by_test])
+    assert champion(table, main)["run_id"] == by_val
+
+    def register(*extra: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            compare_cli.main(["--params", str(params), "--out", str(out), "--register", *extra])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.splitlines()[-1]
+
+    assert "--dataset" in register()  # two datasets: which one is never guessed
+    assert register("--dataset", main) == (
+        f"error: run {by_val} has no logged model at runs:/{by_val}/model: "
+        "train it with logger.mlflow.log_model=true"
+    )
+    for run_id in (by_test, by_val):
+        tiny_model(uri, run_id)
+    compare_cli.main(["--params", str(params), "--out", str(out), "--register", "--dataset", main])
+    registered = MlflowClient(uri).get_model_version_by_alias("leukemia-cnn", "champion")
+    assert registered.run_id == by_val
+    with pytest.raises(ValueError, match="validation metric"):
+        champion(compare_runs(uri, EXPERIMENT, "test/f1_weighted"), main)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
@@ -355,27 +565,57 @@ def write_params(path: Path, root: Path, prepared: Path) -> Path:
             "reports_dir": str(root / "reports"),
             "mlruns_dir": str(root / "mlruns"),
         },
-        "logger": {"mlflow": {"tracking_uri": None}},
-        "evaluate": {**OmegaConf.to_container(compose().evaluate), "n_resamples": 5},
+        "logger": {"mlflow": {"tracking_uri": None, "experiment_name": EXPERIMENT}},
+        "evaluate": {
+            **OmegaConf.to_container(compose().evaluate),
+            "n_resamples": 5,
+            "scenes_per_subject": 1,
+        },
     }
     OmegaConf.save(OmegaConf.create(params), path)
     return path
 
 
-def test_evaluate_stage_reads_params(tiny_prepared, tiny_checkpoint, tmp_path, capsys):
-    params = write_params(tmp_path / "params.yaml", tmp_path, tiny_prepared)
+def test_evaluate_stage_scores_every_family_into_its_run(
+    yolo_prepared, tiny_checkpoint, yolo_checkpoint, tmp_path, capsys
+):
+    params = write_params(tmp_path / "params.yaml", tmp_path, yolo_prepared)
+    uri = local_store_uri(tmp_path / "mlruns")
+    experiment_id = ensure_experiment(uri, EXPERIMENT, tmp_path / "mlruns")
+    client = MlflowClient(uri)
+    run_ids = {}
+    for family, checkpoint in (("cnn", tiny_checkpoint), ("yolo", yolo_checkpoint)):
+        run_dir = tmp_path / "models" / family
+        (run_dir / "checkpoints").mkdir(parents=True)
+        shutil.copyfile(checkpoint, run_dir / "checkpoints/best.ckpt")
+        run_ids[family] = client.create_run(experiment_id, tags={"family": family}).info.run_id
+        (run_dir / "run.json").write_text(json.dumps({"mlflow_run_id": run_ids[family]}))
+    # The detector's test scenes are laid out as its training composed them: one cell each.
+    one_cell = {"model": {"scenes": {"min_cells": 1, "max_cells": 1, "noise": 0}}}
+    OmegaConf.save(OmegaConf.create(one_cell), tmp_path / "models/yolo/config.yaml")
+    evaluate_cli.main(["--params", str(params)])
+    assert set(FAMILIES) == {"cnn", "yolo"}
+    for family in FAMILIES:
+        metrics = json.loads((tmp_path / f"reports/eval/{family}/metrics.json").read_text())
+        assert metrics["bootstrap"]["n_resamples"] == 5
+        logged = client.get_run(run_ids[family]).data.metrics
+        assert logged == mlflow_metrics(metrics), family
+        assert ("eval/detection/map" in logged) == (family == "yolo")
+    detection = json.loads((tmp_path / "reports/eval/yolo/metrics.json").read_text())["detection"]
+    assert detection["boxes"] == detection["scenes"]
+    assert not (tmp_path / "reports/eval/metrics.json").exists()
+
+    # A family never trained is skipped; no model at all is an error.
+    shutil.rmtree(tmp_path / "reports")
+    (tmp_path / "models/yolo/checkpoints/best.ckpt").unlink()
+    evaluate_cli.main(["--params", str(params)])
+    assert [p.name for p in (tmp_path / "reports/eval").iterdir()] == ["cnn"]
+    (tmp_path / "models/cnn/checkpoints/best.ckpt").unlink()
     with pytest.raises(SystemExit) as exit_info:
         evaluate_cli.main(["--params", str(params)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith("error: no such checkpoint")
-
-    best = tmp_path / "models/cnn/checkpoints/best.ckpt"
-    best.parent.mkdir(parents=True)
-    shutil.copyfile(tiny_checkpoint, best)
-    evaluate_cli.main(["--params", str(params)])
-    metrics = json.loads((tmp_path / "reports/eval/metrics.json").read_text())
-    assert metrics["bootstrap"]["n_resamples"] == 5
-    assert metrics["bootstrap"]["intervals"].startswith("none, too few subjects")
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: no such checkpoint") and "models/yolo/" in last
 
 
 def test_a_scorer_scales_uint8_on_its_device_exactly_as_training_does():

@@ -81,7 +81,7 @@ def test_repro_then_noop_then_an_experiment_then_new_data(project):
     first = run(DVC, "repro", cwd=project, timeout=PIPELINE_TIMEOUT)
     for stage in ("prepare", "sweep", "train", "train_yolo", "evaluate"):
         assert f"Running stage '{stage}'" in first
-    metrics = json.loads((project / "reports/eval/metrics.json").read_text())
+    metrics = json.loads((project / "reports/eval/cnn/metrics.json").read_text())
     assert 0.0 <= metrics["test"]["f1_weighted"] <= 1.0
     identity = json.loads((project / "data/prepared/identity.json").read_text())
     assert (identity["source"], identity["image_size"]) == ("synthetic", 32)

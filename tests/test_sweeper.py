@@ -1,7 +1,6 @@
 """The Optuna sweeper's parts: search-space syntax, key checks, trial outcomes and pruning."""
 
 import math
-from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -11,17 +10,20 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from leukemia_mlops.config import compose
-from leukemia_mlops.tuning.pruning import OptunaPruning, live_trials, open_trial
-from leukemia_mlops.tuning.runs import PARENT_TAG, TRIAL_TAG, trial_tags
+from leukemia_mlops.tuning.pruning import live_trials, open_trial
+from leukemia_mlops.tuning.runs import (
+    PARENT_TAG,
+    TRIAL_TAG,
+    best_trials,
+    finished_trials,
+    trial_tags,
+)
 from leukemia_mlops.tuning.search_space import (
     SearchSpace,
     check_keys,
     parse_overrides,
 )
 from leukemia_mlops.tuning.study import trial_outcome
-
-MONITOR = "val/f1_weighted"
-
 
 # Hydra's plugin scan re-executes the plugin's modules, which makes new error classes: catch
 # them by their stable bases, ValueError (the contract) and CompactHydraException (one line).
@@ -157,42 +159,42 @@ def test_trial_tags_nest_a_training_run_under_its_parent():
     assert trial_tags(None) == {}
 
 
-def fake_trainer(score: float, epoch: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(
-        sanity_checking=False,
-        current_epoch=epoch,
-        is_global_zero=True,
-        callback_metrics={MONITOR: score},
-        strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
-    )
-
-
-def stored_trial(tmp_path, pruner: dict | None):
+def stored_trial(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     trial = study.ask()
-    link = {"study_name": "s", "storage": storage, "number": trial.number, "pruner": pruner}
+    link = {"study_name": "s", "storage": storage, "number": trial.number, "pruner": None}
     return study, trial, link
 
 
-def test_pruning_reaches_a_trial_of_another_process_through_the_storage(tmp_path):
-    pruner = {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.9}
-    study, _, link = stored_trial(tmp_path, pruner)
-    callback = OptunaPruning(link, MONITOR)
-    callback.on_validation_end(fake_trainer(0.95, epoch=0), None)
-    with pytest.raises(optuna.TrialPruned, match="after epoch 1"):
-        callback.on_validation_end(fake_trainer(0.5, epoch=1), None)
-    assert study.trials[0].intermediate_values == {0: 0.95, 1: 0.5}
-
-
-def test_pruning_uses_the_sweepers_own_trial_in_its_process(tmp_path):
-    study, trial, link = stored_trial(tmp_path, None)
+# Pruning itself runs for real in tests/test_sweeps_e2e.py, in one process and under DDP.
+def test_pruning_uses_the_sweepers_own_trial_in_its_process_and_else_the_storage(tmp_path):
+    study, trial, link = stored_trial(tmp_path)
     with live_trials([trial]):
         assert open_trial(link) is trial
-    assert open_trial(link) is not trial  # re-opened through the storage
-    no_pruning = OptunaPruning(link, MONITOR)
-    no_pruning.on_validation_end(fake_trainer(0.0), None)  # null pruner: never prunes
-    assert study.trials[0].intermediate_values == {0: 0.0}
+    reopened = open_trial(link)  # re-opened through the storage, as a launched rank does
+    assert reopened is not trial and reopened._trial_id == trial._trial_id
+    reopened.report(0.5, step=0)
+    assert study.trials[0].intermediate_values == {0: 0.5}
+
+
+@pytest.mark.parametrize(
+    ("direction", "keep", "best"),
+    [
+        ("maximize", 2, [3, 1]),
+        ("minimize", 2, [0, 2]),
+        ("maximize", 0, []),
+        ("minimize", 9, [0, 2, 1, 3]),
+    ],
+)
+def test_the_trials_that_keep_their_checkpoints_are_the_best(direction, keep, best):
+    study = optuna.create_study(direction=direction)
+    for value in (0.1, 0.5, 0.3, 0.9):
+        study.tell(study.ask(), value)
+    study.tell(study.ask(), state=TrialState.PRUNED)
+    study.ask()  # running: neither kept nor finished
+    assert best_trials(study, keep) == best
+    assert finished_trials(study) == [0, 1, 2, 3, 4]
 
 
 def test_pruning_needs_a_storage_outside_the_sweepers_process():

@@ -20,13 +20,13 @@ from leukemia_mlops.tuning.runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL
 pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 600
-# The same tiny runs as the training tests.
+# The same tiny runs as the training tests (logging models, as by default: a sweep's trials
+# must log none).
 TINY = [
     "data.prepare.image_size=48",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "datamodule.num_workers=0",
-    "logger.mlflow.log_model=false",
 ]
 # The shipped CNN search space, one epoch a trial, on its quickest model and without pruning.
 CNN = [
@@ -97,12 +97,24 @@ def mlflow_runs(tmp_path: Path, study: optuna.Study) -> tuple[MlflowClient, obje
     return client, parent, children
 
 
+def stored_models(mlruns: Path) -> list[Path]:
+    """The checkpoints and MLflow models (their ``MLmodel`` files) anywhere in the store."""
+    return [p for p in mlruns.rglob("*") if p.name == "MLmodel" or p.suffix == ".ckpt"]
+
+
 def test_a_sweep_nests_its_trials_in_mlflow_and_a_rerun_continues_it(tiny_prepared, tmp_path):
     sweep(tmp_path, tiny_prepared, "hydra.sweeper.n_trials=3")
     study = load_study(tmp_path, "cnn_optuna")
     assert [(t.number, t.state) for t in study.trials] == [
         (n, TrialState.COMPLETE) for n in (0, 1, 2)
     ]
+    # Only the best trial's checkpoint stays in the store; no trial logged a model, and the
+    # trials' job directories hold no checkpoint once the campaign is over.
+    _, _, children = mlflow_runs(tmp_path, study)
+    (best,) = [r for r in children if r.data.tags[TRIAL_TAG] == str(study.best_trial.number)]
+    stored = stored_models(tmp_path / "mlruns")
+    assert stored and all(best.info.run_id in p.parts for p in stored), stored
+    assert not list((tmp_path / "sweep").glob("trial_*/checkpoints"))
     first_parent = study.user_attrs[PARENT_ATTR]
     results = yaml.safe_load((tmp_path / "sweep/optuna_results.yaml").read_text())
     assert results["best_value"] == study.best_value
@@ -172,7 +184,10 @@ def test_two_workers_on_one_study_add_distinct_trials(tiny_prepared, tmp_path):
     assert len(parents) == 1
 
 
-def test_a_pruned_trial_ends_pruned(tiny_prepared, tmp_path):
+@pytest.mark.parametrize("trainer", ["trainer=cpu", "trainer=ddp_cpu"])
+def test_a_pruned_trial_ends_pruned(trainer, tiny_prepared, tmp_path):
+    # Under 2-process CPU DDP, rank 0 of the launched trial reaches the trial through the
+    # storage, reports and decides, and every rank stops.
     (tmp_path / "conf/hparams_search").mkdir(parents=True)
     (tmp_path / "conf/hparams_search/always_pruned.yaml").write_text(PRUNING_SPACE)
     command = sweep_command(
@@ -181,6 +196,7 @@ def test_a_pruned_trial_ends_pruned(tiny_prepared, tmp_path):
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
         "hparams_search=always_pruned",
         *TINY,
+        trainer,
         "trainer.max_epochs=3",
     )
     result = run(command, tmp_path)

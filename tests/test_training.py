@@ -103,6 +103,16 @@ def test_same_seed_gives_the_same_metrics(tiny_config, tmp_path):
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_a_checkpoint_does_not_depend_on_its_run_directory(tiny_config, tmp_path):
+    """DVC hashes models/: the same training in another clone must write the same bytes."""
+    cfg = tiny_config("trainer.max_epochs=1", "datamodule.balance=sampler")
+    run_training(cfg, tmp_path / "a")
+    run_training(cfg, tmp_path / "elsewhere/b")
+    for name in ("best.ckpt", "last.ckpt"):
+        first, second = (tmp_path / d / "checkpoints" / name for d in ("a", "elsewhere/b"))
+        assert first.read_bytes() == second.read_bytes(), name
+
+
 def test_checkpoints_load_with_weights_only(tiny_config, tmp_path):
     run_training(tiny_config("trainer.max_epochs=1"), tmp_path / "run")
     module = CellClassifier.load_from_checkpoint(
@@ -231,3 +241,18 @@ def test_rank_zero_hands_its_run_state_to_the_ranks_it_launches():
         assert _inherited_state() is None  # rank 0 decides for itself
     assert child.stdout.splitlines()[-1] == str((state, True))
     assert RUN_STATE_ENV not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+model.dropuot=0.5", r"model: .*unexpected keyword argument 'dropuot'"),
+        ("model._target_=torch.nn.Linear", r"model\._target_ 'torch\.nn\.Linear' is not a"),
+        ("model._target_=no.such.Model", r"model\._target_ is not a model class"),
+    ],
+)
+def test_a_model_config_the_class_does_not_take_is_one_clear_error(
+    tiny_config, tmp_path, override, message
+):
+    with pytest.raises(ConfigError, match=message):
+        run_training(tiny_config("trainer.max_epochs=1", override), tmp_path / "run")

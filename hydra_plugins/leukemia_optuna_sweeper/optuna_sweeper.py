@@ -5,7 +5,9 @@ into a Hydra job and hands the campaign to :mod:`leukemia_mlops.tuning.study` (a
 tell, heartbeats, retries; see there). Every job gets ``optuna_trial: {study_name, storage,
 number, pruner, parent_run_id}`` in its config, for the pruning callback and the MLflow
 nesting, and runs in ``<hydra.sweep.dir>/trial_<number>``; the sweep directory gets the study
-summary (:data:`leukemia_mlops.tuning.runs.RESULTS_FILE`).
+summary (:data:`leukemia_mlops.tuning.runs.RESULTS_FILE`). Trials log no MLflow model, and
+only the best ``keep_models`` keep their checkpoints (in the store; none in the sweep
+directory once the campaign is over), so a long sweep does not fill the disk.
 """
 
 import logging
@@ -45,6 +47,7 @@ class LeukemiaOptunaSweeperConf:
     heartbeat_interval: int = MISSING  # seconds; 0: no heartbeats
     grace_period: int | None = MISSING  # seconds without a heartbeat before a trial is failed
     max_retry: int = MISSING  # retries of a trial whose worker died
+    keep_models: int = 1  # trials that keep their checkpoints: the best ones
     params: dict[str, str] = field(default_factory=dict)
 
 
@@ -101,7 +104,10 @@ class LeukemiaOptunaSweeper(Sweeper):
         # The storage URL's password (and any other) stays out of the saved config.
         (sweep_dir / "multirun.yaml").write_text(redact(OmegaConf.to_yaml(self.config)))
 
+        keep = self.settings.keep_models
+
         def launch(trials: list, start: int) -> Sequence[JobReturn]:
+            runs.keep_best(study, keep, sweep_dir)  # the trials of the rounds before
             jobs = [self._job_overrides(space.fixed, trial, runs.parent_id) for trial in trials]
             return self.launcher.launch(jobs, initial_job_idx=start)
 
@@ -119,6 +125,7 @@ class LeukemiaOptunaSweeper(Sweeper):
             path = sweep_dir / RESULTS_FILE
             path.write_text(yaml.safe_dump(summary, sort_keys=False))
             runs.summarize(study, path, status)
+            runs.keep_best(study, keep, sweep_dir, campaign_over=True)
 
     def _search_space(self, arguments: list[str]) -> Any:
         """``params`` and the command line's overrides (which win), checked against the config."""
@@ -140,5 +147,6 @@ class LeukemiaOptunaSweeper(Sweeper):
             *fixed,
             *trial.user_attrs["overrides"],
             f"++optuna_trial={Transformer.str(link)}",
+            "logger.mlflow.log_model=false",  # the best trials keep their checkpoints instead
             f"hydra.sweep.subdir=trial_{trial.number}",
         ]

@@ -1,7 +1,9 @@
 """``python -m leukemia_mlops.cli.export``: a checkpoint to ONNX, checked against PyTorch.
 
-The checkpoint's validated threshold goes into the ONNX metadata when the evaluation
-(``<paths.reports_dir>/eval/metrics.json``) scored this very checkpoint.
+The family (CNN classifier or YOLO detector) is read from the checkpoint, and picks the
+defaults: ``<paths.models_dir>/<family>/model.onnx`` and the evaluation
+``<paths.reports_dir>/eval/<family>/metrics.json``, whose validated threshold goes into the
+ONNX metadata when that evaluation scored this very checkpoint.
 """
 
 from __future__ import annotations
@@ -9,16 +11,24 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
-from leukemia_mlops.cli.args import run_cli
+from omegaconf import DictConfig
+
+from leukemia_mlops.cli.args import run_cli, stage_parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", default="models/cnn/checkpoints/best.ckpt")
-    parser.add_argument("--out", default="models/cnn/model.onnx", help="ONNX file to write")
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = stage_parser(__doc__)
     parser.add_argument(
-        "--image-size", type=int, help="input size in pixels (default: data.prepare.image_size)"
+        "--checkpoint", help="Lightning checkpoint (default: the CNN's best, paths.models_dir/cnn)"
+    )
+    parser.add_argument("--out", help="ONNX file to write (default: next to the family's run)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="classifier input size in pixels (default: data.prepare.image_size; a detector "
+        "declares its own)",
     )
     parser.add_argument(
         "--prepared-dir",
@@ -28,31 +38,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--metrics",
         help="evaluation metrics.json of this checkpoint, whose threshold the model carries "
-        "(default: paths.reports_dir/eval/metrics.json)",
+        "(default: paths.reports_dir/eval/<family>/metrics.json)",
     )
-    parser.add_argument("--params", default="params.yaml", help="config for the defaults")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _arguments(argv)
 
     def body() -> None:
-        from pathlib import Path
-
         from leukemia_mlops.config import load_params
+        from leukemia_mlops.errors import MissingInputError
         from leukemia_mlops.inference.export import export_onnx
-        from leukemia_mlops.inference.loading import evaluation_threshold
+        from leukemia_mlops.inference.loading import checkpoint_family, evaluation_threshold
+        from leukemia_mlops.tracking.run_files import eval_dir, model_run
 
+        cfg: DictConfig | None = None
+        if Path(args.params).is_file() or args.overrides:
+            cfg = load_params(args.params, args.overrides)
+        elif args.checkpoint is None or args.out is None:
+            raise MissingInputError(f"{args.params} not found: give --checkpoint and --out")
+        checkpoint = args.checkpoint or model_run(cfg, "cnn").best_checkpoint
+        family = checkpoint_family(checkpoint)
+        out = args.out or model_run(cfg, family).root / "model.onnx"
         image_size, prepared_dir, metrics = args.image_size, args.prepared_dir, args.metrics
-        if image_size is None or (
-            Path(args.params).is_file() and (prepared_dir is None or metrics is None)
-        ):
-            cfg = load_params(args.params)
-            image_size = cfg.data.prepare.image_size if image_size is None else image_size
+        if cfg is not None:
+            if image_size is None and family == "cnn":
+                image_size = cfg.data.prepare.image_size
             if prepared_dir is None and Path(cfg.paths.prepared_dir).is_dir():
                 prepared_dir = cfg.paths.prepared_dir
-            metrics = metrics or Path(cfg.paths.reports_dir) / "eval" / "metrics.json"
-        threshold = None if metrics is None else evaluation_threshold(metrics, args.checkpoint)
-        report = export_onnx(
-            args.checkpoint, args.out, image_size, prepared_dir, threshold=threshold
-        )
+            metrics = metrics or eval_dir(cfg, family) / "metrics.json"
+        threshold = None if metrics is None else evaluation_threshold(metrics, checkpoint)
+        report = export_onnx(checkpoint, out, image_size, prepared_dir, threshold=threshold)
         print(json.dumps(report, indent=2))
 
     run_cli(body)

@@ -1,11 +1,15 @@
 """``python -m leukemia_mlops.cli.predict MODEL INPUT... --out predictions.csv``.
 
-MODEL is a Lightning checkpoint, an ONNX file or an MLflow model URI (``runs:/<id>/model``,
-``models:/<name>@<alias>``); INPUT are image files or folders (searched recursively). Images
-are preprocessed as ``prepare`` does, with the settings the model declares, else those of
-``params.yaml``. ALL is called above --threshold, else above the model's validated threshold
-(a checkpoint's from the evaluation of ``paths.reports_dir``, an ONNX file's from its
-metadata, an MLflow model's from its run), else above 0.5, with a notice.
+MODEL is a classifier or a detector (told apart by the model itself): a Lightning checkpoint,
+an ONNX file or an MLflow model URI (``runs:/<id>/model``, ``models:/<name>@<alias>``); INPUT
+are image files or folders (searched recursively). Images are preprocessed as ``prepare``
+does, with the settings the model declares, else those of ``params.yaml``; a detector sees
+each whole image, letterboxed. ALL is called above --threshold, else above the model's
+validated threshold (a checkpoint's from its family's evaluation,
+``paths.reports_dir/eval/<family>/metrics.json``, an ONNX file's from its metadata, an MLflow
+model's from its run), else above 0.5, with a notice. Every row says whether its image is like
+the training images (``in_distribution``, with the reason). A detector also writes one row per
+detected cell (--boxes) and, with --overlays, each image with its boxes drawn.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
         "--metrics", help="the model's evaluation metrics.json, whose threshold to use"
     )
     parser.add_argument("--params", default="params.yaml", help="config for missing settings")
+    detector = parser.add_argument_group("detector models (YOLO)")
+    detector.add_argument(
+        "--boxes", help="CSV of one row per detected cell (default: <out stem>_boxes.csv)"
+    )
+    detector.add_argument("--overlays", help="folder for each image with its boxes drawn (PNG)")
+    detector.add_argument(
+        "--min-score", type=float, default=0.25, help="smallest score of a box written or drawn"
+    )
     return parser
 
 
@@ -54,15 +66,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def body() -> None:
         from leukemia_mlops.config import load_params
+        from leukemia_mlops.inference.detection import YoloScorer
         from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, is_mlflow_uri, load_scorer
         from leukemia_mlops.inference.predict import decision_threshold, predict_paths
+        from leukemia_mlops.tracking.run_files import eval_dir, store_uri
         from leukemia_mlops.tracking.store import tracking_uri
 
         params = load_params(args.params) if Path(args.params).is_file() else None
         uri = None
         if is_mlflow_uri(args.model):
-            mlflow = params.logger.mlflow.tracking_uri if params else None
-            uri = tracking_uri(mlflow, params.paths.mlruns_dir if params else "mlruns")
+            uri = store_uri(params) if params else tracking_uri(None, "mlruns")
         scorer = load_scorer(args.model, uri)
         missing = [key for key in PREPROCESSING_KEYS if key not in scorer.preprocessing]
         if missing and params is None:
@@ -71,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "(the model does not declare them)"
             )
         settings = {**{k: params.data.prepare[k] for k in missing}, **scorer.preprocessing}
-        evaluation = Path(params.paths.reports_dir) / "eval" / "metrics.json" if params else None
+        detector = isinstance(scorer, YoloScorer)
+        family = "yolo" if detector else "cnn"
+        evaluation = eval_dir(params, family) / "metrics.json" if params else None
         threshold = decision_threshold(args.model, _explicit_threshold(args), evaluation, uri)
         table = predict_paths(
             scorer,
@@ -81,12 +96,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=args.batch_size,
             workers=args.workers,
             threshold=threshold,
+            boxes_csv=args.boxes,
+            overlays=args.overlays,
+            min_score=args.min_score,
         )
         failed = int((table["error"] != "").sum())
         foreign = int((~table["in_distribution"] & (table["error"] == "")).sum())
+        cells = f", {int(table['cells'].sum())} cells found" if detector else ""
         print(
             f"{len(table)} files scored into {args.out} at threshold {threshold:.4g} "
-            f"({failed} could not be read, {foreign} unlike the training images)"
+            f"({failed} could not be read, {foreign} unlike the training images{cells})"
         )
 
     run_cli(body)

@@ -11,7 +11,8 @@ model=efficientnet_b0`` tunes efficientnet_b0), and ``trainer.max_epochs`` is
 The study is ``<hparams_search>-<digest of the stage's inputs>``: its params, its code and its
 data (every dep in ``dvc.yaml``), so new data or code starts a fresh campaign while a rerun
 with the same inputs (after a crash) tops the same study up to ``sweep.n_trials`` finished
-trials. ``sweep.study_name`` names a study to continue instead. The stage writes
+trials. ``sweep.study_name`` names a study to continue instead. Only the best
+``sweep.keep_models`` trials keep their checkpoints in the store. The stage writes
 ``reports/best_params.yaml`` (the best trial's overrides and its swept values as one nested
 mapping) and ``reports/sweep.json`` (the best value and the trial counts).
 """
@@ -97,6 +98,7 @@ def sweep_command(cfg: DictConfig, study_name: str, sweep_dir: Path) -> list[str
         f"hydra.searchpath=[file://{CONF_DIR}]",
         f"+hparams_search={cfg.sweep.hparams_search}",
         f"hydra.sweeper.n_trials={cfg.sweep.n_trials}",
+        f"hydra.sweeper.keep_models={cfg.sweep.keep_models}",
         "hydra.sweeper.top_up=true",
         f"hydra.sweeper.study_name={study_name}",
         f"hydra.sweep.dir={sweep_dir}",

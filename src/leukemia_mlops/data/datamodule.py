@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
 import numpy as np
@@ -13,14 +15,27 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from leukemia_mlops.data.augment import train_transforms
+from leukemia_mlops.data.batch_augment import BatchAugment
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
 from leukemia_mlops.data.sampling import SeededIndex, SeededSampler, unpadded_shard
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 
 BALANCE_MODES = ("none", "sampler", "loss")
+AUGMENT_PLACES = ("cpu", "device")
+#: A batch of :class:`CellBatchDataset`: uint8 images, float labels, the items' augmentation seeds.
+SeededBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-class SplitImages:
+def seed_transform(transform: A.Compose, seed: int) -> None:
+    """Seed ``transform`` for one item with one stream that all its steps draw from.
+
+    ``Compose.set_random_seed`` gives each step its own generator seeded alike, so that every
+    step draws the same numbers: the flips, the turn and the affine would always coincide.
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+class CachedSplit:
     """The cached images of one split and their manifest rows.
 
     The cache is memory-mapped lazily, so that each DataLoader worker maps the file itself.
@@ -63,7 +78,7 @@ class SplitImages:
         return np.asarray(self.images[self.rows[index]])
 
 
-class CellDataset(SplitImages, Dataset):
+class CellDataset(CachedSplit, Dataset):
     """Cells of one split as ``(uint8 CHW tensor, float label)``; normalisation is the model's.
 
     Items are indices, or ``(index, seed)`` pairs from a :class:`SeededSampler` that seed the
@@ -79,10 +94,34 @@ class CellDataset(SplitImages, Dataset):
         image = self.image(index)
         if self.transform is not None:
             if seed is not None:
-                self.transform.set_random_seed(seed)
+                seed_transform(self.transform, seed)
             image = self.transform(image=image)["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return tensor, torch.tensor(self.labels[index], dtype=torch.float32)
+
+
+class CellBatchDataset(CachedSplit, Dataset):
+    """Cells of one split fetched a whole batch at a time, unaugmented (for ``augment_on:
+    device``): one gather from the memory-mapped cache, no per-item work.
+
+    Images come as ``[N, 3, H, W]`` uint8 views of the cache's NHWC rows (channels-last
+    strides, which the models use anyway); seeds are 0 for items without one.
+    """
+
+    def __getitem__(self, item: int | SeededIndex) -> SeededBatch:
+        return self.__getitems__([item])
+
+    def __getitems__(self, items: list[int | SeededIndex]) -> SeededBatch:
+        pairs = [item if isinstance(item, tuple) else (item, 0) for item in items]
+        indices = np.fromiter((index for index, _ in pairs), np.int64, len(pairs))
+        images = torch.from_numpy(self.images[self.rows[indices]]).permute(0, 3, 1, 2)
+        labels = torch.from_numpy(self.labels[indices].astype(np.float32))
+        return images, labels, torch.tensor([seed for _, seed in pairs], dtype=torch.int64)
+
+
+def whole_batch(batch: SeededBatch) -> SeededBatch:
+    """The collate function of :class:`CellBatchDataset`, which collate their batches themselves."""
+    return batch
 
 
 class CellDataModule(pl.LightningDataModule):
@@ -90,6 +129,9 @@ class CellDataModule(pl.LightningDataModule):
 
     The training order and augmentations come from ``seed`` and the epoch alone (see
     :class:`SeededSampler`), so they do not depend on the number of workers or on a resume.
+    ``augment_on``: ``cpu`` augments each item in the loader workers (albumentations);
+    ``device`` ships unaugmented uint8 batches and augments them on the training device
+    (:class:`BatchAugment`, the same distribution), which frees the CPUs to feed a GPU.
     """
 
     def __init__(
@@ -102,6 +144,7 @@ class CellDataModule(pl.LightningDataModule):
         augment_strength: float = 1.0,
         flips: bool = True,
         seed: int = 0,
+        augment_on: str = "cpu",
     ):
         super().__init__()
         if balance not in BALANCE_MODES:
@@ -110,23 +153,46 @@ class CellDataModule(pl.LightningDataModule):
             raise ConfigError(f"datamodule.batch_size must be >= 1, got {batch_size}")
         if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
             raise ConfigError(f"datamodule.num_workers must be >= 0 or auto, got {num_workers!r}")
+        if augment_on not in AUGMENT_PLACES:
+            raise ConfigError(
+                f"datamodule.augment_on must be one of {AUGMENT_PLACES}, got {augment_on!r}"
+            )
         self.prepared_dir = Path(prepared_dir)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.balance, self.seed = balance, seed
         self.first_epoch = 0  # of the first training loader: past 0 when resumed
+        self.augment_on = augment_on
         self.transform = train_transforms(augment_strength, flips)
-        self.datasets: dict[str, CellDataset] = {}
+        self.batch_augment = BatchAugment(augment_strength, flips)
+        self.datasets: dict[str, CellDataset | CellBatchDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if not (self.prepared_dir / MANIFEST_FILE).is_file():
             raise MissingInputError(f"no prepared data in {self.prepared_dir}: run `lmo-prepare`")
         for split in ("train", "val", "test"):
             if split not in self.datasets:
-                transform = self.transform if split == "train" else None
-                self.datasets[split] = CellDataset(self.prepared_dir, split, transform)
+                self.datasets[split] = self._dataset(split)
         for split in ("train", "val"):
             if len(self.datasets[split]) == 0:
                 raise InputError(f"the {split} split is empty: check data.split")
+
+    def _dataset(self, split: str) -> CellDataset | CellBatchDataset:
+        if self.augment_on == "device":
+            return CellBatchDataset(self.prepared_dir, split)
+        return CellDataset(self.prepared_dir, split, self.transform if split == "train" else None)
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """With ``augment_on: device``: move a batch without its seeds, then augment it there
+        when training (evaluation batches stay as they are)."""
+        if self.augment_on == "cpu":
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        images, labels, seeds = batch
+        images, labels = super().transfer_batch_to_device((images, labels), device, dataloader_idx)
+        if self.trainer is not None and self.trainer.training:
+            images = self.batch_augment(images, seeds)
+        return images, labels
 
     def pos_weight(self) -> float:
         """HEM/ALL count ratio of the training split, for a class-weighted loss."""
@@ -161,7 +227,7 @@ class CellDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.datasets["test"])
 
-    def _eval_loader(self, dataset: CellDataset) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
         """Every cell scored exactly once: under DDP the ranks share the split unpadded."""
         return self._loader(dataset, sampler=unpadded_shard(len(dataset)))
 
@@ -175,6 +241,8 @@ class CellDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         workers = self.workers()
+        if isinstance(dataset, CellBatchDataset):
+            kwargs.setdefault("collate_fn", whole_batch)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

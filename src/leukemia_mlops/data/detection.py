@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from leukemia_mlops.data.augment import dihedral_flips, jitter
-from leukemia_mlops.data.datamodule import CellDataModule, SplitImages
+from leukemia_mlops.data.datamodule import CachedSplit, CellDataModule, seed_transform
 from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
 from leukemia_mlops.data.sampling import SeededIndex
@@ -85,7 +85,7 @@ def make_sample(
     """Apply ``transform`` (seeded with ``seed`` if given) to an image and its boxes; boxes
     pushed out of view are dropped."""
     if seed is not None:
-        transform.set_random_seed(seed)
+        seed_transform(transform, seed)
     out = transform(
         image=image,
         bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
@@ -106,7 +106,7 @@ def collate(batch: list[Sample]) -> tuple[torch.Tensor, list[Target]]:
     return torch.stack(images), list(targets)
 
 
-class CellSource(SplitImages):
+class CachedBoxedSplit(CachedSplit):
     """The cached cells of one split, with their manifest boxes in the cache frame."""
 
     def __init__(self, prepared_dir: Path, split: str, window: int):
@@ -118,7 +118,7 @@ class CellSource(SplitImages):
 class CellBoxDataset(Dataset):
     """Single cells: the image, its one box and its label (also the image label)."""
 
-    def __init__(self, source: CellSource, transform: A.Compose):
+    def __init__(self, source: CachedBoxedSplit, transform: A.Compose):
         self.source, self.transform = source, transform
 
     def __len__(self) -> int:
@@ -140,7 +140,7 @@ class SceneDataset(Dataset):
 
     def __init__(
         self,
-        source: CellSource,
+        source: CachedBoxedSplit,
         length: int,
         spec: SceneSpec,
         transform: A.Compose,
@@ -241,7 +241,7 @@ class DetectionDataModule(CellDataModule):
         if not (self.prepared_dir / MANIFEST_FILE).is_file():
             raise MissingInputError(f"no prepared data in {self.prepared_dir}: run `lmo-prepare`")
         sources = {
-            s: CellSource(self.prepared_dir, s, self.window) for s in ("train", "val", "test")
+            s: CachedBoxedSplit(self.prepared_dir, s, self.window) for s in ("train", "val", "test")
         }
         for split in ("train", "val"):
             if len(sources[split]) == 0:

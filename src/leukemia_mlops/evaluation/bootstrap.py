@@ -169,12 +169,6 @@ def bootstrap_ci(
     ``WeightedMetric`` such as ``BinaryMetrics`` is scored vectorised; any other callable
     ``(probs, labels) -> dict`` one resample at a time.
     """
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
-    if min_subjects < 2:
-        raise ValueError(f"min_subjects must be >= 2 (the jackknife needs it), got {min_subjects}")
     p, y = validated_arrays(probs, labels)
     subject_ids = np.asarray(subjects)
     if subject_ids.shape != y.shape:
@@ -187,16 +181,45 @@ def bootstrap_ci(
         batches = list(scorer(metric_fn, p, y, subject, counts))
         return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
 
+    return subject_intervals(
+        score,
+        label_of,
+        n_resamples=n_resamples,
+        confidence=confidence,
+        seed=seed,
+        min_subjects=min_subjects,
+    )
+
+
+def subject_intervals(
+    score: Callable[[np.ndarray], dict[str, np.ndarray]],
+    label_of: np.ndarray,
+    *,
+    n_resamples: int,
+    confidence: float,
+    seed: int,
+    min_subjects: int,
+) -> dict[str, Interval]:
+    """Stratified subject-bootstrap intervals of any statistic of subject-clustered data.
+
+    ``label_of`` holds each subject's class; ``score`` maps ``(rows, subjects)`` draw counts
+    to each statistic's value per row (a subject drawn twice counts twice). Cells, scenes or
+    any other unit that belongs to one subject can be scored this way.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
+    if min_subjects < 2:
+        raise ValueError(f"min_subjects must be >= 2 (the jackknife needs it), got {min_subjects}")
     # The point comes from the same arithmetic as the resamples, so BCa's bias term compares
     # like with like (torchmetrics' float32 values would sit off the float64 resamples).
-    point = {
-        name: float(v[0])
-        for name, v in score(np.ones((1, subject_names.size), dtype=np.int64)).items()
-    }
-    if too_few_subjects(subjects_per_class(y, subject), min_subjects):
+    point = {name: float(v[0]) for name, v in score(np.ones((1, label_of.size), np.int64)).items()}
+    counts = subjects_per_class(label_of, np.arange(label_of.size))
+    if too_few_subjects(counts, min_subjects):
         return {name: Interval(v, np.nan, np.nan, np.nan, np.nan, 0) for name, v in point.items()}
     samples = score(_stratified_counts(label_of, n_resamples, seed))
-    jackknife = score(1 - np.eye(subject_names.size, dtype=np.int64))
+    jackknife = score(1 - np.eye(label_of.size, dtype=np.int64))
     return {
         name: _interval(value, samples[name], jackknife[name], label_of, confidence)
         for name, value in point.items()

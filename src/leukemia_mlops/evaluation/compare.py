@@ -1,7 +1,11 @@
-"""Model comparison from the MLflow store: the best evaluated run of each family and backbone.
+"""Model comparison from the MLflow store: CNN and YOLO runs side by side, per dataset.
 
 The numbers are the ones ``evaluate`` logged (see :func:`evaluate.mlflow_metrics`), read back
-unchanged, so the table agrees with every run's ``metrics.json``.
+unchanged, so the table agrees with every run's ``metrics.json``. Both families are evaluated
+with one protocol, so their rows share every column. Scores of different datasets are not
+comparable: rows are grouped by the dataset the run was tested on (its MLflow ``test`` input:
+name and digest) and ranked within their group only, by a validation metric: ranking or
+choosing by test scores would turn the test set into a selection set.
 """
 
 from __future__ import annotations
@@ -18,29 +22,44 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
+#: The validation metric that ranks runs within a dataset and picks the champion.
+SELECTION_METRIC = "eval/val_selection/f1_weighted"
 #: Columns of the comparison, as MLflow metric keys.
 KEY_METRICS = (
-    "eval/val_selection/f1_weighted",
+    SELECTION_METRIC,
     "test/f1_weighted",
     "test/f1_weighted_low",
     "test/f1_weighted_high",
     "test/auroc",
     "test/sensitivity",
     "test/specificity",
-    "test/balanced_accuracy",
     "eval/threshold",
-    "eval/subject/accuracy",
+    "eval/detection/map_50",
 )
-GROUP = ("family", "backbone")
+#: A run counts as evaluated when it has this metric.
+EVALUATED = "test/f1_weighted"
+DATASET = ("dataset", "digest")
+GROUP = (*DATASET, "family", "backbone")
 
 
-def compare_runs(uri: str, experiment_name: str, metric: str = "test/f1_weighted") -> pd.DataFrame:
-    """One row per (family, backbone): its run with the highest ``metric``, best first.
+def check_selection_metric(metric: str) -> None:
+    """Refuse a test metric for ranking or choosing runs."""
+    if not metric.startswith(("eval/val_selection/", "val/", "best/val/")):
+        raise InputError(
+            f"rank by a validation metric (such as {SELECTION_METRIC}), not {metric!r}: "
+            "choosing by test scores turns the test set into a selection set"
+        )
 
-    Runs without ``metric`` (unfinished or never evaluated) are left out.
+
+def compare_runs(uri: str, experiment_name: str, metric: str = SELECTION_METRIC) -> pd.DataFrame:
+    """One row per (dataset, family, backbone): its evaluated run with the highest validation
+    ``metric``; grouped by dataset, best first within each dataset.
+
+    Runs never evaluated are left out; runs without ``metric`` rank last in their group.
     """
     from mlflow import MlflowClient
 
+    check_selection_metric(metric)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
@@ -48,18 +67,29 @@ def compare_runs(uri: str, experiment_name: str, metric: str = "test/f1_weighted
     columns = list(dict.fromkeys((metric, *KEY_METRICS)))
     rows = [
         {
-            **{tag: run.data.tags.get(tag, "") for tag in GROUP},
+            **_test_dataset(run),
+            **{tag: run.data.tags.get(tag, "") for tag in ("family", "backbone")},
             "run_id": run.info.run_id,
             "run_name": run.info.run_name,
             **{key: run.data.metrics.get(key, float("nan")) for key in columns},
         }
         for run in _all_runs(client, experiment.experiment_id)
-        if metric in run.data.metrics
+        if EVALUATED in run.data.metrics
     ]
     if not rows:
-        raise InputError(f"no run in {experiment_name!r} has the metric {metric!r}: evaluate first")
-    table = pd.DataFrame(rows).sort_values(metric, ascending=False, kind="stable")
+        raise InputError(f"no run in {experiment_name!r} has test metrics: evaluate first")
+    table = pd.DataFrame(rows).sort_values(
+        [*DATASET, metric], ascending=[True, True, False], kind="stable", na_position="last"
+    )
     return table.drop_duplicates(list(GROUP)).reset_index(drop=True)
+
+
+def _test_dataset(run: Run) -> dict[str, str]:
+    """The name and digest of the dataset the run was tested on (empty when not logged)."""
+    for dataset_input in run.inputs.dataset_inputs:
+        if any(tag.value == "test" for tag in dataset_input.tags):
+            return {"dataset": dataset_input.dataset.name, "digest": dataset_input.dataset.digest}
+    return dict.fromkeys(DATASET, "")
 
 
 def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
@@ -74,6 +104,23 @@ def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
         token = page.token
         if not token:
             return runs
+
+
+def champion(table: pd.DataFrame, digest: str | None = None) -> pd.Series:
+    """The best row of one dataset of a :func:`compare_runs` table (the first of its group):
+    the dataset of ``digest``, or the only one there is."""
+    digests = list(dict.fromkeys(table["digest"]))
+    if digest is None:
+        if len(digests) != 1:
+            raise InputError(
+                f"runs of {len(digests)} datasets ({', '.join(map(repr, digests))}): "
+                "name the one to register with --dataset DIGEST"
+            )
+        digest = digests[0]
+    rows = table[table["digest"] == digest]
+    if rows.empty:
+        raise InputError(f"no evaluated run tested on dataset digest {digest!r}")
+    return rows.iloc[0]
 
 
 def write_comparison(table: pd.DataFrame, out_md: str | Path) -> tuple[Path, Path]:

@@ -1,4 +1,9 @@
-"""Evaluate a trained classifier on the held-out subjects of the prepare cache.
+"""Evaluate a trained model of either family on the held-out subjects of the prepare cache.
+
+Both families go through one protocol: a YOLO detector is scored as an image-level classifier
+(its P(ALL) of a single-cell image, as its training validates it) with the CNN's metrics,
+intervals, threshold choice and TTA; it also gets box mAP on test scenes (see
+:mod:`leukemia_mlops.evaluation.detection`).
 
 The decision threshold is chosen on the validation split only and then applied to the test
 split, whose labels never influence any choice. The validation split also chose the checkpoint
@@ -8,7 +13,8 @@ subject-bootstrap intervals, because the test set samples subjects, not independ
 
 ``out_dir`` receives ``metrics.json`` (NaN as null), ``predictions.csv``, ``subjects.csv``,
 the report figures as PNG with their DVC plot tables (``roc.csv``, ``pr.csv``,
-``reliability.csv``) and ``gradcam.png``.
+``reliability.csv``), and ``gradcam.png`` (CNN) or ``overlays.png`` (YOLO: predicted boxes
+over test scenes).
 """
 
 from __future__ import annotations
@@ -26,8 +32,21 @@ from tqdm import tqdm
 from leukemia_mlops.data.datamodule import CellDataset
 from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import MANIFEST_FILE, write_json
+from leukemia_mlops.data.scenes import SceneSpec
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
-from leukemia_mlops.evaluation.bootstrap import bootstrap_ci, subjects_per_class, too_few_subjects
+from leukemia_mlops.evaluation.bootstrap import (
+    Interval,
+    bootstrap_ci,
+    subjects_per_class,
+    too_few_subjects,
+)
+from leukemia_mlops.evaluation.detection import (
+    CellLogit,
+    TestScenes,
+    detect_scenes,
+    subject_scenes,
+    write_overlays,
+)
 from leukemia_mlops.evaluation.gradcam import gradcam_gallery
 from leukemia_mlops.evaluation.metrics import (
     BinaryMetrics,
@@ -42,8 +61,16 @@ from leukemia_mlops.evaluation.plots import (
     reliability_plot,
     roc_curve_plot,
 )
-from leukemia_mlops.inference.loading import CHECKPOINT_DIGEST_KEY, file_sha256, load_classifier
+from leukemia_mlops.inference.loading import (
+    CHECKPOINT_DIGEST_KEY,
+    file_sha256,
+    load_classifier,
+    load_detector,
+)
 from leukemia_mlops.inference.scorers import Scorer, TorchScorer
+from leukemia_mlops.inference.serving import ServedClassifier, log_image_model
+from leukemia_mlops.models.classifier import CellClassifier
+from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.tracking.datasets import EVALUATION_CONTEXTS, log_data_inputs
 from leukemia_mlops.tracking.store import tracking_uri
 
@@ -58,6 +85,8 @@ ROLES = {
     "stratified subject-bootstrap 95% intervals (percentile and BCa) and valid-resample counts",
     "test_default": "test split at threshold 0.5: what the threshold choice is worth",
     "subject": "test subjects diagnosed by majority vote of their cells (no interval)",
+    "detection": "YOLO only: box mAP (COCO) on test scenes, each composed from the cells of one "
+    "test subject, with stratified subject-bootstrap 95% intervals",
 }
 
 
@@ -70,6 +99,7 @@ class EvaluateSpec:
     tta: bool
     seed: int
     batch_size: int
+    scenes_per_subject: int = 3  # YOLO test scenes composed from each test subject's cells
 
     def __post_init__(self) -> None:
         if self.n_resamples < 1:
@@ -78,6 +108,19 @@ class EvaluateSpec:
             raise ConfigError(f"evaluate.min_subjects must be >= 2, got {self.min_subjects}")
         if self.batch_size < 1:
             raise ConfigError(f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+        if self.scenes_per_subject < 1:
+            raise ConfigError(
+                f"evaluate.scenes_per_subject must be >= 1, got {self.scenes_per_subject}"
+            )
+
+    def bootstrap(self) -> dict[str, Any]:
+        """The keyword arguments of the subject bootstrap."""
+        return {
+            "n_resamples": self.n_resamples,
+            "confidence": CONFIDENCE,
+            "seed": self.seed,
+            "min_subjects": self.min_subjects,
+        }
 
 
 class Scored(NamedTuple):
@@ -104,11 +147,13 @@ def _with_intervals(test: Scored, threshold: float, spec: EvaluateSpec) -> dict[
         test.data.labels,
         test.data.subjects,
         BinaryMetrics(threshold),
-        n_resamples=spec.n_resamples,
-        confidence=CONFIDENCE,
-        seed=spec.seed,
-        min_subjects=spec.min_subjects,
+        **spec.bootstrap(),
     )
+    return interval_columns(intervals)
+
+
+def interval_columns(intervals: dict[str, Interval]) -> dict[str, float]:
+    """Each interval as ``name`` and ``name_<part>`` for every part of :data:`INTERVAL_KEYS`."""
     return {
         key: value
         for name, ci in intervals.items()
@@ -156,24 +201,50 @@ def bootstrap_report(test: Scored, spec: EvaluateSpec) -> dict[str, Any]:
     }
 
 
+#: The few numbers ``dvc metrics show`` and ``dvc exp show`` print per model (``metrics.json``
+#: holds the whole report).
+SUMMARY_FILE = "summary.json"
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """Test weighted F1 with its BCa 95% interval, test AUROC and the validation (selection)
+    weighted F1, under short keys that fit an 80-column table."""
+    test = metrics["test"]
+    return {
+        "test_f1": test["f1_weighted"],
+        "ci_low": test.get("f1_weighted_bca_low"),
+        "ci_high": test.get("f1_weighted_bca_high"),
+        "auroc": test["auroc"],
+        "val_f1": metrics["val_selection"]["f1_weighted"],
+    }
+
+
 def evaluate_model(
     checkpoint: str | Path,
     prepared_dir: str | Path,
     out_dir: str | Path,
     spec: EvaluateSpec,
     *,
+    family: str = "cnn",
+    scene_spec: SceneSpec | None = None,
     device: str | None = None,
     mlflow_run_id: str | None = None,
     mlflow_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on the val and test splits; returns what ``metrics.json`` holds.
+    """Evaluate ``checkpoint`` of ``family`` (``cnn``, ``yolo``) on the val and test splits;
+    returns what ``metrics.json`` holds.
 
     ``spec.tta`` adds a ``tta`` section: the same report for probabilities averaged over the 8
-    dihedral views. With ``mlflow_run_id`` the metrics and every file of ``out_dir`` are
-    logged into that run (``mlflow_uri`` defaults to :func:`tracking_uri`).
+    dihedral views. A detector also gets a ``detection`` section, its test scenes laid out by
+    ``scene_spec`` (default: the composer's defaults). With ``mlflow_run_id`` the metrics and
+    every file of ``out_dir`` are logged into that run (``mlflow_uri`` defaults to
+    :func:`tracking_uri`).
     """
     data = _eval_splits(Path(prepared_dir))
-    scorer = TorchScorer(load_classifier(checkpoint).net, device=device)
+    model = load_model(checkpoint, family)
+    net = CellLogit(model) if isinstance(model, YoloDetector) else model.net
+    scorer = TorchScorer(net, device=device)
+    model.to(scorer.device)
     val, test = (score_split(scorer, *item, spec.batch_size) for item in data.items())
     metrics, subjects = threshold_report(val, test, spec)
     predictions = _predictions([val, test], metrics["threshold"], "")
@@ -191,19 +262,66 @@ def evaluate_model(
     metrics["bootstrap"] = bootstrap_report(test, spec)
     metrics["roles"] = ROLES
     metrics[CHECKPOINT_DIGEST_KEY] = file_sha256(checkpoint)  # whose threshold it is
-    metrics = _json_ready(metrics)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, YoloDetector):
+        scenes = subject_scenes(
+            prepared_dir,
+            model.hparams.img_size,
+            scene_spec or SceneSpec(),
+            spec.scenes_per_subject,
+            spec.seed,
+        )
+        metrics["detection"] = detection_report(model, scenes, spec, out_dir)
+    else:
+        _write_gallery(scorer, test, metrics["threshold"], out_dir / "gradcam.png")
+    metrics = _json_ready(metrics)
     predictions.to_csv(out_dir / "predictions.csv", index=False)
     subjects.to_csv(out_dir / "subjects.csv", index=False)
     _write_plots(test, metrics["threshold"], out_dir)
-    _write_gallery(scorer, test, metrics["threshold"], out_dir / "gradcam.png")
     write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / SUMMARY_FILE, headline(metrics))
     if mlflow_run_id:
         uri = mlflow_uri or tracking_uri(None)
         log_evaluation(uri, mlflow_run_id, metrics, out_dir, prepared_dir=prepared_dir)
+        if isinstance(model, CellClassifier):  # now that its validated threshold is known
+            _log_served_classifier(uri, mlflow_run_id, model, prepared_dir, metrics["threshold"])
     return metrics
+
+
+def _log_served_classifier(
+    uri: str, run_id: str, model: CellClassifier, prepared_dir: str | Path, threshold: float
+) -> None:
+    """Log the classifier as the MLflow model that takes image files (``inference.serving``)."""
+    identity = read_identity(prepared_dir)
+    served = ServedClassifier(
+        model.hparams.backbone, identity.image_size, identity.window, identity.fit, threshold
+    )
+    log_image_model(uri, run_id, model.net.cpu(), served)
+
+
+def load_model(checkpoint: str | Path, family: str) -> CellClassifier | YoloDetector:
+    """The trained module of ``family`` in ``checkpoint``."""
+    if family == "cnn":
+        return load_classifier(checkpoint)
+    if family == "yolo":
+        return load_detector(checkpoint)
+    raise ConfigError(f"model family must be 'cnn' or 'yolo', got {family!r}")
+
+
+def detection_report(
+    detector: YoloDetector, scenes: TestScenes, spec: EvaluateSpec, out_dir: Path
+) -> dict[str, Any]:
+    """Box mAP of the test scenes with subject intervals; draws ``overlays.png``."""
+    intervals = detect_scenes(detector, scenes, spec.batch_size, spec.bootstrap())
+    write_overlays(detector, scenes, out_dir / "overlays.png")
+    return {
+        **interval_columns(intervals),
+        "scenes": len(scenes.samples),
+        "scenes_per_subject": spec.scenes_per_subject,
+        "boxes": sum(len(target["boxes"]) for _, target in scenes.samples),
+    }
 
 
 def _eval_splits(prepared_dir: Path) -> dict[str, CellDataset]:

@@ -1,28 +1,48 @@
-"""Shipping a trained classifier: ONNX export with a parity check against PyTorch.
+"""Shipping a trained model: ONNX export with a parity check against PyTorch.
 
 The export uses torch's TorchScript-based exporter (``dynamo=False``): the torch.export-based
 one needs ``onnxscript``, which is not a dependency, and the TorchScript exporter covers these
-CNNs completely, offline. The ONNX graph is ``CellClassifierNet``: float ``images [N,3,S,S]``
-in [0, 1] -> ``logit_all [N]``, normalisation included. The decision threshold chosen on
-validation, when known, travels in the model's metadata (``validated_threshold``).
+CNNs and YOLOv3 completely, offline. A classifier's graph is ``CellClassifierNet``: float
+``images [N,3,S,S]`` in [0, 1] -> ``logit_all [N]``, normalisation included. A detector's is
+``DecodedYolo``: ``images`` -> ``detections [N,B,5+C]`` (xyxy pixels, objectness, class
+probabilities) for one input side; its ``conf_threshold`` and ``iou_threshold`` travel in the
+metadata, and NMS runs outside the graph. The decision threshold chosen on validation, when
+known, travels in the metadata too (``validated_threshold``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from leukemia_mlops.data.images import CELL_THRESHOLD
 from leukemia_mlops.data.prepare import IMAGES_FILE
+from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, crop_cell
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
-from leukemia_mlops.inference.loading import ONNX_THRESHOLD_KEY, load_classifier
-from leukemia_mlops.inference.scorers import OnnxScorer, TorchScorer
+from leukemia_mlops.inference.detection import THRESHOLD_KEYS, Letterbox
+from leukemia_mlops.inference.loading import (
+    ONNX_THRESHOLD_KEY,
+    checkpoint_family,
+    load_classifier,
+    load_detector,
+)
+from leukemia_mlops.inference.scorers import (
+    OnnxNetwork,
+    OnnxScorer,
+    TorchNetwork,
+    TorchScorer,
+    to_network_input,
+)
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
-INPUT_NAME, OUTPUT_NAME = "images", "logit_all"
+INPUT_NAME, OUTPUT_NAME, DETECTIONS_NAME = "images", "logit_all", "detections"
 
 
 class ParityError(ValueError):
@@ -44,10 +64,31 @@ def parity_images(prepared_dir: str | Path | None, image_size: int, count: int) 
     return np.asarray(cache[rows])
 
 
+def detector_parity_images(
+    prepared_dir: str | Path | None, img_size: int, count: int
+) -> np.ndarray:
+    """Inputs of a detector's parity check, uint8 ``[N, S, S, 3]`` letterboxed to ``img_size``:
+    cells of the prepare cache and scenes composed from them (a quarter), else random pixels."""
+    if prepared_dir is None:
+        return parity_images(None, img_size, count)
+    cache = np.load(Path(prepared_dir) / IMAGES_FILE, mmap_mode="r")
+    cells = parity_images(prepared_dir, cache.shape[1], count - count // 4)
+    rng = np.random.default_rng(0)
+    pool = [crop_cell(cell, 0, "parity") for cell in cells if cell.max() > CELL_THRESHOLD]
+    scenes = [
+        compose_scene(
+            [pool[i] for i in choose_cells(len(pool), rng, SceneSpec())], rng, SceneSpec()
+        )
+        for _ in range(count // 4)
+    ]
+    letterbox = Letterbox(img_size)
+    return np.stack([letterbox(image)[0] for image in [*cells, *(s.image for s in scenes)]])
+
+
 def export_onnx(
     checkpoint: str | Path,
     out_path: str | Path,
-    image_size: int,
+    image_size: int | None,
     prepared_dir: str | Path | None = None,
     n_images: int = 32,
     tolerance: float = PARITY_TOLERANCE,
@@ -55,52 +96,130 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export the checkpoint's network to ONNX (any batch size) and check it against PyTorch.
 
-    The check scores ``n_images`` cells (in one batch of another size than the export's
-    example, so the dynamic batch axis is exercised too) with both runtimes; a probability
-    differing by more than ``tolerance`` removes the file and raises :class:`ParityError`.
-    ``threshold`` (the checkpoint's validated one) is stored in the model's metadata.
+    A classifier's graph maps ``images`` to ``logit_all``; a detector's (the family is read
+    from the checkpoint) maps them to decoded ``detections`` ``[N, boxes, 5 + C]``, with its
+    thresholds in the metadata (NMS runs outside, see ``inference.detection``).
+    ``image_size`` is the classifier's input side; a detector declares its own (None, or the
+    same). The check runs ``n_images`` real images through both runtimes (in one batch of
+    another size than the export's example, so the dynamic batch axis is exercised too): a
+    value differing by more than ``tolerance`` (probabilities, and for a detector box
+    coordinates as fractions of the input side) removes the file and raises
+    :class:`ParityError`. ``threshold`` (the checkpoint's validated one) goes in the metadata.
     """
-    import onnx
-
-    if image_size < 1:
-        raise ConfigError(f"image size must be positive, got {image_size}")
     if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
     if prepared_dir is not None and not Path(prepared_dir).is_dir():
         raise MissingInputError(f"no prepare cache at {prepared_dir} for the parity check")
-    scorer = TorchScorer(load_classifier(checkpoint).net, device="cpu")
+    if checkpoint_family(checkpoint) == "yolo":
+        target = _detector_target(checkpoint, image_size, prepared_dir, n_images)
+    else:
+        target = _classifier_target(checkpoint, image_size, prepared_dir, n_images)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(2, 3, image_size, image_size)
-    torch.onnx.export(
-        scorer.net,
-        (example,),
-        str(out_path),
-        dynamo=False,
-        opset_version=OPSET,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-    )
-    if threshold is not None:
-        model = onnx.load(str(out_path))
-        onnx.helper.set_model_props(model, {ONNX_THRESHOLD_KEY: repr(threshold)})
-        onnx.save(model, str(out_path))
-    onnx.checker.check_model(str(out_path))
-    images = parity_images(prepared_dir, image_size, n_images)
-    max_abs_diff = float(np.abs(scorer(images) - OnnxScorer(out_path)(images)).max())
+    metadata = {**target.metadata, ONNX_THRESHOLD_KEY: threshold}
+    _write_onnx(target.net, target.size, target.output, out_path, metadata)
+    max_abs_diff = float(np.abs(target.reference - target.compare(out_path)).max())
     if not max_abs_diff <= tolerance:
         out_path.unlink()
         raise ParityError(
-            f"ONNX probabilities differ from PyTorch by {max_abs_diff:.2e} (> {tolerance:.0e}) "
-            f"on {len(images)} images; the export was removed"
+            f"ONNX outputs differ from PyTorch by {max_abs_diff:.2e} (> {tolerance:.0e}) "
+            f"on {len(target.images)} images; the export was removed"
         )
     return {
         "path": str(out_path),
-        "image_size": image_size,
+        "family": target.family,
+        "image_size": target.size,
         "opset": OPSET,
-        "parity_images": len(images),
+        "parity_images": len(target.images),
         "parity_source": "random" if prepared_dir is None else "prepare cache",
         "max_abs_diff": max_abs_diff,
-        ONNX_THRESHOLD_KEY: threshold,
+        "tolerance": tolerance,
+        **metadata,
     }
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What to export and how to check it: the network, its input side and output name, the
+    parity images, PyTorch's values on them, and how to compute those from the ONNX file."""
+
+    family: str
+    net: nn.Module
+    size: int
+    output: str
+    images: np.ndarray
+    reference: np.ndarray
+    compare: Callable[[Path], np.ndarray]
+    metadata: dict[str, Any]
+
+
+def _classifier_target(
+    checkpoint: str | Path, image_size: int | None, prepared_dir: str | Path | None, count: int
+) -> _Target:
+    if image_size is None or image_size < 1:
+        raise ConfigError(f"image size must be positive, got {image_size}")
+    scorer = TorchScorer(load_classifier(checkpoint).net, device="cpu")
+    images = parity_images(prepared_dir, image_size, count)
+    return _Target(
+        "cnn",
+        scorer.net,
+        image_size,
+        OUTPUT_NAME,
+        images,
+        scorer(images),
+        lambda path: OnnxScorer(path)(images),
+        {},
+    )
+
+
+def _detector_target(
+    checkpoint: str | Path, image_size: int | None, prepared_dir: str | Path | None, count: int
+) -> _Target:
+    detector = load_detector(checkpoint)
+    size = int(detector.hparams.img_size)
+    if image_size not in (None, size):
+        raise ConfigError(f"{checkpoint} is a detector of {size} px inputs, not {image_size}")
+    network = TorchNetwork(detector.predictor(), device="cpu")
+    images = detector_parity_images(prepared_dir, size, count)
+    batch = to_network_input(images)
+
+    def comparable(decoded: np.ndarray) -> np.ndarray:
+        """Boxes as fractions of the input side, beside the probabilities."""
+        return np.concatenate([decoded[..., :4] / size, decoded[..., 4:]], -1)
+
+    settings = {key: detector.hparams[key] for key in THRESHOLD_KEYS}
+    return _Target(
+        "yolo",
+        network.net,
+        size,
+        DETECTIONS_NAME,
+        images,
+        comparable(network(batch)),
+        lambda path: comparable(OnnxNetwork(path)(batch)),
+        settings,
+    )
+
+
+def _write_onnx(
+    net: nn.Module, size: int, output: str, path: Path, metadata: dict[str, Any]
+) -> None:
+    """Export ``net`` (float ``[batch, 3, size, size]`` input) with its metadata (None values
+    left out) and check the file."""
+    import onnx
+
+    torch.onnx.export(
+        net,
+        (torch.zeros(2, 3, size, size),),
+        str(path),
+        dynamo=False,
+        opset_version=OPSET,
+        input_names=[INPUT_NAME],
+        output_names=[output],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, output: {0: "batch"}},
+    )
+    props = {key: repr(value) for key, value in metadata.items() if value is not None}
+    if props:
+        model = onnx.load(str(path))
+        onnx.helper.set_model_props(model, props)
+        onnx.save(model, str(path))
+    onnx.checker.check_model(str(path))

@@ -1,4 +1,5 @@
-"""Loading a trained classifier from a checkpoint, an ONNX file or an MLflow model URI."""
+"""Loading a trained model (classifier or detector) from a checkpoint, an ONNX file or an MLflow
+model URI, and the decision threshold validated for it."""
 
 from __future__ import annotations
 
@@ -6,11 +7,27 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
 
 from leukemia_mlops.errors import InputError, MissingInputError
-from leukemia_mlops.inference.scorers import OnnxScorer, Scorer, TorchScorer
+from leukemia_mlops.inference.detection import DETECTOR_KEYS, THRESHOLD_KEYS, YoloScorer
+from leukemia_mlops.inference.scorers import (
+    OnnxNetwork,
+    OnnxScorer,
+    Scorer,
+    TorchNetwork,
+    TorchScorer,
+)
+from leukemia_mlops.models.base import FineTunedModule
 from leukemia_mlops.models.classifier import CellClassifier
+from leukemia_mlops.models.detector import YoloDetector
+
+M = TypeVar("M", bound=FineTunedModule)
 
 #: Preprocessing settings a model may declare; they must match what images are prepared with.
 PREPROCESSING_KEYS = ("image_size", "window", "fit")
@@ -23,18 +40,49 @@ MLFLOW_THRESHOLD_METRIC = "eval/threshold"
 CHECKPOINT_DIGEST_KEY = "checkpoint_sha256"
 
 
+def checkpoint_family(checkpoint: str | Path) -> str:
+    """``yolo`` for a ``YoloDetector`` checkpoint, else ``cnn`` (by its hyperparameters, read
+    safely without the weights; a file that is no Lightning checkpoint is an InputError)."""
+    path = _existing(checkpoint, "checkpoint")
+    try:
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(
+            "hyper_parameters", {}
+        )
+    except Exception as err:  # pickle and zip errors alike mean "not our checkpoint"
+        first_line = next(iter(str(err).splitlines()), "")
+        raise InputError(
+            f"{path} is not a CellClassifier checkpoint, nor a YoloDetector one "
+            f"({type(err).__name__}: {first_line})"
+        ) from None
+    return "yolo" if "variant" in hparams else "cnn"
+
+
 def load_classifier(checkpoint: str | Path) -> CellClassifier:
     """A trained classifier from a Lightning checkpoint, read safely (``weights_only``)."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise MissingInputError(f"no such checkpoint: {path}")
+    return _load_module(CellClassifier, checkpoint)
+
+
+def load_detector(checkpoint: str | Path) -> YoloDetector:
+    """A trained detector from a Lightning checkpoint, read safely; its initial weights are in
+    the checkpoint already (their file may be gone by now)."""
+    return _load_module(YoloDetector, checkpoint, weights="none")
+
+
+def _load_module(cls: type[M], checkpoint: str | Path, **overrides: Any) -> M:
+    path = _existing(checkpoint, "checkpoint")
     try:
-        return CellClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
     except Exception as err:  # pickle, zip and key errors alike mean "not our checkpoint"
         first_line = next(iter(str(err).splitlines()), "")
         raise InputError(
-            f"{path} is not a CellClassifier checkpoint ({type(err).__name__}: {first_line})"
+            f"{path} is not a {cls.__name__} checkpoint ({type(err).__name__}: {first_line})"
         ) from None
+
+
+def _existing(path: str | Path, what: str) -> Path:
+    if not Path(path).is_file():
+        raise MissingInputError(f"no such {what}: {path}")
+    return Path(path)
 
 
 def is_mlflow_uri(source: str | Path) -> bool:
@@ -42,26 +90,46 @@ def is_mlflow_uri(source: str | Path) -> bool:
     return bool(_MLFLOW_URI.match(str(source)))
 
 
-def load_scorer(source: str | Path, tracking_uri: str | None = None) -> Scorer:
-    """A scorer for a ``.ckpt`` or ``.onnx`` file or an MLflow ``runs:/``/``models:/`` URI."""
+def load_scorer(source: str | Path, tracking_uri: str | None = None) -> Scorer | YoloScorer:
+    """A scorer for a ``.ckpt`` or ``.onnx`` file or an MLflow ``runs:/``/``models:/`` URI: a
+    :class:`YoloScorer` for a detector (told by the checkpoint, the ONNX output or the MLflow
+    signature), else a classifier's."""
     text = str(source)
     if is_mlflow_uri(text):
         return _mlflow_scorer(text, tracking_uri)
-    path = Path(source)
-    if not path.is_file():
-        raise MissingInputError(f"no such model file: {path}")
+    path = _existing(source, "model file")
     if path.suffix == ".onnx":
-        return OnnxScorer(path)
+        network = OnnxNetwork(path)
+        if network.output_rank == 1:
+            return OnnxScorer(path)
+        return detector_scorer(network, {**network.metadata, "img_size": network.input_size}, path)
     if path.suffix == ".ckpt":
+        if checkpoint_family(path) == "yolo":
+            detector = load_detector(path)
+            return detector_scorer(TorchNetwork(detector.predictor()), detector.hparams, path)
         module = load_classifier(path)
         declared = {k: module.hparams[k] for k in PREPROCESSING_KEYS if k in module.hparams}
         return TorchScorer(module.net, preprocessing=declared)
     raise InputError(f"model must be a .ckpt or .onnx file or a runs:/ or models:/ URI: {text}")
 
 
-def _mlflow_scorer(uri: str, tracking_uri: str | None) -> TorchScorer:
-    """An MLflow PyTorch model; its input signature tells the image size it was logged with."""
+def detector_scorer(
+    network: Callable[[np.ndarray], np.ndarray], settings: Any, source: str | Path
+) -> YoloScorer:
+    """A :class:`YoloScorer` from the detector's ``img_size``, ``conf_threshold`` and
+    ``iou_threshold`` settings (hyperparameters, ONNX metadata or its run's ``model`` params)."""
+    missing = [key for key in DETECTOR_KEYS if settings.get(key) is None]
+    if missing:
+        raise InputError(f"{source} is a detector without its settings {', '.join(missing)}")
+    size, conf, iou = (settings[key] for key in DETECTOR_KEYS)
+    return YoloScorer(network, int(size), float(conf), float(iou))
+
+
+def _mlflow_scorer(uri: str, tracking_uri: str | None) -> TorchScorer | YoloScorer:
+    """An MLflow PyTorch model; its signature tells the image size it was logged with, and
+    its output a detector (``[B, N, 5 + C]``, decoded with its run's ``model`` settings)."""
     import mlflow
+    from mlflow import MlflowClient
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -75,8 +143,14 @@ def _mlflow_scorer(uri: str, tracking_uri: str | None) -> TorchScorer:
     finally:
         if not opted_in:
             del os.environ[_ALLOW_PICKLE]
-    signature = mlflow.models.get_model_info(uri).signature
+    info = mlflow.models.get_model_info(uri)
+    signature = info.signature
     shape = signature.inputs.inputs[0].shape if signature is not None else None
+    output = signature.outputs.inputs[0].shape if signature is not None else None
+    if output is not None and len(output) == 3:
+        params = MlflowClient().get_run(info.run_id).data.params
+        settings = {key: params.get(f"model.{key}") for key in THRESHOLD_KEYS}
+        return detector_scorer(TorchNetwork(net), {**settings, "img_size": shape[-1]}, uri)
     return TorchScorer(net, preprocessing={"image_size": shape[-1]} if shape else {})
 
 
@@ -95,8 +169,7 @@ def evaluation_threshold(evaluation: str | Path, checkpoint: str | Path) -> floa
     The file records the digest of the checkpoint it scored; another checkpoint's evaluation
     (a stale file, a retrained model) gives None, never its threshold.
     """
-    if not Path(checkpoint).is_file():
-        raise MissingInputError(f"no such checkpoint: {checkpoint}")
+    _existing(checkpoint, "checkpoint")
     path = Path(evaluation)
     if not path.is_file():
         return None
@@ -120,14 +193,16 @@ def validated_threshold(
         return _mlflow_threshold(text, tracking_uri)
     path = Path(source)
     if path.suffix == ".onnx":
-        import onnx
-
-        props = {
-            p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
-        }
-        value = props.get(ONNX_THRESHOLD_KEY)
+        value = onnx_metadata(path).get(ONNX_THRESHOLD_KEY)
         return None if value is None else _threshold_value(float(value), path)
     return None if evaluation is None else evaluation_threshold(evaluation, path)
+
+
+def onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata properties of an ONNX model (the graph itself is not read)."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def _mlflow_threshold(uri: str, tracking_uri: str | None) -> float | None:

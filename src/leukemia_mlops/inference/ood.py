@@ -1,9 +1,10 @@
 """Is an input like the training images? A rule on what C-NMC cell images look like.
 
 A C-NMC image is one segmented white cell, centred on a black background, in a square frame
-of the prepare window (450 px). ``predict`` applies this rule to every file it scores and
-writes the answer beside the label, so a blood-smear photograph or a picture of several cells
-is never labelled without a flag.
+of the prepare window (450 px). ``predict`` applies this rule to every file a classifier
+scores and writes the answer beside the label, so a blood-smear photograph or a picture of
+several cells is never labelled without a flag. A detector learnt composed scenes of several
+cells too, so its rule (:func:`assess_scene`) asks only for the black background.
 
 The thresholds are module constants, measured on the default synthetic training data
 (``data/raw``, 1,098 images at 450x450; ``tests/test_ood.py`` checks the false-alarm rate on
@@ -62,9 +63,7 @@ def assess(
     elif max(height, width) / min(height, width) > MAX_ASPECT:
         reasons.append(f"aspect {width}x{height} is not square")
     brightness = image.max(axis=2)
-    border = np.concatenate([brightness[0], brightness[-1], brightness[:, 0], brightness[:, -1]])
-    if np.median(border) > MAX_BORDER_MEDIAN:
-        reasons.append(f"background not dark (border median {np.median(border):.0f})")
+    reasons += background_reasons(brightness)
     x0, y0, x1, y1 = box
     fill = (x1 - x0) * (y1 - y0) / (height * width)
     if not MIN_BOX_FILL <= fill <= MAX_BOX_FILL:
@@ -73,6 +72,22 @@ def assess(
     if cells > 1:
         reasons.append(f"{cells} separate cells")
     return Verdict(not reasons, "; ".join(reasons))
+
+
+def assess_scene(image: np.ndarray) -> Verdict:
+    """The detector's rule for a whole image (``[H, W, 3]``): it learnt single cells and
+    scenes of several cells, of any size, all on black, so only the background must match."""
+    reasons = background_reasons(image.max(axis=2))
+    return Verdict(not reasons, "; ".join(reasons))
+
+
+def background_reasons(brightness: np.ndarray) -> list[str]:
+    """Why the frame's outermost pixels (brightest channel) are not a black background."""
+    border = np.concatenate([brightness[0], brightness[-1], brightness[:, 0], brightness[:, -1]])
+    median = np.median(border)
+    return (
+        [f"background not dark (border median {median:.0f})"] if median > MAX_BORDER_MEDIAN else []
+    )
 
 
 def count_blobs(brightness: np.ndarray) -> int:

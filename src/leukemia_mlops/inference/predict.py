@@ -1,4 +1,8 @@
-"""Batch prediction of image files: decoded as ``prepare`` does, scored, streamed to a CSV."""
+"""Batch prediction of image files: decoded as ``prepare`` does, scored, streamed to CSVs.
+
+A classifier gives one row per file; a detector also one row per detected cell and, on
+request, each image with its boxes drawn.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +11,54 @@ import functools
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from leukemia_mlops.data.images import bgr_to_rgb, decode_bgr
 from leukemia_mlops.data.prepare import PrepareSpec, decode_file
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
+from leukemia_mlops.inference.detection import (
+    Found,
+    Letterbox,
+    YoloScorer,
+    cell_probabilities,
+    draw_boxes,
+    select_boxes,
+    to_original,
+)
 from leukemia_mlops.inference.loading import load_scorer, validated_threshold
-from leukemia_mlops.inference.ood import assess
+from leukemia_mlops.inference.ood import assess, assess_scene
 from leukemia_mlops.inference.scorers import Scorer
+from leukemia_mlops.models.detector import CLASS_NAMES
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 #: The decision threshold of a model with no validated one (the sigmoid's midpoint).
 FALLBACK_THRESHOLD = 0.5
 #: ``ood_reason`` of a file that could not be scored (its ``error`` says why).
 NOT_SCORED = "not scored"
+#: A detection must score above this to be a box row (and drawn): training's overlays use it.
+DRAW_SCORE = 0.25
 
-#: One file as the loader hands it over: training image, error, in distribution, why not.
-Item = tuple[np.ndarray | None, str, bool, str]
+#: Columns of a detector's boxes CSV: one row per detected cell.
+BOX_COLUMNS = ["file", "x1", "y1", "x2", "y2", "class", "score", "in_distribution", "ood_reason"]
+
+
+class Item(NamedTuple):
+    """One file as the loader hands it over (``image`` None where it has none)."""
+
+    image: np.ndarray | None  # the model's input: training image, or letterboxed for a detector
+    error: str  # why the file could not be scored, else ""
+    in_distribution: bool  # like the model's training images (rule of its family)
+    reason: str  # why not, else ""
+    single_cell: bool = False  # detector only: the file passes the single-cell rule
+    frame: np.ndarray | None = None  # detector only: the original image's xyxy in ``image``
+    size: tuple[int, int] = (0, 0)  # detector only: the original width and height
 
 
 def list_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -56,11 +87,12 @@ def _hidden(relative: Path) -> bool:
 
 
 class FileImages(Dataset):
-    """Each file's training image (None if it has none), the reason it has none ("" if ok),
-    decoded and checked as ``prepare`` does, and whether it is like the training images."""
+    """Each file's model input, decoded and checked as ``prepare`` does, and whether it is like
+    the training images. With ``letterbox`` (a detector's), the input is the whole image
+    letterboxed and the check is the detector's; the single-cell check is kept beside it."""
 
-    def __init__(self, paths: list[Path], spec: PrepareSpec):
-        self.paths, self.spec = paths, spec
+    def __init__(self, paths: list[Path], spec: PrepareSpec, letterbox: Letterbox | None = None):
+        self.paths, self.spec, self.letterbox = paths, spec, letterbox
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -68,22 +100,35 @@ class FileImages(Dataset):
     def __getitem__(self, index: int) -> Item:
         path = self.paths[index]
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            return None, f"not an image file ({path.suffix or 'no extension'})", False, NOT_SCORED
+            return Item(
+                None, f"not an image file ({path.suffix or 'no extension'})", False, NOT_SCORED
+            )
         decoded = decode_file(path, self.spec)
         if decoded.pixels is None:
-            return None, decoded.reason, False, NOT_SCORED
-        verdict = assess(
-            decoded.height, decoded.width, decoded.box, decoded.pixels, self.spec.window
+            return Item(None, decoded.reason, False, NOT_SCORED)
+        cell = assess(decoded.height, decoded.width, decoded.box, decoded.pixels, self.spec.window)
+        if self.letterbox is None:
+            return Item(decoded.pixels, "", cell.in_distribution, cell.reason)
+        image = read_rgb(path)
+        scene = assess_scene(image)
+        letterboxed, frame = self.letterbox(image)
+        size = (decoded.width, decoded.height)
+        return Item(
+            letterboxed, "", scene.in_distribution, scene.reason, cell.in_distribution, frame, size
         )
-        return decoded.pixels, "", verdict.in_distribution, verdict.reason
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """A whole image file as uint8 RGB ``[H, W, 3]``."""
+    return bgr_to_rgb(decode_bgr(path.read_bytes()))
 
 
 def _stack_images(items: list[Item]) -> tuple[torch.Tensor, list[Item]]:
     """A batch: the images of the usable files as one tensor (a loader process hands it over
     in shared memory), and every file's item without its image."""
-    images = [item[0] for item in items if item[0] is not None]
+    images = [item.image for item in items if item.image is not None]
     stacked = torch.from_numpy(np.stack(images)) if images else torch.empty(0, dtype=torch.uint8)
-    return stacked, [(None, *item[1:]) for item in items]
+    return stacked, [item._replace(image=None) for item in items]
 
 
 def _check_preprocessing(scorer: Scorer, spec: PrepareSpec) -> None:
@@ -120,7 +165,7 @@ def decision_threshold(
 
 
 def predict_paths(
-    model_source: str | Path | Scorer,
+    model_source: str | Path | Scorer | YoloScorer,
     inputs: Iterable[str | Path],
     out_csv: str | Path,
     *,
@@ -132,6 +177,9 @@ def predict_paths(
     evaluation: str | Path | None = None,
     tracking_uri: str | None = None,
     workers: int = 1,
+    boxes_csv: str | Path | None = None,
+    overlays: str | Path | None = None,
+    min_score: float = DRAW_SCORE,
 ) -> pd.DataFrame:
     """Score image files in batches, appending each batch's rows to ``out_csv`` as it goes.
 
@@ -144,13 +192,19 @@ def predict_paths(
     label (ALL when prob_all > threshold, else HEM), in_distribution and ood_reason (whether
     the image is like the training images, and why not; see :mod:`~.inference.ood`), error
     (why a file could not be scored, else empty).
+
+    A detector also writes ``boxes_csv`` (default: ``<out_csv stem>_boxes.csv``), one row per
+    detected cell scoring above ``min_score`` (:data:`BOX_COLUMNS`, xyxy in the file's
+    pixels), and with ``overlays`` a PNG per image with its boxes drawn. Its ``out_csv`` rows
+    have a ``cells`` count; prob_all and label are given for single-cell images only.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
         raise ConfigError(f"workers must be >= 0, got {workers}")
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
+    for name, value in (("threshold", threshold), ("min_score", min_score)):
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(f"{name} must be in [0, 1], got {value}")
     spec = PrepareSpec(image_size=image_size, window=window, fit=fit, workers=1)
     is_source = isinstance(model_source, str | Path)
     scorer = load_scorer(model_source, tracking_uri) if is_source else model_source
@@ -158,23 +212,51 @@ def predict_paths(
     _check_preprocessing(scorer, spec)
     files = list_inputs(inputs)
     out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(scorer, YoloScorer):
+        boxes_csv = Path(boxes_csv or out_csv.with_name(f"{out_csv.stem}_boxes.csv"))
+        drawings = overlay_paths(files, overlays) if overlays is not None else {}
+        score = functools.partial(
+            _detect_batch, scorer, threshold, min_score, out_csv, boxes_csv, drawings
+        )
+        letterbox = scorer.letterbox
+    else:
+        score = functools.partial(_score_batch, scorer, threshold, out_csv)
+        letterbox = None
     loader = DataLoader(
-        FileImages(files, spec),
+        FileImages(files, spec, letterbox),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_stack_images,
     )
-    frames = []
+    tables = []
     with tqdm(total=len(files), desc="predict", unit="img") as bar:
         for start, (images, items) in zip(range(0, len(files), batch_size), loader, strict=True):
             chunk = files[start : start + batch_size]
-            frame = _score_batch(scorer, chunk, images, items, threshold)
-            frame.to_csv(out_csv, mode="a" if start else "w", header=not start, index=False)
-            frames.append(frame)
+            frames = score(chunk, images, items)
+            for path, frame in frames.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                frame.to_csv(path, mode="a" if start else "w", header=not start, index=False)
+            tables.append(frames[out_csv])
             bar.update(len(chunk))
             _release_freed_memory()
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(tables, ignore_index=True)
+
+
+def overlay_paths(files: list[Path], folder: str | Path) -> dict[Path, Path]:
+    """Where each image's overlay goes: ``<folder>/<stem>.png``, numbered where two images
+    share a stem, and never the path of an input (inputs are never overwritten)."""
+    folder = Path(folder)
+    taken = {path.resolve() for path in files}
+    targets = {}
+    for path in files:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        target, number = folder / f"{path.stem}.png", 1
+        while target.resolve() in taken:
+            target, number = folder / f"{path.stem}_{number}.png", number + 1
+        taken.add(target.resolve())
+        targets[path] = target
+    return targets
 
 
 @functools.cache
@@ -196,24 +278,95 @@ def _release_freed_memory() -> None:
 
 def _score_batch(
     scorer: Scorer,
+    threshold: float,
+    out_csv: Path,
     paths: list[Path],
     images: torch.Tensor,
     items: list[Item],
-    threshold: float,
-) -> pd.DataFrame:
-    _, errors, in_distribution, reasons = zip(*items, strict=True)
-    ok = [i for i, error in enumerate(errors) if not error]
+) -> dict[Path, pd.DataFrame]:
+    """A classifier's rows for one batch: each file's probability and label beside its flag."""
+    ok = [i for i, item in enumerate(items) if not item.error]
     probs = np.full(len(paths), np.nan)
     if ok:
         probs[ok] = scorer(images.numpy())
+    return {out_csv: _image_rows(paths, items, probs, threshold)}
+
+
+def _image_rows(
+    paths: list[Path], items: list[Item], probs: np.ndarray, threshold: float
+) -> pd.DataFrame:
     labels = np.where(probs > threshold, "ALL", "HEM")
     return pd.DataFrame(
         {
             "file": [str(p) for p in paths],
             "prob_all": probs,
             "label": np.where(np.isnan(probs), "", labels),
-            "in_distribution": np.array(in_distribution, dtype=bool),
-            "ood_reason": list(reasons),
-            "error": list(errors),
+            "in_distribution": np.array([item.in_distribution for item in items], dtype=bool),
+            "ood_reason": [item.reason for item in items],
+            "error": [item.error for item in items],
         }
     )
+
+
+def _detect_batch(
+    scorer: YoloScorer,
+    threshold: float,
+    min_score: float,
+    out_csv: Path,
+    boxes_csv: Path,
+    drawings: dict[Path, Path],
+    paths: list[Path],
+    images: torch.Tensor,
+    items: list[Item],
+) -> dict[Path, pd.DataFrame]:
+    """A detector's rows for one batch: per file (P(ALL) for single cells, the cell count),
+    per box, and the overlays."""
+    ok = [i for i, item in enumerate(items) if not item.error]
+    probs = np.full(len(paths), np.nan)
+    counts = np.zeros(len(paths), np.int64)
+    boxes = []
+    if ok:
+        decoded = scorer.decoded(images.numpy())  # one row per file in ``ok``
+        single = [row for row, i in enumerate(ok) if items[i].single_cell]
+        if single:
+            probs[[ok[row] for row in single]] = cell_probabilities(
+                decoded[single], scorer.conf_threshold
+            )
+        for i, det in zip(ok, decoded, strict=True):
+            found = select_boxes(det, min_score, scorer.iou_threshold)
+            boxes_there = to_original(found.boxes, items[i].frame, *items[i].size)
+            found = Found(boxes_there, found.scores, found.labels)
+            counts[i] = len(found.scores)
+            boxes.append(_box_rows(paths[i], items[i], found))
+            if paths[i] in drawings:
+                _write_overlay(paths[i], found, drawings[paths[i]])
+    rows = _image_rows(paths, items, probs, threshold)
+    rows.insert(3, "cells", counts)
+    box_rows = pd.concat(boxes, ignore_index=True) if boxes else pd.DataFrame(columns=BOX_COLUMNS)
+    return {out_csv: rows, boxes_csv: box_rows}
+
+
+def _box_rows(path: Path, item: Item, found: Found) -> pd.DataFrame:
+    x1, y1, x2, y2 = found.boxes.T
+    return pd.DataFrame(
+        {
+            "file": str(path),
+            "x1": x1,
+            "y1": y1,
+            "x2": x2,
+            "y2": y2,
+            "class": [CLASS_NAMES[label] for label in found.labels.tolist()],
+            "score": found.scores,
+            "in_distribution": item.in_distribution,
+            "ood_reason": item.reason,
+        },
+        columns=BOX_COLUMNS,
+    )
+
+
+def _write_overlay(path: Path, found: Found, target: Path) -> None:
+    """The image of ``path`` with its boxes drawn, as a PNG at ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    drawn = draw_boxes(read_rgb(path), found)
+    if not cv2.imwrite(str(target), np.ascontiguousarray(drawn[..., ::-1])):
+        raise ConfigError(f"could not write the overlay {target}: check --overlays")

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from leukemia_mlops.errors import InputError
+
 
 class Scorer(Protocol):
     """uint8 ``[B, S, S, 3]`` RGB images -> float64 probabilities of ALL ``[B]``."""
@@ -53,8 +55,7 @@ class TorchScorer:
         device: str | None = None,
         preprocessing: dict[str, Any] | None = None,
     ):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.net = _eval_mode(net).float().to(self.device, memory_format=torch.contiguous_format)
+        self.device, self.net = on_device(net, device)
         self.tta = tta
         self.preprocessing = dict(preprocessing or {})
         self.autocast = _gpu_autocast_dtype() if self.device.type == "cuda" else None
@@ -86,6 +87,12 @@ def _gpu_autocast_dtype() -> torch.dtype:
     return torch.bfloat16 if native else torch.float16
 
 
+def on_device(net: nn.Module, device: str | None = None) -> tuple[torch.device, nn.Module]:
+    """The device (default: a GPU if there is one) and ``net`` there, in float32 eval mode."""
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return target, _eval_mode(net).float().to(target, memory_format=torch.contiguous_format)
+
+
 def _eval_mode(net: nn.Module) -> nn.Module:
     """``net`` in eval mode, where the mode can be set.
 
@@ -98,18 +105,48 @@ def _eval_mode(net: nn.Module) -> nn.Module:
         return net
 
 
-class OnnxScorer:
-    """An exported network run by ONNX Runtime on the CPU (the network outputs ALL logits)."""
+class TorchNetwork:
+    """A network in float32 eval mode on numpy input: float ``[B, 3, S, S]`` -> its output."""
+
+    def __init__(self, net: nn.Module, device: str | None = None):
+        self.device, self.net = on_device(net, device)
+
+    @torch.no_grad()
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.net(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+
+class OnnxNetwork:
+    """An exported network run by ONNX Runtime on the CPU: float input -> its one output."""
 
     def __init__(self, path: str | Path):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own types for unreadable graphs
+            first_line = next(iter(str(err).splitlines()), "")
+            raise InputError(f"{path} is not an ONNX model ({first_line})") from None
         (model_input,) = self.session.get_inputs()
         self.input_name = model_input.name
         size = model_input.shape[-1]
-        self.preprocessing = {"image_size": size} if isinstance(size, int) else {}
+        self.input_size = size if isinstance(size, int) else None
+        self.output_rank = len(self.session.get_outputs()[0].shape)
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        (output, *_) = self.session.run(None, {self.input_name: batch})
+        return output
+
+
+class OnnxScorer:
+    """An exported classifier run by ONNX Runtime on the CPU (the network outputs ALL logits)."""
+
+    def __init__(self, path: str | Path):
+        self.network = OnnxNetwork(path)
+        size = self.network.input_size
+        self.preprocessing = {} if size is None else {"image_size": size}
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run(None, {self.input_name: to_network_input(images)})
+        logits = self.network(to_network_input(images))
         return torch.sigmoid(torch.from_numpy(logits)).double().numpy()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
@@ -15,6 +16,8 @@ from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.metrics import ClassificationMetrics
 
 SCHEDULERS = ("cosine", "onecycle", "none")
+COMPILE_SETTINGS = (False, True, "auto")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
 
 
@@ -32,15 +35,60 @@ def checked_optimizer(
     return optimizer
 
 
+def compiles_on(setting: bool | str, mode: str, device: torch.device) -> bool:
+    """Whether ``model.compile`` compiles the network on ``device``; ``auto``: on CUDA only
+    (measured in ``bench``: on a 2-core CPU compilation costs minutes and gains nothing)."""
+    if setting not in COMPILE_SETTINGS:
+        raise ConfigError(f"model.compile must be one of {COMPILE_SETTINGS}, got {setting!r}")
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"model.compile_mode must be one of {COMPILE_MODES}, got {mode!r}")
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 class FineTunedModule(pl.LightningModule):
     """A pretrained ``backbone`` and a new head, with their own learning rates.
 
     Subclasses set ``self.net`` (with a ``backbone``; the rest is the head) and call
     :meth:`init_metrics`. Hyperparameters hold ``optimizer`` (a ``_target_`` mapping for
-    Hydra's ``instantiate``), ``backbone_lr_ratio`` and ``scheduler``.
+    Hydra's ``instantiate``), ``backbone_lr_ratio`` and ``scheduler``, and may hold
+    ``compile`` (false | true | auto), ``compile_mode`` and ``compile_backend`` (see
+    :meth:`configure_model`).
     """
 
     net: nn.Module
+
+    # What a training run needs of a model family, so that ``model._target_`` alone picks it.
+    @classmethod
+    def datamodule_from_config(cls, config: Mapping[str, Any]) -> pl.LightningDataModule:
+        """The data this family trains on, from a resolved run config."""
+        raise NotImplementedError
+
+    @classmethod
+    def data_arguments(cls, datamodule: pl.LightningDataModule) -> dict[str, Any]:
+        """Constructor arguments that come from the data (for example the loss's class weight)."""
+        return {}
+
+    @classmethod
+    def load_trained(cls, checkpoint: str) -> FineTunedModule:
+        """The trained module of a checkpoint, read safely (``weights_only``)."""
+        return cls.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+
+    @property
+    def architecture(self) -> str:
+        """The network's name, as the run's ``backbone`` tag."""
+        raise NotImplementedError
+
+    def input_size(self, prepared_size: int) -> int:
+        """The image side the network takes, given the prepare cache's (the same by default)."""
+        return prepared_size
+
+    def serving_network(self) -> nn.Module:
+        """The network the MLflow model serves: float images in [0, 1] -> its outputs."""
+        return self.net
+
+    def validation_overlays(self, datamodule: pl.LightningDataModule) -> list[np.ndarray]:
+        """Pictures of the model's predictions on validation data (none by default)."""
+        return []
 
     def init_metrics(self, train_losses: Iterable[str]) -> None:
         self.train_metrics = ClassificationMetrics("train")
@@ -52,6 +100,25 @@ class FineTunedModule(pl.LightningModule):
         # Lightning's ``sync_dist`` mean truncates the batch sizes summed over unequal DDP
         # shards, so the evaluation losses are metrics too: the mean over every cell once.
         self.eval_losses = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+
+    def configure_model(self) -> None:
+        """Compile ``net`` (inductor unless ``compile_backend`` says otherwise) when ``compile``
+        says so, once per module.
+
+        ``nn.Module.compile`` compiles in place: the state-dict keys stay the eager ones (no
+        ``_orig_mod.``), so checkpoints load into an uncompiled network, and DDP wraps this
+        module as before. Lightning calls this hook on every fit, validate and test; compiled
+        code is then reused (dynamo recompiles only when a guard changes, such as train/eval
+        mode or the end of the backbone warm-up), never once per epoch.
+        """
+        if self._trainer is None:  # loaded from a checkpoint for inference: stays eager
+            return
+        setting = self.hparams.get("compile", False)
+        mode = self.hparams.get("compile_mode", "default")
+        backend = self.hparams.get("compile_backend", "inductor")  # aot_eager: tests, no codegen
+        device = self.trainer.strategy.root_device
+        if compiles_on(setting, mode, device) and self.net._compiled_call_impl is None:
+            self.net.compile(backend=backend, mode=None if backend != "inductor" else mode)
 
     @property
     def backbone(self) -> nn.Module:

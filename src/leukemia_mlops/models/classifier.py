@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from leukemia_mlops.models.backbones import build_classifier
@@ -30,6 +33,9 @@ class CellClassifier(FineTunedModule):
         warmup_epochs: int = 1,
         channels_last: bool = True,
         pos_weight: float = 1.0,
+        compile: bool | str = False,
+        compile_mode: str = "default",
+        compile_backend: str = "inductor",
     ):
         super().__init__()
         optimizer = checked_optimizer(optimizer, backbone_lr_ratio, scheduler)
@@ -40,6 +46,20 @@ class CellClassifier(FineTunedModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(pos_weight)))
         self.init_metrics(["loss"])
+
+    @classmethod
+    def datamodule_from_config(cls, config: Mapping[str, Any]) -> pl.LightningDataModule:
+        datamodule = instantiate(config["datamodule"])
+        datamodule.setup("fit")
+        return datamodule
+
+    @classmethod
+    def data_arguments(cls, datamodule: pl.LightningDataModule) -> dict[str, Any]:
+        return {"pos_weight": datamodule.pos_weight() if datamodule.balance == "loss" else 1.0}
+
+    @property
+    def architecture(self) -> str:
+        return self.hparams.backbone
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)

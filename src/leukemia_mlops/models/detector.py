@@ -7,17 +7,18 @@ the same for both families and drives checkpoints and early stopping alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.utils import draw_bounding_boxes
 
-from leukemia_mlops.data.detection import Target
+from leukemia_mlops.data.detection import DetectionDataModule, Target
 from leukemia_mlops.data.naming import ALL, HEM
 from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.backbones import WeightsError, load_backbone_weights
@@ -36,6 +37,7 @@ from leukemia_mlops.models.yolo.common import conv_layers
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 CLASS_NAMES = {ALL: "ALL", HEM: "HEM"}
 CLASS_COLORS = {ALL: "red", HEM: "lime"}
+OVERLAYS = 4  # validation scenes drawn with the predictions of a trained detector
 
 
 def load_weights(net: YoloV3, weights: str) -> None:
@@ -59,13 +61,19 @@ def load_weights(net: YoloV3, weights: str) -> None:
 def cell_probability(
     outputs: Sequence[Tensor], anchors: Tensor, strides: Sequence[int], conf_threshold: float
 ) -> Tensor:
-    """P(ALL) per image, for images of one cell: ``s_ALL / (s_ALL + s_HEM)``.
+    """P(ALL) per image of raw network ``outputs``, for images of one cell (see
+    :func:`decoded_cell_probability`)."""
+    det = decode([o.detach().float() for o in outputs], anchors, strides)
+    return decoded_cell_probability(det, conf_threshold)
+
+
+def decoded_cell_probability(det: Tensor, conf_threshold: float) -> Tensor:
+    """P(ALL) per image of decoded predictions ``[B, N, 5 + C]``: ``s_ALL / (s_ALL + s_HEM)``.
 
     ``s_c`` is the best score (objectness x probability of class ``c``) that any predicted box
     gives class ``c``, counting only scores above ``conf_threshold`` (the detections'
     threshold); an image where no box passes gets 0.5.
     """
-    det = decode([o.detach().float() for o in outputs], anchors, strides)
     scores = det[..., 4:5] * det[..., 5:]
     best = scores.masked_fill(scores <= conf_threshold, 0).amax(1)
     total = best[:, ALL] + best[:, HEM]
@@ -109,6 +117,9 @@ class YoloDetector(FineTunedModule):
         conf_threshold: float = 0.01,
         iou_threshold: float = 0.5,
         channels_last: bool = True,
+        compile: bool | str = False,
+        compile_mode: str = "default",
+        compile_backend: str = "inductor",
     ):
         super().__init__()
         if num_classes != 2:
@@ -133,6 +144,30 @@ class YoloDetector(FineTunedModule):
         self.init_metrics(("loss", "box_loss", "obj_loss", "cls_loss"))
         self.val_map = MeanAveragePrecision(iou_type="bbox")
         self.test_map = MeanAveragePrecision(iou_type="bbox")
+
+    @classmethod
+    def datamodule_from_config(cls, config: Mapping[str, Any]) -> pl.LightningDataModule:
+        return DetectionDataModule.from_config(config)
+
+    @classmethod
+    def load_trained(cls, checkpoint: str) -> YoloDetector:
+        # The initial weights are in the checkpoint already; their file may be gone by now.
+        return cls.load_from_checkpoint(
+            checkpoint, map_location="cpu", weights_only=True, weights="none"
+        )
+
+    @property
+    def architecture(self) -> str:
+        return self.hparams.variant
+
+    def input_size(self, prepared_size: int) -> int:
+        return self.hparams.img_size
+
+    def serving_network(self) -> DecodedYolo:
+        return self.predictor()
+
+    def validation_overlays(self, datamodule: pl.LightningDataModule) -> list[np.ndarray]:
+        return self.draw_predictions(*datamodule.overlay_batch(OVERLAYS))
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return self.net(images)

@@ -25,5 +25,10 @@ def log_classifier(uri: str, run_id: str, net: nn.Module, image_size: int) -> No
             name="model",
             signature=signature,
             input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            pip_requirements=torch_requirements(),
         )
+
+
+def torch_requirements() -> list[str]:
+    """The pip requirement of a logged torch model: this torch, without its build suffix."""
+    return [f"torch=={torch.__version__.split('+')[0]}"]

@@ -16,7 +16,8 @@ def register_best(
     """Register ``runs:/<run_id>/model`` under ``name`` and point ``alias`` at the new version.
 
     The version is tagged with the run's evaluation metrics (``test/*``, ``eval/*``), so the
-    registry shows why it was promoted; a run never evaluated is refused.
+    registry shows why it was promoted; a run never evaluated, or without a logged ``model``
+    (``logger.mlflow.log_model`` off), is refused.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -28,6 +29,11 @@ def register_best(
         evaluation = {k: v for k, v in metrics.items() if k.startswith(("test/", "eval/"))}
         if not evaluation:
             raise InputError(f"run {run_id} has no evaluation metrics: run the evaluate stage")
+        if not any(a.path.endswith("MLmodel") for a in client.list_artifacts(run_id, "model")):
+            raise InputError(
+                f"run {run_id} has no logged model at runs:/{run_id}/model: "
+                "train it with logger.mlflow.log_model=true"
+            )
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         tags = {key: str(value) for key, value in sorted(evaluation.items())}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
@@ -88,3 +91,37 @@ class EpochHistory(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = list(state_dict["rows"])
+
+
+class RelocatableCheckpoint(ModelCheckpoint):
+    """A :class:`ModelCheckpoint` whose saved state names its files relative to its folder.
+
+    Lightning stores absolute paths in every checkpoint, so the same training in two clones
+    wrote different bytes and DVC saw a changed ``models/`` output. Here the paths are
+    relative to ``dirpath`` on save and made absolute again on load (resume).
+    """
+
+    _PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update({key: self._relative(state[key]) for key in self._PATH_KEYS})
+        state["best_k_models"] = {self._relative(k): v for k, v in state["best_k_models"].items()}
+        state["dirpath"] = "."
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        if state.get("dirpath") == ".":
+            state.update({key: self._absolute(state[key]) for key in self._PATH_KEYS})
+            state["best_k_models"] = {
+                self._absolute(k): v for k, v in state["best_k_models"].items()
+            }
+            state["dirpath"] = self.dirpath
+        super().load_state_dict(state)
+
+    def _relative(self, path: str) -> str:
+        return os.path.relpath(path, self.dirpath) if path and self.dirpath else path
+
+    def _absolute(self, path: str) -> str:
+        return os.path.join(self.dirpath, path) if path and self.dirpath else path

@@ -25,24 +25,23 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
 from lightning_fabric.plugins.environments import TorchElasticEnvironment
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from leukemia_mlops.data.detection import DetectionDataModule
 from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import MANIFEST_FILE
-from leukemia_mlops.errors import ConfigError
-from leukemia_mlops.models.classifier import CellClassifier
-from leukemia_mlops.models.detector import YoloDetector
+from leukemia_mlops.errors import ConfigError, ProjectError
+from leukemia_mlops.models.base import FineTunedModule
 from leukemia_mlops.models.metrics import MONITOR
 from leukemia_mlops.owned import remove_owned
 from leukemia_mlops.redaction import redact
@@ -72,7 +71,9 @@ HISTORY_KEYS = (
     "val/map_50",
     "val/map",
 )
-OVERLAYS = 4  # validation scenes drawn with a detector's predictions
+#: Keys of a ``model`` config that are not constructor arguments: the family label, the
+#: detector's scene settings (its datamodule's) and a timm model's name (in ``backbone``).
+NOT_MODEL_ARGUMENTS = ("family", "scenes", "name")
 #: Rank 0's run state, handed to the ranks that Lightning's launcher starts as its children.
 RUN_STATE_ENV = "LEUKEMIA_MLOPS_RUN_STATE"
 
@@ -84,27 +85,27 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     pl.seed_everything(cfg.seed, workers=True)
     identity = read_identity(cfg.datamodule.prepared_dir)
     identity.check(cfg.get("data"), cfg.datamodule.prepared_dir)
-    datamodule, module, backbone = build_data_and_module(cfg, config)
+    datamodule, module = build_data_and_module(cfg, config)
 
     uri = store_uri(cfg)
     if rank_zero_only.rank == 0:  # before any other rank opens the store
         ensure_experiment(uri, cfg.logger.mlflow.experiment_name, cfg.paths.mlruns_dir)
     run_dir, state, resume = _shared_start(run_dir, config_hash(config))
-    trial_link = config.get("optuna_trial")  # set by the Optuna sweeper on its trials
+    trial = config.get("optuna_trial")  # set by the Optuna sweeper on its trials
     logger = ResumableMLFlowLogger(
         experiment_name=cfg.logger.mlflow.experiment_name,
         tracking_uri=uri,
-        run_name=cfg.logger.mlflow.run_name or backbone,
+        run_name=cfg.logger.mlflow.run_name or module.architecture,
         run_id=state.get("mlflow_run_id"),
         tags={
-            "backbone": backbone,
+            "backbone": module.architecture,
             "family": cfg.model.family,
             "git_commit": git_commit(),
             "data_md5": dvc_data_hash(),
             "data_source": str(identity.source),
             "data_hash": identity.data_hash,
             "image_size": str(identity.image_size),
-            **trial_tags(trial_link),
+            **trial_tags(trial),
         },
     )
     if rank_zero_only.rank == 0:
@@ -115,32 +116,25 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         )
 
     history = EpochHistory(HISTORY_KEYS)
-    checkpoint = ModelCheckpoint(
+    checkpoint = instantiate(
+        cfg.callbacks.checkpoint,
         dirpath=RunFiles(run_dir).checkpoints,
         filename=RunFiles(run_dir).best_checkpoint.stem,
         monitor=MONITOR,
         mode="max",
-        save_last=cfg.callbacks.checkpoint.save_last,
-        enable_version_counter=False,
-        auto_insert_metric_name=False,
     )
     callbacks = [
         checkpoint,
-        EarlyStopping(
-            MONITOR,
-            mode="max",
-            patience=cfg.callbacks.early_stopping.patience,
-            min_delta=cfg.callbacks.early_stopping.min_delta,
-        ),
+        instantiate(cfg.callbacks.early_stopping, monitor=MONITOR, mode="max"),
+        *(instantiate(node) for node in cfg.callbacks.get("extra", {}).values()),
         BackboneWarmup(cfg.model.warmup_epochs),
         EpochSeed(cfg.seed),
-        LearningRateMonitor(logging_interval="epoch"),
         history,
     ]
-    if trial_link:
+    if trial:
         from leukemia_mlops.tuning.pruning import OptunaPruning
 
-        callbacks.append(OptunaPruning(trial_link, MONITOR))
+        callbacks.append(OptunaPruning(trial, MONITOR))
     _check_trainer_keys(config["trainer"])
     trainer_cfg = {
         **config["trainer"],
@@ -158,26 +152,44 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         )
     best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else 0.0
     if trainer.is_global_zero:
-        _finish_run(run_dir, cfg, logger, uri, checkpoint, history, best, trainer_cfg, datamodule)
+        finished = _TrainedRun(module, datamodule, checkpoint, history, identity.image_size)
+        _finish_run(run_dir, cfg, logger, finished, trainer_cfg["precision"])
     trainer.strategy.barrier("run finished")  # the other ranks leave once rank 0's files exist
     return best
 
 
 def build_data_and_module(
     cfg: DictConfig, config: dict[str, Any]
-) -> tuple[pl.LightningDataModule, pl.LightningModule, str]:
-    """The datamodule, the module and the backbone name (for tags) of ``model.family``."""
-    not_args = ("family", "scenes", "name")  # name: model=timm's, already in model.backbone
-    module_args = {k: v for k, v in config["model"].items() if k not in not_args}
-    if cfg.model.family == "cnn":
-        datamodule = instantiate(cfg.datamodule)
-        datamodule.setup("fit")
-        pos_weight = datamodule.pos_weight() if cfg.datamodule.balance == "loss" else 1.0
-        return datamodule, CellClassifier(**module_args, pos_weight=pos_weight), cfg.model.backbone
-    if cfg.model.family == "yolo":
-        datamodule = DetectionDataModule.from_config(config)
-        return datamodule, YoloDetector(**module_args), cfg.model.variant
-    raise ConfigError(f"model.family must be 'cnn' or 'yolo', got {cfg.model.family!r}")
+) -> tuple[pl.LightningDataModule, FineTunedModule]:
+    """The datamodule and the module of ``model._target_`` (a :class:`FineTunedModule`)."""
+    target = cfg.model.get("_target_")
+    try:
+        module_class = get_class(target)
+    except Exception:  # Hydra raises a bare Exception for a class it cannot import
+        raise ConfigError(f"model._target_ is not a model class: {target!r}") from None
+    if not (isinstance(module_class, type) and issubclass(module_class, FineTunedModule)):
+        raise ConfigError(f"model._target_ {target!r} is not a FineTunedModule")
+    datamodule = module_class.datamodule_from_config(config)
+    arguments = {k: v for k, v in config["model"].items() if k not in NOT_MODEL_ARGUMENTS}
+    try:
+        # Plain values (checkpoints load with weights_only); the optimizer stays a mapping,
+        # which the module instantiates with its parameter groups.
+        module = instantiate(
+            arguments,
+            **module_class.data_arguments(datamodule),
+            _recursive_=False,
+            _convert_="all",
+        )
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ProjectError):  # the module's own one-line error
+            raise err.__cause__ from None
+        # A key the constructor does not take, or a value of the wrong type.
+        raise ConfigError(f"model: {_first_line(err.__cause__ or err)}") from None
+    return datamodule, module
+
+
+def _first_line(err: BaseException) -> str:
+    return next(iter(str(err).splitlines()), type(err).__name__)
 
 
 #: Trainer arguments that must be whole numbers (or null), checked before Lightning sees them.
@@ -274,32 +286,43 @@ def _start_run(run_dir: Path, logger: ResumableMLFlowLogger, config: dict, state
     atomic_write_text(files.state, json.dumps(state, indent=2))
 
 
+class _TrainedRun(NamedTuple):
+    """What a finished fit leaves for the run's files and its MLflow run."""
+
+    module: FineTunedModule
+    datamodule: pl.LightningDataModule
+    checkpoint: ModelCheckpoint
+    history: EpochHistory
+    image_size: int  # of the prepare cache
+
+
 def _finish_run(
     run_dir: Path,
     cfg: DictConfig,
     logger: ResumableMLFlowLogger,
-    uri: str,
-    checkpoint: ModelCheckpoint,
-    history: EpochHistory,
-    best: float,
-    trainer_cfg: dict,
-    datamodule: pl.LightningDataModule,
+    run: _TrainedRun,
+    precision: str,
 ) -> None:
     """Write metrics and curves, and log the best checkpoint and model to the MLflow run."""
     files = RunFiles(run_dir)
+    history, checkpoint = run.history, run.checkpoint
     atomic_write_text(files.history, pd.DataFrame(history.rows).to_csv(index=False))
     best_row = max(history.rows, key=lambda r: r.get(MONITOR, float("-inf")), default={})
     metrics = {
         "best_epoch": best_row.get("epoch", -1),
         **{k.replace("/", "_"): v for k, v in best_row.items() if k != "epoch"},
     }
-    metrics["precision"] = trainer_cfg["precision"]
+    metrics["precision"] = precision
     atomic_write_text(files.metrics, json.dumps(metrics, indent=2, sort_keys=True))
     log.info("finished %s: %s", run_dir, metrics_line(metrics))
     if checkpoint.best_model_path:
         logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
-        _log_best_model(cfg, logger, uri, checkpoint.best_model_path, datamodule)
-    logger.experiment.log_metric(logger.run_id, "best/" + MONITOR, best)
+        best = type(run.module).load_trained(checkpoint.best_model_path)
+        _log_best_model(best, cfg, logger, run.datamodule, run.image_size)
+    best_score = checkpoint.best_model_score
+    logger.experiment.log_metric(
+        logger.run_id, "best/" + MONITOR, float(best_score) if best_score is not None else 0.0
+    )
     state = files.read_state()
     state["status"] = "finished"
     atomic_write_text(files.state, json.dumps(state, indent=2))
@@ -314,29 +337,17 @@ def metrics_line(metrics: dict[str, Any]) -> str:
 
 
 def _log_best_model(
+    best: FineTunedModule,
     cfg: DictConfig,
     logger: ResumableMLFlowLogger,
-    uri: str,
-    path: str,
     datamodule: pl.LightningDataModule,
+    image_size: int,
 ) -> None:
-    """Log the best network as an MLflow model; detectors also get prediction overlays."""
+    """Log the best network as an MLflow model, and its validation overlays (if any)."""
     from leukemia_mlops.tracking.model_logging import log_classifier
 
-    if cfg.model.family == "cnn":
-        if cfg.logger.mlflow.log_model:
-            best_module = CellClassifier.load_from_checkpoint(
-                path, map_location="cpu", weights_only=True
-            )
-            image_size = read_identity(cfg.datamodule.prepared_dir).image_size
-            log_classifier(uri, logger.run_id, best_module.net, image_size)
-        return
-    # The initial weights are in the checkpoint already; their file may be gone by now.
-    detector = YoloDetector.load_from_checkpoint(
-        path, map_location="cpu", weights_only=True, weights="none"
-    )
-    images, targets = datamodule.overlay_batch(OVERLAYS)
-    for i, overlay in enumerate(detector.draw_predictions(images, targets)):
+    for i, overlay in enumerate(best.validation_overlays(datamodule)):
         logger.experiment.log_image(logger.run_id, overlay, f"overlays/val_scene_{i}.png")
     if cfg.logger.mlflow.log_model:
-        log_classifier(uri, logger.run_id, detector.predictor(), cfg.model.img_size)
+        size = best.input_size(image_size)
+        log_classifier(store_uri(cfg), logger.run_id, best.serving_network(), size)

@@ -5,13 +5,15 @@ A trial's child is its training run, which ``run_training`` nests under the pare
 Every child ends with the trial's state, sampled params and objective; the parent holds the
 study summary: best value and params, trial counts, the optimization history and the
 parameter importances. The study remembers its parent run, so a resumed sweep and concurrent
-workers log under the same one.
+workers log under the same one. Only the best ``keep_models`` trials keep their checkpoints
+in the store (:meth:`SweepRuns.drop_checkpoints`); every trial keeps its metrics and params.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -36,6 +38,7 @@ SUMMARY_ATTEMPTS = 3
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 STATES = ("complete", "pruned", "fail", "running")
 RESULTS_FILE = "optuna_results.yaml"  # the study summary a sweep writes into its directory
+CHECKPOINTS = "checkpoints"  # a training run's checkpoint artifacts, and its folder of them
 
 
 def trial_tags(link: Mapping[str, Any] | None) -> dict[str, str]:
@@ -46,6 +49,30 @@ def trial_tags(link: Mapping[str, Any] | None) -> dict[str, str]:
     if link.get("parent_run_id"):
         tags[PARENT_TAG] = str(link["parent_run_id"])
     return tags
+
+
+def best_trials(study: optuna.Study, keep: int) -> list[int]:
+    """The numbers of the study's ``keep`` best complete trials, best first."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    maximize = study.direction == StudyDirection.MAXIMIZE
+    ranked = sorted(done, key=lambda t: (-t.value if maximize else t.value, t.number))
+    return [t.number for t in ranked[:keep]]
+
+
+def finished_trials(study: optuna.Study) -> list[int]:
+    """The numbers of the study's trials that no worker is running any more."""
+    from optuna.trial import TrialState
+
+    return [t.number for t in study.get_trials(deepcopy=False) if t.state != TrialState.RUNNING]
+
+
+def drop_scratch(sweep_dir: Path, numbers: list[int]) -> None:
+    """Delete the checkpoint folders that trials ``numbers`` left in their job directories."""
+    for number in numbers:
+        shutil.rmtree(sweep_dir / f"trial_{number}" / CHECKPOINTS, ignore_errors=True)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -82,6 +109,7 @@ class SweepRuns:
         self.client = client
         self.experiment_id = experiment_id
         self.parent_id = parent_id
+        self._dropped: set[int] = set()  # trials whose checkpoints this worker deleted
 
     @classmethod
     def open(
@@ -123,6 +151,30 @@ class SweepRuns:
             self.client.log_metric(run_id, "trial/value", trial.value)
         self.client.set_terminated(run_id, RUN_STATUS.get(trial.state.name, "FAILED"))
 
+    def keep_best(
+        self, study: optuna.Study, keep: int, sweep_dir: Path, campaign_over: bool = False
+    ) -> None:
+        """Delete the checkpoints of every finished trial outside the best ``keep``: the
+        artifacts of its run (its metrics and params stay) and the folder in its job directory.
+        Once the campaign is over, the job directories lose the kept trials' checkpoints too
+        (the store holds those). Trials still running, here or on another worker, are left."""
+        finished = finished_trials(study)
+        kept = set(best_trials(study, keep))
+        outside = [n for n in finished if n not in kept]
+        self._drop_checkpoints([n for n in outside if n not in self._dropped])
+        drop_scratch(sweep_dir, finished if campaign_over else outside)
+
+    def _drop_checkpoints(self, numbers: list[int]) -> None:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        for number in numbers:
+            run_id = self._find_child(number)
+            if run_id is not None and self.client.list_artifacts(run_id, CHECKPOINTS):
+                uri = self.client.get_run(run_id).info.artifact_uri
+                get_artifact_repository(uri).delete_artifacts(CHECKPOINTS)
+                log.info("trial %d is not among the best: its checkpoints were deleted", number)
+            self._dropped.add(number)
+
     def summarize(self, study: optuna.Study, results_file: Path, status: str) -> None:
         """Log the study summary to the parent run and end it with ``status``.
 
@@ -160,8 +212,8 @@ class SweepRuns:
                 client.log_figure(parent, importances, "param_importances.png")
         client.log_artifact(parent, str(results_file))
 
-    def _child(self, number: int) -> str:
-        """The trial's training run, or a new child when the trial failed before it began."""
+    def _find_child(self, number: int) -> str | None:
+        """The trial's run, if it has one."""
         found = self.client.search_runs(
             [self.experiment_id],
             filter_string=(
@@ -169,8 +221,13 @@ class SweepRuns:
             ),
             max_results=1,
         )
+        return found[0].info.run_id if found else None
+
+    def _child(self, number: int) -> str:
+        """The trial's training run, or a new child when the trial failed before it began."""
+        found = self._find_child(number)
         if found:
-            return found[0].info.run_id
+            return found
         tags = trial_tags({"number": number, "parent_run_id": self.parent_id})
         return self.client.create_run(
             self.experiment_id, run_name=f"trial_{number}", tags=tags

@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +42,8 @@ from leukemia_mlops.tuning.storage import heartbeat_settings, make_pruner, open_
 
 log = logging.getLogger(__name__)
 DIRECTIONS = ("maximize", "minimize")
+#: The worker that ran a trial (host:pid), a user attribute of every trial.
+WORKER_ATTR = "worker"
 #: Runs a round's trials as jobs; gets the trials and the index of the first job.
 Launch = Callable[[list[optuna.Trial], int], Sequence[JobReturn]]
 
@@ -64,6 +68,7 @@ class StudySettings:
     heartbeat_interval: int
     grace_period: int | None
     max_retry: int
+    keep_models: int = 1
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -76,6 +81,8 @@ class StudySettings:
             raise SweepError(
                 "hydra.sweeper needs heartbeat_interval >= 0, max_retry >= 0, grace_period > 0"
             )
+        if self.keep_models < 0:
+            raise SweepError("hydra.sweeper.keep_models must be >= 0")
         if self.top_up and self.storage and not self.heartbeat_interval:
             raise SweepError("hydra.sweeper.top_up needs heartbeats: set heartbeat_interval")
 
@@ -141,6 +148,7 @@ def run_trials(
         trials = [study.ask(dict(space.distributions)) for _ in range(count)]
         for trial in trials:
             trial.set_user_attr("overrides", space.overrides(trial.params))
+            trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         try:
             beats = _heartbeats(storage, study.study_name, trials, settings.heartbeat_interval)
             with live_trials(trials), beats:

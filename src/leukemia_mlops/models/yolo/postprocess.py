@@ -45,6 +45,24 @@ def decode(outputs: Sequence[Tensor], anchors: Tensor, strides: Sequence[int]) -
     return torch.cat(decoded, 1)
 
 
+def select_detections(
+    det: Tensor, conf_threshold: float, iou_threshold: float, max_detections: int = 100
+) -> dict[str, Tensor]:
+    """One image's decoded predictions ``[N, 5 + C]`` as ``{"boxes": [K, 4] xyxy, "scores":
+    [K], "labels": [K] int64}``, best first.
+
+    Each box keeps its most likely class; score = objectness * that class's probability; boxes
+    scoring ``conf_threshold`` or less are dropped. NMS is per class, so a cell is not
+    suppressed by an overlapping cell of the other class.
+    """
+    class_prob, labels = det[:, 5:].max(1)
+    scores = det[:, 4] * class_prob
+    keep = scores > conf_threshold
+    boxes, scores, labels = det[keep, :4], scores[keep], labels[keep]
+    keep = batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
 @torch.no_grad()
 def postprocess(
     outputs: Sequence[Tensor],
@@ -54,17 +72,8 @@ def postprocess(
     iou_threshold: float = 0.5,
     max_detections: int = 100,
 ) -> list[dict[str, Tensor]]:
-    """Per image ``{"boxes": [K, 4] xyxy, "scores": [K], "labels": [K] int64}``, best first.
-
-    Each box keeps its most likely class; score = objectness * that class's probability. NMS is
-    per class, so a cell is not suppressed by an overlapping cell of the other class.
-    """
-    results = []
-    for det in decode(outputs, anchors, strides):
-        class_prob, labels = det[:, 5:].max(1)
-        scores = det[:, 4] * class_prob
-        keep = scores > conf_threshold
-        boxes, scores, labels = det[keep, :4], scores[keep], labels[keep]
-        keep = batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
-        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-    return results
+    """:func:`select_detections` of every image of raw network ``outputs``."""
+    return [
+        select_detections(det, conf_threshold, iou_threshold, max_detections)
+        for det in decode(outputs, anchors, strides)
+    ]

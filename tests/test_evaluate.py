@@ -29,6 +29,7 @@ from leukemia_mlops.data.scenes import SceneSpec
 from leukemia_mlops.data.splits import SplitSpec
 from leukemia_mlops.evaluation.compare import (
     KEY_METRICS,
+    THROUGHPUT_METRIC,
     champion,
     compare_runs,
     write_comparison,
@@ -278,6 +279,7 @@ def test_mlflow_run_receives_metrics_and_artifacts(evaluated):
     client = MlflowClient(evaluated.uri)
     logged = client.get_run(evaluated.run_id).data.metrics
     expected = mlflow_metrics(evaluated.metrics)
+    assert logged.pop(THROUGHPUT_METRIC) > 0  # the speed column of compare, MLflow only
     assert logged == expected
     assert logged["test/f1_weighted"] == evaluated.metrics["test"]["f1_weighted"]
     assert (
@@ -398,7 +400,8 @@ def test_comparison_lists_both_families_in_the_same_columns(evaluated, yolo_eval
     for family, result in (("cnn", evaluated), ("yolo", yolo_evaluated)):
         assert rows.loc[family, "run_id"] == result.run_id
         expected = mlflow_metrics(result.metrics)
-        for key in KEY_METRICS:
+        assert rows.loc[family, THROUGHPUT_METRIC] > 0
+        for key in set(KEY_METRICS) - {THROUGHPUT_METRIC}:
             value = rows.loc[family, key]
             assert value == expected.get(key) or (math.isnan(value) and key not in expected)
     assert not math.isnan(rows.loc["yolo", "eval/detection/map_50"])
@@ -599,6 +602,7 @@ def test_evaluate_stage_scores_every_family_into_its_run(
         metrics = json.loads((tmp_path / f"reports/eval/{family}/metrics.json").read_text())
         assert metrics["bootstrap"]["n_resamples"] == 5
         logged = client.get_run(run_ids[family]).data.metrics
+        assert logged.pop(THROUGHPUT_METRIC) > 0
         assert logged == mlflow_metrics(metrics), family
         assert ("eval/detection/map" in logged) == (family == "yolo")
     detection = json.loads((tmp_path / "reports/eval/yolo/metrics.json").read_text())["detection"]

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 #: The validation metric that ranks runs within a dataset and picks the champion.
 SELECTION_METRIC = "eval/val_selection/f1_weighted"
+#: Images per second the model scored (val and test, no TTA) on the machine that evaluated it.
+THROUGHPUT_METRIC = "eval/images_per_s"
 #: Columns of the comparison, as MLflow metric keys.
 KEY_METRICS = (
     SELECTION_METRIC,
@@ -35,6 +37,7 @@ KEY_METRICS = (
     "test/specificity",
     "eval/threshold",
     "eval/detection/map_50",
+    THROUGHPUT_METRIC,
 )
 #: A run counts as evaluated when it has this metric.
 EVALUATED = "test/f1_weighted"

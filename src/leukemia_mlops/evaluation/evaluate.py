@@ -40,6 +40,7 @@ from leukemia_mlops.evaluation.bootstrap import (
     subjects_per_class,
     too_few_subjects,
 )
+from leukemia_mlops.evaluation.compare import THROUGHPUT_METRIC
 from leukemia_mlops.evaluation.detection import (
     CellLogit,
     TestScenes,
@@ -245,7 +246,9 @@ def evaluate_model(
     net = CellLogit(model) if isinstance(model, YoloDetector) else model.net
     scorer = TorchScorer(net, device=device)
     model.to(scorer.device)
+    started = time.perf_counter()
     val, test = (score_split(scorer, *item, spec.batch_size) for item in data.items())
+    images_per_s = (len(val.data) + len(test.data)) / (time.perf_counter() - started)
     metrics, subjects = threshold_report(val, test, spec)
     predictions = _predictions([val, test], metrics["threshold"], "")
     if spec.tta:
@@ -284,7 +287,9 @@ def evaluate_model(
     write_json(out_dir / SUMMARY_FILE, headline(metrics))
     if mlflow_run_id:
         uri = mlflow_uri or tracking_uri(None)
-        log_evaluation(uri, mlflow_run_id, metrics, out_dir, prepared_dir=prepared_dir)
+        # The speed goes to MLflow only: a report file must not change with the machine's load.
+        speed = {THROUGHPUT_METRIC: images_per_s}
+        log_evaluation(uri, mlflow_run_id, metrics, out_dir, prepared_dir, extra=speed)
         if isinstance(model, CellClassifier):  # now that its validated threshold is known
             _log_served_classifier(uri, mlflow_run_id, model, prepared_dir, metrics["threshold"])
     return metrics
@@ -421,9 +426,11 @@ def log_evaluation(
     metrics: dict[str, Any],
     out_dir: str | Path,
     prepared_dir: str | Path | None = None,
+    extra: dict[str, float] | None = None,
 ) -> None:
-    """Log the evaluation metrics and every file of ``out_dir`` (under ``evaluation/``), and
-    the test split of ``prepared_dir`` (the cache evaluated) as the run's ``test`` dataset."""
+    """Log the evaluation metrics (and ``extra`` ones) and every file of ``out_dir`` (under
+    ``evaluation/``), and the test split of ``prepared_dir`` (the cache evaluated) as the run's
+    ``test`` dataset."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -436,6 +443,7 @@ def log_evaluation(
 
     client = MlflowClient(uri)
     now = int(time.time() * 1000)
-    logged = [Metric(key, value, now, 0) for key, value in mlflow_metrics(metrics).items()]
+    values = {**mlflow_metrics(metrics), **(extra or {})}
+    logged = [Metric(key, value, now, 0) for key, value in values.items()]
     client.log_batch(run_id, metrics=logged)
     client.log_artifacts(run_id, str(out_dir), "evaluation")

@@ -13,6 +13,9 @@ import optuna
 # Heartbeats, their stale-trial callback and fail_stale_trials are marked experimental by
 # Optuna, with no stable replacement: the project relies on them knowingly.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# The campaign asks and tells (no Study.optimize) and beats each trial's heart itself, which
+# Optuna warns about once per trial.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
 SQLITE_TIMEOUT_S = 60  # how long a sqlite writer waits for the other workers' locks
 STORAGE_ATTEMPTS = 3
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from quiet_trainer import quiet_trainer
 
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -98,13 +99,8 @@ def tiny_checkpoint(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactor
     path = tmp_path_factory.mktemp("tiny_checkpoint") / "model.ckpt"
     pl.seed_everything(0)
     module = CellClassifier(backbone="resnet18", channels_last=False)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
     )
     trainer.fit(module, datamodule=CellDataModule(str(tiny_prepared), 16, num_workers=0))
     trainer.save_checkpoint(path)

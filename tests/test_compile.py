@@ -3,6 +3,7 @@
 import pytest
 import pytorch_lightning as pl
 import torch
+from quiet_trainer import quiet_trainer
 
 from leukemia_mlops.data.datamodule import CellDataModule
 from leukemia_mlops.errors import ConfigError
@@ -31,14 +32,9 @@ def fit_one_epoch(prepared, backend: str | None, checkpoint) -> tuple[CellClassi
         compile=backend is not None,
         compile_backend=backend or "inductor",
     )
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
     )
     datamodule = CellDataModule(str(prepared), 16, num_workers=0, augment_strength=0)
     trainer.fit(module, datamodule=datamodule)

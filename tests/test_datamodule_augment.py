@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from quiet_trainer import quiet_trainer
 
 from leukemia_mlops.data.augment import train_transforms
 from leukemia_mlops.data.batch_augment import BatchAugment
@@ -136,16 +137,11 @@ class Batches(pl.Callback):
 def test_training_augments_train_batches_on_the_device_and_not_val(tiny_prepared):
     datamodule = CellDataModule(str(tiny_prepared), 8, num_workers=0, seed=5, augment_on="device")
     batches = Batches()
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
         limit_train_batches=1,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
         callbacks=[batches],
     )
     trainer.fit(CellClassifier(warmup_epochs=0), datamodule=datamodule)

@@ -19,6 +19,7 @@ from conftest import TINY_SIZE
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
+from quiet_trainer import quiet_trainer
 
 from leukemia_mlops.cli import compare as compare_cli
 from leukemia_mlops.cli import evaluate as evaluate_cli
@@ -132,13 +133,8 @@ def yolo_checkpoint(yolo_prepared, tmp_path_factory) -> Path:
     datamodule = DetectionDataModule(
         str(yolo_prepared), YOLO_SIZE, batch_size=16, num_workers=0, train_scenes=4, val_scenes=2
     )
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
     )
     trainer.fit(module, datamodule=datamodule)
     trainer.save_checkpoint(path)

@@ -15,6 +15,7 @@ import torch
 from conftest import TINY_SIZE, tree_digest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
+from quiet_trainer import quiet_trainer
 from test_ood import smear
 from torch.utils.data import DataLoader
 
@@ -72,13 +73,8 @@ def yolo_checkpoint(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactor
         channels_last=False,
         optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-2},
     )
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
     )
     trainer.fit(module, DataLoader(samples, batch_size=16, shuffle=True, collate_fn=collate))
     path = tmp_path_factory.mktemp("yolo") / "best.ckpt"

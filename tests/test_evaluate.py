@@ -226,13 +226,13 @@ def test_report_files_are_written(evaluated, tiny_prepared):
 
     metrics = json.loads((out / "metrics.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary == {
-        "test_f1": metrics["test"]["f1_weighted"],
-        "ci_low": metrics["test"]["f1_weighted_bca_low"],
-        "ci_high": metrics["test"]["f1_weighted_bca_high"],
-        "auroc": metrics["test"]["auroc"],
-        "val_f1": metrics["val_selection"]["f1_weighted"],
-    }
+    assert list(summary.items()) == [  # in this order: dvc exp show's columns, test F1 first
+        ("test_f1", metrics["test"]["f1_weighted"]),
+        ("ci_low", metrics["test"]["f1_weighted_bca_low"]),
+        ("ci_high", metrics["test"]["f1_weighted_bca_high"]),
+        ("val_f1", metrics["val_selection"]["f1_weighted"]),
+        ("auroc", metrics["test"]["auroc"]),
+    ]
 
     predictions = pd.read_csv(out / "predictions.csv")
     assert list(predictions.columns) == [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -53,9 +54,9 @@ def composed_scenes(prepared: Path, split: str, count: int, seed: int) -> list:
     ]
 
 
-@pytest.fixture(scope="module")
-def yolo_checkpoint(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small YOLOv3-tiny trained for a few epochs on training cells and composed scenes."""
+def train_yolo(tiny_prepared: Path, path: Path, **hparams: Any) -> Path:
+    """A small YOLOv3-tiny trained for a few epochs on training cells and composed scenes,
+    saved as the checkpoint ``path`` (``hparams``: more of its hyperparameters)."""
     source = CachedBoxedSplit(tiny_prepared, "train", 450)
     transform = detection_transforms(IMG)
     samples = [
@@ -72,14 +73,19 @@ def yolo_checkpoint(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactor
         width_mult=0.25,
         channels_last=False,
         optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-2},
+        **hparams,
     )
     trainer = quiet_trainer(
         max_epochs=4,
     )
     trainer.fit(module, DataLoader(samples, batch_size=16, shuffle=True, collate_fn=collate))
-    path = tmp_path_factory.mktemp("yolo") / "best.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def yolo_checkpoint(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_yolo(tiny_prepared, tmp_path_factory.mktemp("yolo") / "best.ckpt")
 
 
 @pytest.fixture(scope="module")

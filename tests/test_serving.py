@@ -1,4 +1,5 @@
-"""``mlflow models serve`` of the logged image model answers as ``predict`` does."""
+"""The logged image model (``mlflow models serve`` of it, for the classifier) answers as
+``predict`` does, for a classifier and for a detector."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import mlflow
 import numpy as np
 import pandas as pd
@@ -24,10 +26,17 @@ from conftest import TINY_SIZE
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from servers import free_port
+from test_predict_yolo import MIN_SCORE, composed_scenes, detector_params, train_yolo
 from torch import nn
 
 from leukemia_mlops.cli import predict as predict_cli
-from leukemia_mlops.inference.serving import IMAGE_MODEL, ServedClassifier, log_image_model
+from leukemia_mlops.inference.loading import load_detector
+from leukemia_mlops.inference.serving import (
+    BOX_FIELDS,
+    IMAGE_MODEL,
+    ServedModel,
+    log_image_model,
+)
 from leukemia_mlops.models.backbones import build_classifier
 from leukemia_mlops.tracking.model_logging import log_classifier
 
@@ -81,7 +90,7 @@ def logged(store, predicted) -> tuple[str, str, float]:
     probs = predicted["prob_all"].to_numpy()
     assert probs[0] != probs[1], "the two images must score differently to test the threshold"
     threshold = float(probs.mean())
-    served = ServedClassifier(BACKBONE, TINY_SIZE, 450, "window", threshold)
+    served = ServedModel("cnn", {"backbone": BACKBONE}, TINY_SIZE, 450, "window", threshold)
     log_image_model(uri, run_id, net, served)
     return uri, f"runs:/{run_id}/{IMAGE_MODEL}", threshold
 
@@ -159,3 +168,63 @@ def test_logged_image_model_states_its_threshold_and_needs_no_pickle(logged, mon
     assert metadata["threshold"] == threshold and metadata["threshold_source"] == "validation"
     with pytest.raises(Exception, match="give a base64 'image' or a file 'path'"):
         loaded.predict(pd.DataFrame({"path": [""]}))
+
+
+@pytest.fixture(scope="module")
+def detector_files(two_images, tiny_prepared, tmp_path_factory) -> list[Path]:
+    """An ALL cell (an image of one cell) and a scene of several test cells."""
+    scene = composed_scenes(tiny_prepared, "test", 1, seed=1)[0]
+    path = tmp_path_factory.mktemp("detector_files") / "scene.png"
+    cv2.imwrite(str(path), scene.image[..., ::-1])
+    return [two_images[0], path]
+
+
+@pytest.fixture(scope="module")
+def detector_predicted(detector_files, tiny_prepared, tmp_path_factory):
+    """(checkpoint, files table, boxes table): a tiny trained detector, and what the predict
+    CLI writes for the two files with it."""
+    folder = tmp_path_factory.mktemp("detector")
+    # Between the cell's best HEM and ALL scores (0.11, 0.15): P(ALL) 1, not 0.58 at 0.01.
+    checkpoint = train_yolo(tiny_prepared, folder / "yolo.ckpt", conf_threshold=0.12)
+    params, _ = detector_params(folder)
+    out = folder / "predictions.csv"
+    options = ["--out", str(out), "--params", str(params), "--min-score", str(MIN_SCORE)]
+    predict_cli.main([str(checkpoint), *map(str, detector_files), *options, "--threshold", "0.5"])
+    table = pd.read_csv(out, keep_default_na=False, na_values={"prob_all": [""]})
+    boxes = pd.read_csv(folder / "predictions_boxes.csv", keep_default_na=False)
+    return checkpoint, table, boxes
+
+
+def test_served_detector_answers_as_predict_does(
+    store, detector_predicted, detector_files, monkeypatch
+):
+    """Both images as base64 bytes: predict's probability, cell counts and boxes, equal to the
+    last bit (the same code on the same bytes), and labels at the validated threshold."""
+    _, uri, _, _ = store
+    checkpoint, table, boxes = detector_predicted
+    cell = table["prob_all"][0]
+    threshold = float(cell + (cell > 0.5)) / 2  # calls the cell the other way than 0.5 does
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.get_experiment_by_name("serving").experiment_id).info.run_id
+    detector = load_detector(checkpoint)
+    log_image_model(
+        uri,
+        run_id,
+        detector.net,
+        ServedModel.of(detector, TINY_SIZE, 450, "window", threshold, MIN_SCORE),
+    )
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/{IMAGE_MODEL}")
+    images = [base64.b64encode(path.read_bytes()).decode() for path in detector_files]
+    answer = loaded.predict(pd.DataFrame({"image": images}))
+
+    assert list(answer.columns) == loaded.metadata.get_output_schema().input_names()
+    assert answer["prob_all"][0] == cell and np.isnan(answer["prob_all"][1])
+    assert list(answer["label"]) == ["ALL" if cell > threshold else "HEM", ""]
+    assert answer["label"][0] != table["label"][0]  # at 0.5: the threshold must count
+    assert list(answer["in_distribution"]) == list(table["in_distribution"])
+    assert list(answer["n_cells"]) == list(table["cells"]) and answer["n_cells"][1] > 0
+    for row, path in enumerate(detector_files):
+        expected = boxes.loc[boxes["file"] == str(path), BOX_FIELDS].to_dict("records")
+        assert json.loads(answer["boxes"][row]) == expected

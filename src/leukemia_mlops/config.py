@@ -88,6 +88,12 @@ def stage_deps(stage: str, dvc_file: str | Path = DVC_FILE) -> list[str]:
     return [str(dep) for dep in dvc_stage(stage, dvc_file).get("deps", [])]
 
 
+def stage_outs(stage: str, dvc_file: str | Path = DVC_FILE) -> list[str]:
+    """The paths a stage of ``dvc.yaml`` writes (an entry with settings is named by its key)."""
+    outs = dvc_stage(stage, dvc_file).get("outs", [])
+    return [out if isinstance(out, str) else next(iter(out)) for out in outs]
+
+
 def stage_params(stage: str, dvc_file: str | Path = DVC_FILE) -> list[str]:
     """The ``params.yaml`` keys that a stage of ``dvc.yaml`` declares."""
     keys: list[str] = []

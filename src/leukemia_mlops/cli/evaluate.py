@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 eval_dir(cfg, family),
                 spec,
                 family=family,
-                scene_spec=_scene_spec(run) if family == "yolo" else None,
+                scene_spec=_scene_spec(run),
                 mlflow_run_id=run_id,
                 mlflow_uri=store_uri(cfg),
             )
@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _scene_spec(run: RunFiles) -> SceneSpec:
-    """The scene layout the detector was trained and validated with (its ``config.yaml``)."""
+    """The scene layout a detector was trained and validated with (its ``config.yaml``; a
+    classifier's run has none and never uses it)."""
     from omegaconf import OmegaConf
 
     from leukemia_mlops.data.scenes import SceneSpec

@@ -51,11 +51,12 @@ def main(argv: list[str] | None = None) -> None:
             write_untuned_reports(reports_dir)
             log.info("sweep.enabled is false: the train stage trains params.yaml as given")
             return
-        study_name = cfg.sweep.study_name or f"{cfg.sweep.hparams_search}-{inputs_digest(cfg)}"
+        space = search_space(cfg)
+        study_name = cfg.sweep.study_name or f"{space}-{inputs_digest(cfg)}"
         sweep_dir = SWEEPS_DIR / study_name
         write_base_config(cfg, sweep_dir / f"{BASE_CONFIG}.yaml")
         log.info("study %s: %d trials, trials under %s", study_name, cfg.sweep.n_trials, sweep_dir)
-        finished = subprocess.run(sweep_command(cfg, study_name, sweep_dir), check=False)
+        finished = subprocess.run(sweep_command(cfg, space, study_name, sweep_dir), check=False)
         if finished.returncode != 0:
             print(f"error: the sweep failed; its trials are in {sweep_dir}", file=sys.stderr)
             raise SystemExit(finished.returncode)
@@ -84,10 +85,16 @@ def write_base_config(cfg: DictConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(base, sort_keys=False))
 
 
-def sweep_command(cfg: DictConfig, study_name: str, sweep_dir: Path) -> list[str]:
-    """The Hydra multirun over the base config in ``sweep_dir``; no config value on it."""
-    search_space = _search_space_file(cfg.sweep.hparams_search)
-    swept = OmegaConf.load(search_space).hydra.sweeper.params
+def search_space(cfg: DictConfig) -> str:
+    """``sweep.hparams_search``; ``auto``: the space of the model's family (``<family>_optuna``)."""
+    name = cfg.sweep.hparams_search
+    return f"{cfg.model.family}_optuna" if name == "auto" else name
+
+
+def sweep_command(cfg: DictConfig, space: str, study_name: str, sweep_dir: Path) -> list[str]:
+    """The Hydra multirun of search space ``space`` over the base config in ``sweep_dir``; no
+    config value on it."""
+    swept = OmegaConf.load(_search_space_file(space)).hydra.sweeper.params
     return [
         sys.executable,
         "-m",
@@ -96,7 +103,7 @@ def sweep_command(cfg: DictConfig, study_name: str, sweep_dir: Path) -> list[str
         f"--config-path={sweep_dir.resolve()}",
         f"--config-name={BASE_CONFIG}",
         f"hydra.searchpath=[file://{CONF_DIR}]",
-        f"+hparams_search={cfg.sweep.hparams_search}",
+        f"+hparams_search={space}",
         f"hydra.sweeper.n_trials={cfg.sweep.n_trials}",
         f"hydra.sweeper.keep_models={cfg.sweep.keep_models}",
         "hydra.sweeper.top_up=true",

@@ -10,6 +10,7 @@ replace the configured ones. A ``<KEY>_trainer`` section (``detector_trainer``) 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from leukemia_mlops.cli.args import run_cli, stage_parser
-from leukemia_mlops.config import load_params
+from leukemia_mlops.config import DVC_FILE, load_params, stage_outs
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = with_model(cfg, args.model_key, args.params)
         family = cfg.model.family
         run_dir = Path(cfg.paths.models_dir) / family
+        check_stage_output(run_dir, args.model_key, family)
         best = run_training(cfg, run_dir)
         if rank_zero_only.rank != 0:  # under DDP the reports are rank 0's alone
             return
@@ -62,6 +64,21 @@ def with_model(cfg: DictConfig, model_key: str, params: str) -> DictConfig:
         if f"{model_key}_trainer" in cfg:
             cfg.trainer = OmegaConf.merge(cfg.trainer, cfg[f"{model_key}_trainer"])
     return cfg
+
+
+def check_stage_output(run_dir: Path, model_key: str, family: str) -> None:
+    """Under ``dvc repro``, the run directory must be an output of the running stage: a model
+    of another family (or another ``paths.models_dir``) would write where DVC does not look."""
+    stage = os.environ.get("DVC_STAGE")
+    if not stage or not DVC_FILE.is_file():
+        return
+    outs = stage_outs(stage)
+    if run_dir.as_posix() not in outs:
+        raise ConfigError(
+            f"the {stage} stage writes {', '.join(outs)}, not {run_dir} where {model_key} "
+            f"(family {family}) trains: in the pipeline `model` is the CNN and `detector` the "
+            "YOLO model (dvc exp run -S model@detector=yolov3); Hydra runs take any model="
+        )
 
 
 def with_best_params(cfg: DictConfig, path: Path) -> DictConfig:

@@ -287,10 +287,11 @@ def data_report(
     return report
 
 
-def write_json(path: str | Path, payload: dict) -> None:
-    """Write JSON through a temporary file so readers never see half a file."""
+def write_json(path: str | Path, payload: dict, *, sort_keys: bool = True) -> None:
+    """Write JSON through a temporary file so readers never see half a file; keys sorted
+    unless ``sort_keys`` is false (the payload's own order)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n")
     os.replace(tmp, path)

@@ -69,7 +69,7 @@ from leukemia_mlops.inference.loading import (
     load_detector,
 )
 from leukemia_mlops.inference.scorers import Scorer, TorchScorer
-from leukemia_mlops.inference.serving import ServedClassifier, log_image_model
+from leukemia_mlops.inference.serving import ServedModel, log_image_model
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.tracking.datasets import EVALUATION_CONTEXTS, log_data_inputs
@@ -208,15 +208,16 @@ SUMMARY_FILE = "summary.json"
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """Test weighted F1 with its BCa 95% interval, test AUROC and the validation (selection)
-    weighted F1, under short keys that fit an 80-column table."""
+    """Test weighted F1 with its BCa 95% interval, the validation (selection) weighted F1 and
+    test AUROC, in the order ``dvc exp show`` prints them, under short keys that fit an
+    80-column ``dvc metrics show``."""
     test = metrics["test"]
     return {
         "test_f1": test["f1_weighted"],
         "ci_low": test.get("f1_weighted_bca_low"),
         "ci_high": test.get("f1_weighted_bca_high"),
-        "auroc": test["auroc"],
         "val_f1": metrics["val_selection"]["f1_weighted"],
+        "auroc": test["auroc"],
     }
 
 
@@ -284,25 +285,27 @@ def evaluate_model(
     subjects.to_csv(out_dir / "subjects.csv", index=False)
     _write_plots(test, metrics["threshold"], out_dir)
     write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / SUMMARY_FILE, headline(metrics))
+    write_json(out_dir / SUMMARY_FILE, headline(metrics), sort_keys=False)  # dvc's column order
     if mlflow_run_id:
         uri = mlflow_uri or tracking_uri(None)
         # The speed goes to MLflow only: a report file must not change with the machine's load.
         speed = {THROUGHPUT_METRIC: images_per_s}
         log_evaluation(uri, mlflow_run_id, metrics, out_dir, prepared_dir, extra=speed)
-        if isinstance(model, CellClassifier):  # now that its validated threshold is known
-            _log_served_classifier(uri, mlflow_run_id, model, prepared_dir, metrics["threshold"])
+        # The model that takes image files, now that its validated threshold is known.
+        _log_served_model(uri, mlflow_run_id, model, prepared_dir, metrics["threshold"])
     return metrics
 
 
-def _log_served_classifier(
-    uri: str, run_id: str, model: CellClassifier, prepared_dir: str | Path, threshold: float
+def _log_served_model(
+    uri: str,
+    run_id: str,
+    model: CellClassifier | YoloDetector,
+    prepared_dir: str | Path,
+    threshold: float,
 ) -> None:
-    """Log the classifier as the MLflow model that takes image files (``inference.serving``)."""
+    """Log the model as the MLflow model that takes image files (``inference.serving``)."""
     identity = read_identity(prepared_dir)
-    served = ServedClassifier(
-        model.hparams.backbone, identity.image_size, identity.window, identity.fit, threshold
-    )
+    served = ServedModel.of(model, identity.image_size, identity.window, identity.fit, threshold)
     log_image_model(uri, run_id, model.net.cpu(), served)
 
 

@@ -1,22 +1,26 @@
-"""The served classifier: cell images in, ``prob_all``, ``label`` and ``in_distribution`` out.
+"""The served model: cell images in, ``prob_all``, ``label`` and ``in_distribution`` out.
 
 An MLflow pyfunc model logged from code (:func:`log_image_model` logs this very file, which
 ends with ``set_model``), so serving it unpickles nothing: the code is this file and the
 installed package, the weights a ``state_dict`` read with ``torch.load(weights_only=True)``,
-the settings (backbone, preprocessing, decision threshold) plain JSON in ``model_config``.
+the settings (family, network hyperparameters, preprocessing, decision threshold) plain JSON
+in ``model_config``.
 
 Each request row gives an image as base64 file bytes (column ``image``) or a file path on the
 server (column ``path``). Images go through :func:`~.inference.predict.predict_paths`, the
-code of ``predict``, so a served probability equals ``predict``'s for the same file.
+code of ``predict``, so a served answer equals ``predict``'s for the same file: a detector's
+also holds the file's cell count and its boxes, as ``predict``'s boxes table gives them.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -27,9 +31,13 @@ from mlflow.pyfunc.model import PythonModelContext
 from torch import nn
 
 from leukemia_mlops.errors import InputError
-from leukemia_mlops.inference.predict import FALLBACK_THRESHOLD, predict_paths
-from leukemia_mlops.inference.scorers import TorchScorer
+from leukemia_mlops.inference.detection import THRESHOLD_KEYS, YoloScorer
+from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, detector_scorer
+from leukemia_mlops.inference.predict import DRAW_SCORE, FALLBACK_THRESHOLD, predict_paths
+from leukemia_mlops.inference.scorers import Scorer, TorchNetwork, TorchScorer
 from leukemia_mlops.models.backbones import build_classifier
+from leukemia_mlops.models.classifier import CellClassifier
+from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.tracking.model_logging import torch_requirements
 
 #: Name of the served model in its run (``runs:/<id>/image_model``), beside ``model``.
@@ -38,42 +46,74 @@ IMAGE_MODEL = "image_model"
 WEIGHTS_ARTIFACT = "weights"
 #: Request columns: base64 bytes of an image file, or a path the server can read.
 IMAGE_COLUMN, PATH_COLUMN = "image", "path"
-#: Response columns (``predict``'s, less ``file``).
-OUTPUT_COLUMNS = ["prob_all", "label", "in_distribution", "ood_reason", "error"]
+#: Response columns (``predict``'s, less ``file``) and their signature types.
+OUTPUT_COLUMNS = {
+    "prob_all": "double",
+    "label": "string",
+    "in_distribution": "boolean",
+    "ood_reason": "string",
+    "error": "string",
+}
+#: A detector's response adds the file's cell count and its boxes (a JSON list of objects with
+#: the :data:`BOX_FIELDS` of ``predict``'s boxes table).
+DETECTOR_COLUMNS = {"n_cells": "long", "boxes": "string"}
+BOX_FIELDS = ["x1", "y1", "x2", "y2", "class", "score"]
+#: The detector hyperparameters that rebuild its network and decode its output.
+DETECTOR_HPARAMS = ("variant", "img_size", "num_classes", "anchors", "width_mult", *THRESHOLD_KEYS)
 
 
 @dataclass(frozen=True)
-class ServedClassifier:
-    """What the served model needs besides the weights: the backbone to rebuild, the prepare
-    settings to decode images with, and the threshold chosen on validation (None: 0.5)."""
+class ServedModel:
+    """What the served model needs besides the weights: its family (``cnn``, ``yolo``), the
+    hyperparameters that rebuild its network, the prepare settings to decode images with,
+    the threshold chosen on validation (None: 0.5) and, for a detector, the smallest score
+    of a box it answers (``predict``'s ``--min-score``)."""
 
-    backbone: str
+    family: str
+    network: dict[str, Any]
     image_size: int
     window: int
     fit: str
     threshold: float | None = None
+    min_score: float = DRAW_SCORE
+
+    @classmethod
+    def of(
+        cls,
+        model: CellClassifier | YoloDetector,
+        image_size: int,
+        window: int,
+        fit: str,
+        threshold: float | None = None,
+        min_score: float = DRAW_SCORE,
+    ) -> ServedModel:
+        """The settings of a trained module, served with ``model.net``'s weights."""
+        settings = (image_size, window, fit, threshold, min_score)
+        if isinstance(model, YoloDetector):
+            return cls("yolo", {key: model.hparams[key] for key in DETECTOR_HPARAMS}, *settings)
+        return cls("cnn", {"backbone": model.hparams.backbone}, *settings)
 
 
-class ImageClassifier(PythonModel):
-    """Scores image files or bytes exactly as ``predict`` does."""
+class ImageModel(PythonModel):
+    """Scores image files or bytes exactly as ``predict`` does, with a classifier or a detector."""
 
     def load_context(self, context: PythonModelContext) -> None:
         config = context.model_config
-        net = build_classifier(config["backbone"], "none")
         state = torch.load(
             context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True
         )
-        net.load_state_dict(state)
-        self.settings = {k: config[k] for k in ("image_size", "window", "fit")}
+        self.settings = {key: config[key] for key in PREPROCESSING_KEYS}
         known = config.get("threshold")
         self.threshold = FALLBACK_THRESHOLD if known is None else float(known)
-        self.scorer = TorchScorer(net, preprocessing=self.settings)
+        self.min_score = float(config["min_score"])
+        self.scorer = _scorer(config["family"], config["network"], state, self.settings)
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
         with tempfile.TemporaryDirectory(prefix="lmo-serve-") as scratch:
             paths = request_files(model_input, Path(scratch))
+            boxes_csv = Path(scratch) / "boxes.csv"  # written for a detector only
             table = predict_paths(
                 self.scorer,
                 paths,
@@ -81,8 +121,37 @@ class ImageClassifier(PythonModel):
                 **self.settings,
                 threshold=self.threshold,
                 workers=0,
+                boxes_csv=boxes_csv,
+                min_score=self.min_score,
             )
-        return table[OUTPUT_COLUMNS]
+            if not isinstance(self.scorer, YoloScorer):
+                return table[list(OUTPUT_COLUMNS)]
+            return _with_boxes(table, pd.read_csv(boxes_csv, keep_default_na=False))
+
+
+def _scorer(
+    family: str, network: dict[str, Any], state: dict[str, torch.Tensor], settings: dict[str, Any]
+) -> Scorer | YoloScorer:
+    """The scorer ``predict`` makes of a checkpoint, from the network rebuilt and its weights."""
+    if family == "yolo":
+        detector = YoloDetector(**network, channels_last=False)
+        detector.net.load_state_dict(state)
+        return detector_scorer(TorchNetwork(detector.predictor()), network, IMAGE_MODEL)
+    net = build_classifier(network["backbone"], "none")
+    net.load_state_dict(state)
+    return TorchScorer(net, preprocessing=settings)
+
+
+def _with_boxes(table: pd.DataFrame, boxes: pd.DataFrame) -> pd.DataFrame:
+    """A detector's answer: ``table``'s columns, its ``cells`` as ``n_cells`` and each file's
+    rows of ``boxes`` (which lists them file after file, ``cells`` rows each) as JSON."""
+    records = boxes[BOX_FIELDS].to_dict("records")
+    ends = np.cumsum(table["cells"].to_numpy())
+    per_file = [
+        json.dumps(records[end - count : end])
+        for count, end in zip(table["cells"], ends, strict=True)
+    ]
+    return table[list(OUTPUT_COLUMNS)].assign(n_cells=table["cells"], boxes=per_file)
 
 
 def request_files(rows: pd.DataFrame, scratch: Path) -> list[Path]:
@@ -113,7 +182,7 @@ def _write_bytes(encoded: str, target: Path, index: int) -> Path:
     return target
 
 
-def log_image_model(uri: str, run_id: str, net: nn.Module, served: ServedClassifier) -> None:
+def log_image_model(uri: str, run_id: str, net: nn.Module, served: ServedModel) -> None:
     """Log ``net`` as the image-serving pyfunc model (:data:`IMAGE_MODEL`) into a run.
 
     Nothing is pickled: the code is this file, the weights a ``state_dict``, the settings
@@ -126,10 +195,8 @@ def log_image_model(uri: str, run_id: str, net: nn.Module, served: ServedClassif
     inputs = Schema(
         [ColSpec("string", name, required=False) for name in (IMAGE_COLUMN, PATH_COLUMN)]
     )
-    types = ("double", "string", "boolean", "string", "string")
-    outputs = Schema(
-        [ColSpec(kind, name) for kind, name in zip(types, OUTPUT_COLUMNS, strict=True)]
-    )
+    columns = {**OUTPUT_COLUMNS, **(DETECTOR_COLUMNS if served.family == "yolo" else {})}
+    outputs = Schema([ColSpec(kind, name) for name, kind in columns.items()])
     source = "fallback 0.5" if served.threshold is None else "validation"
     mlflow.set_tracking_uri(uri)
     with (
@@ -160,4 +227,4 @@ def _example_request() -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [encoded]})
 
 
-mlflow.models.set_model(ImageClassifier())
+mlflow.models.set_model(ImageModel())

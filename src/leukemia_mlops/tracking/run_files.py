@@ -19,6 +19,8 @@ from leukemia_mlops.tracking.store import tracking_uri
 
 #: The model families the pipeline trains, each into its own run directory.
 FAMILIES = ("cnn", "yolo")
+#: A run's folder of checkpoints: in its run directory and among its MLflow artifacts.
+CHECKPOINTS = "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class RunFiles:
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / CHECKPOINTS
 
     @property
     def best_checkpoint(self) -> Path:

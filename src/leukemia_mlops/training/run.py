@@ -48,7 +48,7 @@ from leukemia_mlops.redaction import redact
 from leukemia_mlops.tracking.datasets import TRAINING_CONTEXTS, log_data_inputs
 from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
 from leukemia_mlops.tracking.provenance import config_hash, dvc_data_hash, flatten, git_commit
-from leukemia_mlops.tracking.run_files import RunFiles, store_uri
+from leukemia_mlops.tracking.run_files import CHECKPOINTS, RunFiles, store_uri
 from leukemia_mlops.tracking.store import ensure_experiment
 from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory, EpochSeed
 from leukemia_mlops.training.mixed_precision import resolve_precision
@@ -316,7 +316,7 @@ def _finish_run(
     atomic_write_text(files.metrics, json.dumps(metrics, indent=2, sort_keys=True))
     log.info("finished %s: %s", run_dir, metrics_line(metrics))
     if checkpoint.best_model_path:
-        logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
+        logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, CHECKPOINTS)
         best = type(run.module).load_trained(checkpoint.best_model_path)
         _log_best_model(best, cfg, logger, run.datamodule, run.image_size)
     best_score = checkpoint.best_model_score

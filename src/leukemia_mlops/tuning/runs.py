@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from leukemia_mlops.tracking.run_files import CHECKPOINTS
 from leukemia_mlops.tracking.store import ensure_experiment
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ SUMMARY_ATTEMPTS = 3
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 STATES = ("complete", "pruned", "fail", "running")
 RESULTS_FILE = "optuna_results.yaml"  # the study summary a sweep writes into its directory
-CHECKPOINTS = "checkpoints"  # a training run's checkpoint artifacts, and its folder of them
 
 
 def trial_tags(link: Mapping[str, Any] | None) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import json
 import shlex
 import shutil
@@ -87,6 +88,7 @@ def locked_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "data/raw/cell.bmp").write_text("")
     run("git", "init", "-q", cwd=root)
     run(DVC, "init", "-q", cwd=root)
+    shutil.copy(REPO / ".dvcignore", root)
     _placeholder_outputs(root)
     run(DVC, "commit", "-f", "-q", cwd=root)
     return root
@@ -118,3 +120,16 @@ def test_a_changed_module_makes_dvc_rerun_every_stage_that_loads_it(locked_proje
         path.write_text(original)
     # Whole packages are deps, so a stage may rerun for a module it does not load; never less.
     assert changed == listing and loaders <= changed
+
+
+def test_bytecode_next_to_the_sources_is_no_dependency(locked_project):
+    """Python writes ``__pycache__`` wherever it imports the sources from (unless told not to):
+    that must not make a fresh clone's ``dvc repro`` change dvc.lock."""
+    src = locked_project / "src"
+    assert compileall.compile_dir(src, quiet=1)
+    try:
+        assert any(src.rglob("*.pyc"))
+        assert json.loads(run(DVC, "status", "--json", cwd=locked_project)) == {}
+    finally:
+        for cache in list(src.rglob("__pycache__")):
+            shutil.rmtree(cache)

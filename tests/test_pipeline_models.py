@@ -1,5 +1,6 @@
 """Which model each pipeline stage trains or tunes: `model` is the CNN, `detector` the YOLO."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_the_train_stage_refuses_a_model_it_does_not_write(tmp_path):
     (tmp_path / "best.yaml").write_text("tuned: false\n")
     write_params(compose(["model=yolov3_tiny"]), tmp_path / "params.yaml")
     command = [sys.executable, "-m", "leukemia_mlops.cli.train", "--best-params", "best.yaml"]
-    env = {"PATH": "/usr/bin:/bin", "DVC_STAGE": "train"}
+    env = {**os.environ, "DVC_STAGE": "train"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]

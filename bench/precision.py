@@ -15,6 +15,8 @@ from leukemia_mlops.training.mixed_precision import cpu_has_bf16, resolve_precis
 
 TITLE = "Training precision and layout: resnet18"
 SPEEDUP_TARGET = 3.0
+#: Percent: the project's extra time per image against the fastest plain variant.
+OVERHEAD_TARGET = 5.0
 #: (precision, channels_last) of the plain-loop rows, the first being the baseline.
 VARIANTS = (("32-true", False), ("32-true", True), ("bf16-mixed", False), ("bf16-mixed", True))
 
@@ -70,6 +72,14 @@ def run(ws: Workspace) -> Section:
         else f"project vs plain fp32: {fmt(ratio)}x; the 3x target applies only where bf16 "
         "is native, so it does not apply here (emulated bf16 would be slower, as the bf16 "
         "rows show, and `auto` rightly keeps fp32).",
+        verdict(
+            f"project's extra time per image vs the fastest plain variant ({best[0]} "
+            f"{layout_name(best[1])}, the same loader)",
+            100 * (plain[best].per_s / project.per_s - 1),
+            OVERHEAD_TARGET,
+            unit="%",
+            below=True,
+        ),
     ]
     raw = {f"plain {p} cl={cl}": rate.as_dict() for (p, cl), rate in plain.items()}
     raw["lightning auto"] = {**project.as_dict(), "precision": auto}

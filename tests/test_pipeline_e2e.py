@@ -110,6 +110,9 @@ def test_repro_then_noop_then_an_experiment_then_new_data(project):
     assert yaml.safe_load(composed)["model"]["backbone"] == "mobilenet_v3_large"
     shown = json.loads(run(DVC, "exp", "show", "--json", cwd=project))
     assert '"test_f1"' in json.dumps(shown)  # the models' headline metrics, summary.json
+    table = run(DVC, "metrics", "show", cwd=project).splitlines()
+    assert {"test_f1", "ci_low", "ci_high"} <= set(table[0].split())  # one row per model
+    assert max(map(len, table)) <= 80  # fits an 80-column terminal
     assert len(studies(project)) == 2  # the new model's params started its own campaign
 
     # New data: a new campaign of sweep.n_trials trials, the old studies left as they were.

@@ -111,7 +111,8 @@ def test_repro_then_noop_then_an_experiment_then_new_data(project):
     shown = json.loads(run(DVC, "exp", "show", "--json", cwd=project))
     assert '"test_f1"' in json.dumps(shown)  # the models' headline metrics, summary.json
     table = run(DVC, "metrics", "show", cwd=project).splitlines()
-    assert {"test_f1", "ci_low", "ci_high"} <= set(table[0].split())  # one row per model
+    # One row per model (the tiny test split has too few subjects for intervals: no ci_*).
+    assert {"test_f1", "val_f1", "auroc"} <= set(table[0].split())
     assert max(map(len, table)) <= 80  # fits an 80-column terminal
     assert len(studies(project)) == 2  # the new model's params started its own campaign
 

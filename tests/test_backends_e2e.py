@@ -1,6 +1,7 @@
 """Real tracking backends: an MLflow server over PostgreSQL, Optuna studies in PostgreSQL.
 
 * four trainings log to one server at once and no metric point is lost;
+* a run that loses the race to store a new dataset still links it;
 * two sweep workers share one Optuna study in PostgreSQL through the real Hydra multirun
   command line: distinct trial numbers, trials of both workers running at once, every trial's
   run nested under the study's parent;
@@ -19,18 +20,23 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from optuna.trial import TrialState
 from servers import MlflowServer, postgres_bin_dir, server_sweep_command, start_postgres
 
 from leukemia_mlops.config import write_params
 from leukemia_mlops.models.metrics import MONITOR
+from leukemia_mlops.tracking.datasets import log_inputs_once_stored
 from leukemia_mlops.tuning.runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL_TAG
 from leukemia_mlops.tuning.study import WORKER_ATTR
 
@@ -231,6 +237,67 @@ def test_concurrent_trainings_lose_no_metric_point(
         f"\n{CONCURRENT} concurrent runs x {EPOCHS} epochs: {points} metric points, "
         f"none lost or repeated ({time.monotonic() - started:.0f} s)"
     )
+
+
+def wait_for_lock_wait(postgres, database: str, still_waiting) -> None:
+    """Until a session of ``database`` waits on a lock (bounded by ``TIMEOUT_S``).
+
+    Each poll is its own transaction: PostgreSQL keeps one snapshot of ``pg_stat_activity``
+    per transaction."""
+    deadline = time.monotonic() + TIMEOUT_S
+    connection = postgres.connect()
+    connection.autocommit = True
+    with closing(connection), connection.cursor() as cursor:
+        while time.monotonic() < deadline and still_waiting():
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = %s AND wait_event_type = 'Lock'",
+                (database,),
+            )
+            if cursor.fetchone()[0]:
+                return
+            time.sleep(0.05)
+    pytest.fail("the server's dataset insert never waited on the test's lock")
+
+
+def test_a_dataset_insert_race_lost_to_another_run_still_links_the_dataset(
+    postgres, mlflow_server, client
+):
+    """The race two runs of one experiment run when both log a new dataset, made certain:
+    the test inserts the dataset row in an open transaction, the server's ``log_inputs``
+    finds no row and blocks on inserting the same key, the test commits, and the server's
+    insert fails on the unique key. The project's logging must link the dataset anyway."""
+    experiment_id = client.create_experiment("dataset-insert-race")
+    run_id = client.create_run(experiment_id).info.run_id
+    dataset = Dataset(name="synthetic-train", digest="race0123", source_type="local", source="{}")
+    inputs = [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
+    rival = postgres.connect("mlflow")  # a transaction of "another run", left open
+    with rival.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO datasets (dataset_uuid, experiment_id, name, digest,"
+            " dataset_source_type, dataset_source) VALUES (%s, %s, %s, %s, %s, %s)",
+            ("f" * 32, int(experiment_id), dataset.name, dataset.digest, "local", "{}"),
+        )
+    outcome: list[BaseException | None] = []
+
+    def log() -> None:
+        try:
+            log_inputs_once_stored(client, run_id, inputs)
+            outcome.append(None)
+        except BaseException as error:
+            outcome.append(error)
+
+    logger = threading.Thread(target=log)
+    logger.start()
+    try:
+        wait_for_lock_wait(postgres, "mlflow", logger.is_alive)
+    finally:
+        rival.commit()
+        rival.close()
+    logger.join(TIMEOUT_S)
+    assert outcome == [None], outcome
+    linked = [entry.dataset for entry in client.get_run(run_id).inputs.dataset_inputs]
+    assert [(d.name, d.digest) for d in linked] == [("synthetic-train", "race0123")]
 
 
 def sweep_worker(tmp_path: Path, prepared: Path, storage: str, server: MlflowServer, seed: int):

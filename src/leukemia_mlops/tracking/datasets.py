@@ -9,6 +9,10 @@ training and validation of one data version need two names. MLflow stores a data
 per experiment, name and digest: its profile is the one first logged for them.
 
 ``mlflow.search_runs`` filters on ``dataset.name``, ``dataset.digest`` and ``dataset.context``.
+
+Runs that log a new dataset at the same moment race to store it: the tracking store looks
+for the dataset, then inserts it, and the slower insert fails on the unique key. The dataset
+is then stored, so logging again links it; ``log_data_inputs`` does that.
 """
 
 from __future__ import annotations
@@ -16,16 +20,23 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from leukemia_mlops.tracking.provenance import dvc_data_hash, git_commit
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput
 
 #: What a training run reads, split -> MLflow context.
 TRAINING_CONTEXTS = {"train": "training", "val": "validation"}
 #: What an evaluation reads.
 EVALUATION_CONTEXTS = {"test": "test"}
 CLASS_NAMES = {1: "ALL", 0: "HEM"}
+#: Tries of one ``log_inputs`` call; a retry follows only a lost insert race.
+LOG_INPUTS_TRIES = 3
 
 
 def split_profile(manifest: pd.DataFrame, split: str) -> dict[str, dict[str, int]]:
@@ -75,4 +86,22 @@ def log_data_inputs(
         )
         for split, context in contexts.items()
     ]
-    MlflowClient(uri).log_inputs(run_id, datasets=inputs)
+    log_inputs_once_stored(MlflowClient(uri), run_id, inputs)
+
+
+def log_inputs_once_stored(client: MlflowClient, run_id: str, inputs: list[DatasetInput]) -> None:
+    """``client.log_inputs``, again when another run stored the same dataset first.
+
+    The store reports a lost race as a unique-key violation (sqlite "UNIQUE constraint
+    failed", PostgreSQL "violates unique constraint"); any other error, or the race lost
+    ``LOG_INPUTS_TRIES`` times, is raised.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, LOG_INPUTS_TRIES + 1):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as error:
+            if "unique constraint" not in str(error).lower() or attempt == LOG_INPUTS_TRIES:
+                raise

@@ -110,6 +110,11 @@ def check_subject_disjoint(manifest: pd.DataFrame) -> None:
         )
 
 
+def _shared_content(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose content hash occurs more than once (a group per image is slow)."""
+    return rows[rows["content_hash"].duplicated(keep=False)]
+
+
 def label_conflicts(manifest: pd.DataFrame) -> dict[int, str]:
     """Labelled rows whose content also appears with the other label, with the reason.
 
@@ -117,7 +122,7 @@ def label_conflicts(manifest: pd.DataFrame) -> dict[int, str]:
     """
     labelled = manifest[manifest["label"] != UNLABELLED]
     reasons = {}
-    for _, group in labelled.groupby("content_hash", sort=False):
+    for _, group in _shared_content(labelled).groupby("content_hash", sort=False):
         if group["label"].nunique() < 2:
             continue
         first = group.drop_duplicates("label").set_index("label")["path"]
@@ -135,7 +140,7 @@ def cross_split_copies(manifest: pd.DataFrame) -> dict[int, str]:
     rank = manifest["split"].map({name: i for i, name in enumerate(KEEP_ORDER)})
     ranked = manifest[rank.notna()].assign(rank=rank).sort_values("rank", kind="stable")
     reasons = {}
-    for _, group in ranked.groupby("content_hash", sort=False):
+    for _, group in _shared_content(ranked).groupby("content_hash", sort=False):
         kept = group.iloc[0]
         for index, split in zip(group.index, group["split"], strict=True):
             if split != kept["split"]:

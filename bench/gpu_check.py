@@ -36,7 +36,7 @@ import torch
 
 from bench.ceiling import PEAK_OF, TRAINING_FACTOR, matmul_gflops, native_precisions, synchronizer
 from bench.report import Section, fmt, pct, verdict
-from bench.timing import BatchClock, rate_of
+from bench.timing import BatchClock
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_SCRIPT = REPO / "tests/ddp_run.py"  # the replica-equality run of tests/test_ddp.py
@@ -388,30 +388,12 @@ def of_peak(run: Run, precision: str, gflop_per_s: float) -> float | None:
 
 
 def compute_only_rate(run: Run, backbone: str, precision: str, compiled: bool) -> float:
-    """Training images/s with batches already on the device: the ceiling of any data path."""
-    from leukemia_mlops.models.classifier import CellClassifier
+    """Training images/s with batches already on the device (:mod:`bench.compute_only`)."""
+    from bench.compute_only import compute_only_rate as rate
 
-    module = CellClassifier(backbone=backbone, warmup_epochs=0).to(run.device)
-    net = module.net.train()
-    if compiled:
-        net = torch.compile(net, backend=run.sizes.compile_backend)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    backend = run.sizes.compile_backend if compiled else None
     size, batch = run.sizes.image_size, run.sizes.speed_batch
-    images = torch.rand(batch, 3, size, size, device=run.device)
-    images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 2, (batch,), device=run.device).float()
-    bf16 = precision.startswith("bf16")
-
-    def step() -> int:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(run.device, torch.bfloat16, enabled=bf16):
-            loss = module.loss(net(images).float(), labels)
-        loss.backward()
-        optimizer.step()
-        run.sync()
-        return batch
-
-    return rate_of(step, run.clock()).per_s
+    return rate(backbone, precision, run.device, size, batch, run.clock(), run.sync, backend).per_s
 
 
 def project_rate(

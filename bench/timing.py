@@ -24,6 +24,7 @@ class Rate:
     seconds: float
     batches: int
     phases: dict[str, float] = field(default_factory=dict)
+    first_s: float = 0.0  # the first (warm-up) batch: compilation, caches, workers starting
 
     @property
     def per_s(self) -> float:
@@ -40,6 +41,7 @@ class Rate:
             "batches": self.batches,
             "per_s": self.per_s,
             "phases": self.phases,
+            "first_s": self.first_s,
         }
 
 
@@ -56,6 +58,8 @@ class BatchClock:
     def __init__(self, warmup: int, budget_s: float, min_batches: int = 1):
         self.warmup, self.budget_s, self.min_batches = warmup, budget_s, min_batches
         self._seen = 0
+        self._started = 0.0
+        self._first_s = 0.0
         self._last = 0.0
         self._window_start: float | None = None
         self._items = 0
@@ -66,7 +70,7 @@ class BatchClock:
 
     def start(self) -> None:
         """Call just before the first batch is requested."""
-        self._last = time.perf_counter()
+        self._started = self._last = time.perf_counter()
 
     def enter(self, phase: str) -> None:
         self._open[phase] = time.perf_counter()
@@ -78,6 +82,8 @@ class BatchClock:
         """End a batch of ``items``; True once enough has been measured."""
         now = time.perf_counter()
         self._seen += 1
+        if self._seen == 1:
+            self._first_s = now - self._started
         if self._window_start is None and (
             self._seen > self.warmup or now - self._last > self.budget_s
         ):
@@ -96,7 +102,8 @@ class BatchClock:
     def rate(self) -> Rate:
         if self._window_start is None or self._batches == 0:
             raise RuntimeError("nothing was measured: the run ended during warm-up")
-        return Rate(self._items, self._last - self._window_start, self._batches, dict(self._phases))
+        seconds = self._last - self._window_start
+        return Rate(self._items, seconds, self._batches, dict(self._phases), self._first_s)
 
 
 def endless(batches: Iterable[T]) -> Iterator[T]:

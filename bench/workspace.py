@@ -41,6 +41,7 @@ class Sizes:
     accuracy_epochs: int
     trial_epochs: int | None
     infer_batches: tuple[int, ...] = (1, 64)
+    compile_backend: str = "inductor"  # quick: "eager" only captures graphs (no codegen)
 
 
 FULL = Sizes(
@@ -79,6 +80,7 @@ QUICK = Sizes(
     accuracy_epochs=1,
     trial_epochs=1,
     infer_batches=(1, 16),
+    compile_backend="eager",
 )
 
 

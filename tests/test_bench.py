@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from leukemia_mlops.training.mixed_precision import cpu_has_bf16
+from leukemia_mlops.training.mixed_precision import cpu_has_bf16, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,28 @@ def test_quick_preprocessing_writes_its_table_and_result(tmp_path):
     # The two downscales differ from cv2.INTER_AREA by a measured, small amount.
     differences = record["raw"]["downscale_vs_inter_area"]
     assert 0 < differences["naive"]["mean"] < 5 and 0 <= differences["prepare"]["mean"] < 5
+
+
+@pytest.mark.slow  # seven short trainings at 64 px, two of them compiled
+def test_quick_precision_sets_the_project_against_compute_only_eager_and_compiled(tmp_path):
+    command = [sys.executable, "-m", "bench.run", "--quick", "--only", "precision"]
+    subprocess.run([*command, "--out", str(tmp_path)], cwd=REPO, check=True, timeout=600)
+
+    record = json.loads((tmp_path / "bench/results/precision.json").read_text())
+    first_batch_s = {row[0]: row[-1] for row in record["rows"]}
+    compared = [
+        "Lightning (project)",
+        "compute-only (batches in memory)",
+        "Lightning (project), model.compile (eager)",
+        "compute-only, torch.compile (eager)",
+    ]
+    assert set(compared) <= set(first_batch_s)
+    assert all(first_batch_s[loop] > 0 for loop in compared)
+    auto = resolve_precision("auto", "cpu")
+    assert record["raw"][f"compute-only, torch.compile (eager) {auto} channels-last"]["per_s"] > 0
+    readings = " ".join(record["readings"])
+    assert "vs compute-only (same model, precision and layout" in readings
+    assert "`torch.compile` (eager) vs eager, steady state: project" in readings
 
 
 @pytest.mark.slow  # two DDP processes and an MLflow store: about 80 s of CPU

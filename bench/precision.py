@@ -6,10 +6,20 @@ emulated and slow, which is why ``precision: auto`` resolves per machine.
 
 from __future__ import annotations
 
+import torch._inductor.config as inductor_config
+
 from bench.compute_only import compute_only_rate
-from bench.loops import layout_name, model_overrides, train_rate
+from bench.loops import (
+    layout_name,
+    lightning_rate,
+    median_per_s,
+    median_round,
+    model_overrides,
+    plain_rate,
+    train_rate,
+)
 from bench.machine import cpu_flags
-from bench.report import Section, fmt, verdict
+from bench.report import Section, fmt, spread, verdict
 from bench.timing import BatchClock, Rate
 from bench.workspace import Workspace
 from leukemia_mlops.training.mixed_precision import cpu_has_bf16, resolve_precision
@@ -29,8 +39,33 @@ def sweep_overrides(ws: Workspace) -> list[str]:
 
 
 def project_sweep_rate(ws: Workspace) -> Rate:
-    """The project's resnet18 speed (Lightning, ``auto`` precision) at the sweep's size."""
+    """The project's resnet18 speed (Lightning, ``auto`` precision) at the sweep's size (the
+    median of :func:`alternated` rounds once they ran)."""
     return train_rate(ws, "lightning", ws.sizes.sweep_size, *sweep_overrides(ws))
+
+
+def alternated(ws: Workspace, precision: str) -> dict[str, list[Rate]]:
+    """The project's path, the plain loop over the same loader (``auto`` precision, the
+    configured layout) and the compute-only loop, in ``loop_rounds`` alternating rounds, so
+    that a passing slowdown of a shared machine cannot fall on one of them alone."""
+    size = ws.sizes.sweep_size
+    cfg = ws.config(ws.prepared(ws.train_spec, size), size, *sweep_overrides(ws))
+
+    def clock() -> BatchClock:
+        return BatchClock(ws.sizes.warmup, ws.sizes.budget_s)
+
+    measures = {
+        "project": lambda: lightning_rate(cfg, clock()),
+        "plain": lambda: plain_rate(cfg, clock()),
+        "compute-only": lambda: compute_only(ws, precision, compiled=False),
+    }
+    rounds: dict[str, list[Rate]] = {name: [] for name in measures}
+    for _ in range(ws.sizes.loop_rounds):
+        for name, measure in measures.items():
+            rounds[name].append(measure())
+    key = ("train", "lightning", size, tuple(sweep_overrides(ws)))
+    ws.memo(key, lambda: median_round(rounds["project"]))  # what project_sweep_rate answers
+    return rounds
 
 
 def compute_only(ws: Workspace, precision: str, compiled: bool) -> Rate:
@@ -78,35 +113,45 @@ def run(ws: Workspace) -> Section:
     auto = resolve_precision("auto", "cpu")
     backend = ws.sizes.compile_backend
     layout = layout_name(ws.defaults.model.channels_last)
-    project = project_sweep_rate(ws)
-    eager = {"project": project, "compute-only": compute_only(ws, auto, compiled=False)}
-    compiled = {
-        "project": train_rate(
-            ws,
-            "lightning",
-            size,
-            *sweep_overrides(ws),
-            "model.compile=true",
-            f"model.compile_backend={backend}",
-        ),
-        "compute-only": compute_only(ws, auto, compiled=True),
-    }
-    named = {
+    rounds = alternated(ws, auto)
+    medians = {name: median_per_s(rates) for name, rates in rounds.items()}
+    eager = {name: median_round(rounds[name]) for name in ("project", "compute-only")}
+    with inductor_config.patch(force_disable_caches=True):  # the whole compile, every time
+        compiled = {
+            "project": train_rate(
+                ws,
+                "lightning",
+                size,
+                *sweep_overrides(ws),
+                "model.compile=true",
+                f"model.compile_backend={backend}",
+            ),
+            "compute-only": compute_only(ws, auto, compiled=True),
+        }
+    single = {
         **{("plain", p, layout_name(cl)): rate for (p, cl), rate in plain.items()},
-        ("Lightning (project)", f"auto: {auto}", layout): project,
-        ("compute-only (batches in memory)", auto, "channels-last"): eager["compute-only"],
         (f"Lightning (project), model.compile ({backend})", auto, layout): compiled["project"],
         (f"compute-only, torch.compile ({backend})", auto, "channels-last"): compiled[
             "compute-only"
         ],
     }
-    rows = [[*name, r.per_s, r.per_s / baseline, r.first_s] for name, r in named.items()]
+    rounded = {
+        ("plain, alternated", auto, layout): "plain",
+        ("Lightning (project), alternated", f"auto: {auto}", layout): "project",
+        ("compute-only (batches in memory), alternated", auto, "channels-last"): "compute-only",
+    }
+    rows = [[*name, r.per_s, r.per_s / baseline, r.first_s] for name, r in single.items()]
+    for name, loop in rounded.items():
+        low, high = (f(rate.per_s for rate in rounds[loop]) for f in (min, max))
+        first = median_round(rounds[loop]).first_s
+        rows.append([*name, spread(medians[loop], low, high), medians[loop] / baseline, first])
+    ratio = medians["project"] / baseline
+    data_path = 100 * (medians["compute-only"] / medians["project"] - 1)
     best = max(plain, key=lambda key: plain[key].per_s)
-    ratio = project.per_s / baseline
+    fastest = max(plain[best].per_s, medians["plain"])
+    fastest_plain = 100 * (fastest / medians["project"] - 1)
+    fastest_name = "the fastest plain loop (the same loader)"
     native = cpu_has_bf16()
-    data_path = 100 * (eager["compute-only"].per_s / project.per_s - 1)
-    fastest_plain = 100 * (plain[best].per_s / project.per_s - 1)
-    fastest_name = f"the fastest plain variant ({best[0]} {layout_name(best[1])}, the same loader)"
     readings = [
         f"native bf16 on this CPU: {'yes' if native else 'no'} (CPU flags: {cpu_flags()}); "
         f"`resolve_precision('auto', 'cpu')` picks **{auto}**; the fastest plain row is "
@@ -140,7 +185,10 @@ def run(ws: Workspace) -> Section:
         else f"project's extra time per image vs {fastest_name}: {fmt(fastest_plain)}%.",
         compile_reading(eager, compiled, backend),
     ]
-    raw = {" ".join(name): rate.as_dict() for name, rate in named.items()}
+    raw = {" ".join(name): rate.as_dict() for name, rate in single.items()}
+    raw |= {
+        " ".join(name): [rate.as_dict() for rate in rounds[loop]] for name, loop in rounded.items()
+    }
     return Section(
         TITLE,
         f"resnet18 training images/s at {size} px, batch {batch}, through the plain loop in "
@@ -149,8 +197,11 @@ def run(ws: Workspace) -> Section:
         "with `precision: auto`, eager and with `model.compile`, and through a compute-only "
         "loop (the same network, loss and optimizer on one batch already in memory: no "
         "loader, augmentation or framework), eager and under `torch.compile`. Same loader, "
-        "cache and timing as the training benchmark. *first batch s* is the first (warm-up) "
-        "batch, which compiles; steady-state images/s exclude it.",
+        "cache and timing as the training benchmark. The three *alternated* rows take turns in "
+        f"{ws.sizes.loop_rounds} rounds of {ws.sizes.budget_s:.0f} s each (median, "
+        "lowest-highest); the other rows are one measurement each. *first batch s* is the "
+        "first (warm-up) batch, which compiles (the compiled rows run with inductor's caches "
+        "off, so it is the whole compilation); steady-state images/s never include it.",
         ["loop", "precision", "layout", "img/s", "vs plain fp32", "first batch s"],
         rows,
         readings,

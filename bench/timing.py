@@ -49,9 +49,10 @@ class BatchClock:
     """Times batches after ``warmup`` ones, until ``budget_s`` seconds have been measured.
 
     ``tick(items)`` ends a batch and says whether to stop. The window runs from the end of the
-    last warm-up batch to the end of the last batch, so waiting for data counts. A warm-up
-    batch slower than the budget itself is measured instead: its one-time setup is then a
-    small part of it, and a second such batch would only double a long run.
+    last warm-up batch to the end of the last batch, so waiting for data counts. The first
+    batch is never measured (``torch.compile`` compiles in it, loader workers start); a later
+    warm-up batch slower than the budget itself is measured instead, since another such batch
+    would only double a long run.
     ``enter``/``exit`` time phases inside a batch (forward, backward, ...).
     """
 
@@ -85,7 +86,8 @@ class BatchClock:
         if self._seen == 1:
             self._first_s = now - self._started
         if self._window_start is None and (
-            self._seen > self.warmup or now - self._last > self.budget_s
+            self._seen > max(1, self.warmup)
+            or (self._seen > 1 and now - self._last > self.budget_s)
         ):
             self._window_start = self._last
         self._last = now

@@ -48,15 +48,20 @@ def test_quick_precision_sets_the_project_against_compute_only_eager_and_compile
     record = json.loads((tmp_path / "bench/results/precision.json").read_text())
     first_batch_s = {row[0]: row[-1] for row in record["rows"]}
     compared = [
-        "Lightning (project)",
-        "compute-only (batches in memory)",
+        "Lightning (project), alternated",
+        "compute-only (batches in memory), alternated",
+        "plain, alternated",
         "Lightning (project), model.compile (eager)",
         "compute-only, torch.compile (eager)",
     ]
     assert set(compared) <= set(first_batch_s)
     assert all(first_batch_s[loop] > 0 for loop in compared)
     auto = resolve_precision("auto", "cpu")
-    assert record["raw"][f"compute-only, torch.compile (eager) {auto} channels-last"]["per_s"] > 0
+    raw = record["raw"]
+    assert raw[f"compute-only, torch.compile (eager) {auto} channels-last"]["per_s"] > 0
+    # Two quick rounds each, the three loops taking turns.
+    loops = ("plain, alternated", "compute-only (batches in memory), alternated")
+    assert [len(raw[f"{loop} {auto} channels-last"]) for loop in loops] == [2, 2]
     readings = " ".join(record["readings"])
     assert "vs compute-only (same model, precision and layout" in readings
     assert "`torch.compile` (eager) vs eager, steady state: project" in readings
@@ -117,3 +122,24 @@ def test_the_roofline_divides_each_rate_by_the_peak_of_its_own_precision(monkeyp
     assert roofline_row("r", "32-true", 2.0, 25.0, peaks)[-2:] == ["fp32", "50.0%"]
     emulated = roofline_row("r", "bf16-mixed", 2.0, 100.0, {"fp32": 100.0})
     assert emulated[-1] == "no native bf16 peak"
+
+
+def test_the_convolution_peak_counts_the_flops_torch_counts(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench import ceiling
+
+    monkeypatch.setattr(ceiling, "CONV_SHAPE", (2, 8, 6))  # tiny: the count, not the speed
+    batch, channels, side = ceiling.CONV_SHAPE
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    with FlopCounterMode(display=False) as counter:
+        conv(torch.randn(batch, channels, side, side))
+    # One call per second: the GFLOP/s it reports is then the GFLOP of one convolution.
+    monkeypatch.setattr(ceiling, "rate_of", lambda call, clock: (call(), _OnePerSecond())[1])
+    assert ceiling.conv_gflops("fp32", 0, 0.1) == counter.get_total_flops() / 1e9
+
+
+class _OnePerSecond:
+    per_s = 1.0

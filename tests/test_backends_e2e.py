@@ -1,7 +1,8 @@
 """Real tracking backends: an MLflow server over PostgreSQL, Optuna studies in PostgreSQL.
 
 * four trainings log to one server at once and no metric point is lost;
-* a run that loses the race to store a new dataset still links it;
+* a run that loses the race to store a new dataset still links it, and a sweep worker that
+  loses the race to create the study database's schema still opens it;
 * two sweep workers share one Optuna study in PostgreSQL through the real Hydra multirun
   command line: distinct trial numbers, trials of both workers running at once, every trial's
   run nested under the study's parent;
@@ -33,11 +34,14 @@ from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from optuna.trial import TrialState
 from servers import MlflowServer, postgres_bin_dir, server_sweep_command, start_postgres
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from leukemia_mlops.config import write_params
 from leukemia_mlops.models.metrics import MONITOR
 from leukemia_mlops.tracking.datasets import log_inputs_once_stored
 from leukemia_mlops.tuning.runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL_TAG
+from leukemia_mlops.tuning.storage import open_storage
 from leukemia_mlops.tuning.study import WORKER_ATTR
 
 pytestmark = pytest.mark.slow
@@ -298,6 +302,32 @@ def test_a_dataset_insert_race_lost_to_another_run_still_links_the_dataset(
     assert outcome == [None], outcome
     linked = [entry.dataset for entry in client.get_run(run_id).inputs.dataset_inputs]
     assert [(d.name, d.digest) for d in linked] == [("synthetic-train", "race0123")]
+
+
+def test_a_schema_race_lost_to_another_sweep_worker_still_opens_the_storage(postgres):
+    """Workers opening a new study database race to create Optuna's schema. The race is made
+    certain: just before the storage's own ``CREATE TABLE alembic_version`` runs, the test
+    creates that table from another connection, as the other worker would; the storage must
+    open anyway."""
+    url = postgres.create_database("schema_race")
+    rival = postgres.connect("schema_race")
+    rival.autocommit = True
+    raced: list[str] = []
+
+    def create_it_first(connection, cursor, statement, *_) -> None:
+        if statement.lstrip().startswith("CREATE TABLE alembic_version") and not raced:
+            raced.append(statement)
+            with rival.cursor() as other:
+                other.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+
+    event.listen(Engine, "before_cursor_execute", create_it_first)
+    try:
+        storage = open_storage(url)
+    finally:
+        event.remove(Engine, "before_cursor_execute", create_it_first)
+        rival.close()
+    assert raced, "the storage never created its version table"
+    assert storage.get_all_studies() == []
 
 
 def sweep_worker(tmp_path: Path, prepared: Path, storage: str, server: MlflowServer, seed: int):

@@ -38,20 +38,21 @@ def open_storage(url: str | None, **heartbeat: Any) -> optuna.storages.BaseStora
 
     ``heartbeat``: RDBStorage's heartbeat arguments (interval, grace period, stale callback).
 
-    Workers started together on a new database race to create its schema; a loser finds the
-    schema made when it tries again.
+    Workers started together on a new database race to create its schema; a loser (a
+    duplicate key, a table that already exists, a lock) finds the schema made when it tries
+    again.
     """
     if not url:
         return None
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     sqlite = make_url(url).get_backend_name() == "sqlite"
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite else None
     for _ in range(STORAGE_ATTEMPTS - 1):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-        except (IntegrityError, OperationalError):
+        except (IntegrityError, OperationalError, ProgrammingError):
             time.sleep(1.0)
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
 

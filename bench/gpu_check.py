@@ -252,8 +252,8 @@ def check_train_stage(run: Run) -> Outcome:
     done = subprocess.run(command, cwd=stage, capture_output=True, text=True, env=env, timeout=600)
     if done.returncode != 0:
         return Outcome(False, f"{how}: exit {done.returncode}: " + done.stderr[-500:])
-    state = json.loads((stage / "models/cnn/run.json").read_text())
-    reported = (stage / "reports/train_cnn.json").is_file()
+    state = json.loads((stage / "models/model/run.json").read_text())
+    reported = (stage / "reports/train_model.json").is_file()
     finished = state["status"] == "finished" and reported
     return Outcome(
         finished,

@@ -78,6 +78,23 @@ def compute_only(ws: Workspace, precision: str, compiled: bool) -> Rate:
     )
 
 
+def speedup_reading(project: float, compute_only: float) -> str:
+    """The project against plain fp32 (both as multiples of it), with why a miss is a miss:
+    no training loop outruns the compute-only loop, so where that loop itself stays under the
+    target, the CPU's bf16 is not that much faster than its fp32 on this network."""
+    reading = verdict("project vs plain fp32", project, SPEEDUP_TARGET)
+    if project >= SPEEDUP_TARGET:
+        return reading
+    if compute_only < SPEEDUP_TARGET:
+        return (
+            f"{reading}: the compute-only loop, the bound of any training loop here, reaches "
+            f"{fmt(compute_only)}x plain fp32, so this CPU's bf16 is not {fmt(SPEEDUP_TARGET)}x "
+            "its fp32 on resnet18 (the target assumes one that is; the ceiling section gives "
+            "both dense peaks)"
+        )
+    return f"{reading}: compute-only reaches {fmt(compute_only)}x, so the gap is the project's"
+
+
 def compile_reading(eager: dict[str, Rate], compiled: dict[str, Rate], backend: str) -> str:
     """Whether ``torch.compile`` paid on this machine, and what ``model.compile: auto`` does."""
     gains = {loop: compiled[loop].per_s / eager[loop].per_s for loop in eager}
@@ -156,7 +173,7 @@ def run(ws: Workspace) -> Section:
         f"native bf16 on this CPU: {'yes' if native else 'no'} (CPU flags: {cpu_flags()}); "
         f"`resolve_precision('auto', 'cpu')` picks **{auto}**; the fastest plain row is "
         f"{best[0]} {layout_name(best[1])}.",
-        verdict("project vs plain fp32", ratio, SPEEDUP_TARGET)
+        speedup_reading(ratio, medians["compute-only"] / baseline)
         if native
         else f"project vs plain fp32: {fmt(ratio)}x; the 3x target applies only where bf16 "
         "is native, so it does not apply here (emulated bf16 would be slower, as the bf16 "

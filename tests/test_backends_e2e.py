@@ -147,7 +147,7 @@ def training_dir(tmp_path: Path, name: str, tiny_config, server: MlflowServer, *
 
 
 def run_state(workdir: Path) -> dict:
-    return json.loads((workdir / "models/cnn/run.json").read_text())
+    return json.loads((workdir / "models/model/run.json").read_text())
 
 
 def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -190,7 +190,7 @@ def wait_for_epochs(
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         assert process.poll() is None, (workdir / "train.log").read_text()[-3000:]
-        if (workdir / "models/cnn/run.json").is_file():
+        if (workdir / "models/model/run.json").is_file():
             run_id = run_state(workdir)["mlflow_run_id"]
             if len(client.get_metric_history(run_id, MONITOR)) >= epochs:
                 return run_id
@@ -230,7 +230,7 @@ def test_concurrent_trainings_lose_no_metric_point(
         history = histories(client, run.info.run_id)
         points += assert_every_epoch_once(history, EPOCHS)
         # What MLflow holds is what the run computed, epoch by epoch.
-        local = pd.read_csv(workdir / "models/cnn/history.csv")
+        local = pd.read_csv(workdir / "models/model/history.csv")
         assert [v for _, v in history[MONITOR]] == pytest.approx(local[MONITOR].tolist())
         runs.append(run)
     assert len({r.info.run_id for r in runs}) == CONCURRENT

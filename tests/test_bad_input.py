@@ -240,11 +240,11 @@ def inputs(tiny_raw, tiny_prepared, tiny_checkpoint, tmp_path_factory) -> dict[s
     params("no_cache_params", base / "no_such_cache")
     params("zero_npy_params", paths["zero_npy"])
     params("short_npy_params", paths["short_npy"])
-    # evaluate reads <models_dir>/cnn/checkpoints/best.ckpt: a junk one, and the good one.
+    # evaluate reads <models_dir>/model/checkpoints/best.ckpt: a junk one, and the good one.
     for name, checkpoint in (("junk_models", paths["junk_ckpt"]), ("models", tiny_checkpoint)):
         paths[name] = base / name
-        (paths[name] / "cnn/checkpoints").mkdir(parents=True)
-        os.link(checkpoint, paths[name] / "cnn/checkpoints/best.ckpt")
+        (paths[name] / "model/checkpoints").mkdir(parents=True)
+        os.link(checkpoint, paths[name] / "model/checkpoints/best.ckpt")
     return paths
 
 

@@ -143,3 +143,22 @@ def test_the_convolution_peak_counts_the_flops_torch_counts(monkeypatch):
 
 class _OnePerSecond:
     per_s = 1.0
+
+
+@pytest.mark.parametrize(
+    ("project", "compute_only", "reason"),
+    [
+        (3.2, 3.4, None),
+        (1.88, 1.94, "the compute-only loop, the bound of any training loop here, reaches 1.94x"),
+        (1.88, 3.4, "compute-only reaches 3.4x, so the gap is the project's"),
+    ],
+)
+def test_a_missed_bf16_speedup_says_whether_the_cpu_or_the_project_misses_it(
+    project, compute_only, reason
+):
+    from bench.precision import speedup_reading
+
+    reading = speedup_reading(project, compute_only)
+    assert reading.startswith(f"project vs plain fp32: {project}x (target >= 3x)")
+    assert ("**met**" in reading) == (reason is None)
+    assert reason is None or reason in reading

@@ -54,7 +54,7 @@ from leukemia_mlops.models.detector import YoloDetector, cell_probability
 from leukemia_mlops.tracking.datasets import log_data_inputs
 from leukemia_mlops.tracking.model_logging import log_classifier
 from leukemia_mlops.tracking.registry import register_best
-from leukemia_mlops.tracking.run_files import FAMILIES
+from leukemia_mlops.tracking.run_files import PIPELINE_MODELS
 from leukemia_mlops.tracking.store import ensure_experiment, local_store_uri
 
 EXPERIMENT = "leukemia-test"
@@ -575,47 +575,52 @@ def write_params(path: Path, root: Path, prepared: Path) -> Path:
     return path
 
 
-def test_evaluate_stage_scores_every_family_into_its_run(
+def test_evaluate_stage_scores_each_pipeline_model_of_either_family_into_its_run(
     yolo_prepared, tiny_checkpoint, yolo_checkpoint, tmp_path, capsys
 ):
+    """Each key's model is scored by its own family's protocol, wherever it sits: here the YOLO
+    is `model` (as after `dvc exp run -S model=yolov3_tiny`) and the CNN is `detector`."""
     params = write_params(tmp_path / "params.yaml", tmp_path, yolo_prepared)
     uri = local_store_uri(tmp_path / "mlruns")
     experiment_id = ensure_experiment(uri, EXPERIMENT, tmp_path / "mlruns")
     client = MlflowClient(uri)
     run_ids = {}
-    for family, checkpoint in (("cnn", tiny_checkpoint), ("yolo", yolo_checkpoint)):
-        run_dir = tmp_path / "models" / family
+    families = {"model": "yolo", "detector": "cnn"}
+    checkpoints = {"cnn": tiny_checkpoint, "yolo": yolo_checkpoint}
+    for key, family in families.items():
+        run_dir = tmp_path / "models" / key
         (run_dir / "checkpoints").mkdir(parents=True)
-        shutil.copyfile(checkpoint, run_dir / "checkpoints/best.ckpt")
-        run_ids[family] = client.create_run(experiment_id, tags={"family": family}).info.run_id
-        (run_dir / "run.json").write_text(json.dumps({"mlflow_run_id": run_ids[family]}))
+        shutil.copyfile(checkpoints[family], run_dir / "checkpoints/best.ckpt")
+        run_ids[key] = client.create_run(experiment_id, tags={"family": family}).info.run_id
+        (run_dir / "run.json").write_text(json.dumps({"mlflow_run_id": run_ids[key]}))
     # The detector's test scenes are laid out as its training composed them: one cell each.
     one_cell = {"model": {"scenes": {"min_cells": 1, "max_cells": 1, "noise": 0}}}
-    OmegaConf.save(OmegaConf.create(one_cell), tmp_path / "models/yolo/config.yaml")
+    OmegaConf.save(OmegaConf.create(one_cell), tmp_path / "models/model/config.yaml")
     evaluate_cli.main(["--params", str(params)])
-    assert set(FAMILIES) == {"cnn", "yolo"}
-    for family in FAMILIES:
-        metrics = json.loads((tmp_path / f"reports/eval/{family}/metrics.json").read_text())
+    assert PIPELINE_MODELS == ("model", "detector")
+    for key, family in families.items():
+        metrics = json.loads((tmp_path / f"reports/eval/{key}/metrics.json").read_text())
         assert metrics["bootstrap"]["n_resamples"] == 5
-        logged = client.get_run(run_ids[family]).data.metrics
+        logged = client.get_run(run_ids[key]).data.metrics
         assert logged.pop(THROUGHPUT_METRIC) > 0
-        assert logged == mlflow_metrics(metrics), family
+        assert logged == mlflow_metrics(metrics), key
         assert ("eval/detection/map" in logged) == (family == "yolo")
-    detection = json.loads((tmp_path / "reports/eval/yolo/metrics.json").read_text())["detection"]
+    detection = json.loads((tmp_path / "reports/eval/model/metrics.json").read_text())["detection"]
     assert detection["boxes"] == detection["scenes"]
     assert not (tmp_path / "reports/eval/metrics.json").exists()
 
-    # A family never trained is skipped; no model at all is an error.
+    # A model never trained is skipped; no model at all is an error.
     shutil.rmtree(tmp_path / "reports")
-    (tmp_path / "models/yolo/checkpoints/best.ckpt").unlink()
+    (tmp_path / "models/model/checkpoints/best.ckpt").unlink()
     evaluate_cli.main(["--params", str(params)])
-    assert [p.name for p in (tmp_path / "reports/eval").iterdir()] == ["cnn"]
-    (tmp_path / "models/cnn/checkpoints/best.ckpt").unlink()
+    assert [p.name for p in (tmp_path / "reports/eval").iterdir()] == ["detector"]
+    (tmp_path / "models/detector/checkpoints/best.ckpt").unlink()
     with pytest.raises(SystemExit) as exit_info:
         evaluate_cli.main(["--params", str(params)])
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
-    assert last.startswith("error: no such checkpoint") and "models/yolo/" in last
+    assert last.startswith("error: no such checkpoint")
+    assert "models/model/" in last and "models/detector/" in last
 
 
 def test_a_scorer_scales_uint8_on_its_device_exactly_as_training_does():

@@ -122,7 +122,7 @@ def test_a_run_killed_in_epoch_3_resumes_into_the_weights_of_a_run_never_killed(
         "trainer.max_epochs=4", "callbacks.early_stopping.patience=10", "datamodule.num_workers=2"
     )
     write_params(cfg, tmp_path / "params.yaml")
-    files = RunFiles(tmp_path / "models/cnn")
+    files = RunFiles(tmp_path / "models/model")
     log = tmp_path / "train.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -158,7 +158,7 @@ def test_a_run_killed_in_epoch_3_resumes_into_the_weights_of_a_run_never_killed(
     write_params(cfg, reference / "params.yaml")
     uninterrupted = train(reference / "params.yaml", reference)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-    theirs = RunFiles(reference / "models/cnn")
+    theirs = RunFiles(reference / "models/model")
     assert_same_weights(files.last_checkpoint, theirs.last_checkpoint)
     assert_same_weights(files.best_checkpoint, theirs.best_checkpoint)
     reference_id = json.loads(theirs.state.read_text())["mlflow_run_id"]

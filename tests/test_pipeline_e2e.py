@@ -18,6 +18,7 @@ from conftest import TINY_SPEC
 from test_dvc_pipeline import DVC, REPO, run
 
 from leukemia_mlops.data.synthetic import generate_cnmc
+from leukemia_mlops.inference.loading import checkpoint_family
 
 # conf/local/default.yaml of the test project: the user's standing choices (here: tiny runs).
 TINY_LOCAL = """# @package _global_
@@ -79,9 +80,9 @@ def studies(root: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_repro_then_noop_then_an_experiment_then_new_data(project):
     first = run(DVC, "repro", cwd=project, timeout=PIPELINE_TIMEOUT)
-    for stage in ("prepare", "sweep", "train", "train_yolo", "evaluate"):
+    for stage in ("prepare", "sweep", "train", "train_detector", "evaluate"):
         assert f"Running stage '{stage}'" in first
-    metrics = json.loads((project / "reports/eval/cnn/metrics.json").read_text())
+    metrics = json.loads((project / "reports/eval/model/metrics.json").read_text())
     assert 0.0 <= metrics["test"]["f1_weighted"] <= 1.0
     identity = json.loads((project / "data/prepared/identity.json").read_text())
     assert (identity["source"], identity["image_size"]) == ("synthetic", 32)
@@ -115,6 +116,18 @@ def test_repro_then_noop_then_an_experiment_then_new_data(project):
     assert {"test_f1", "val_f1", "auroc"} <= set(table[0].split())
     assert max(map(len, table)) <= 80  # fits an 80-column terminal
     assert len(studies(project)) == 2  # the new model's params started its own campaign
+
+    # `model` holds a YOLO in the pipeline as in a Hydra run: tuned, trained and evaluated.
+    tiny_yolo = ["model.img_size=64", "model.width_mult=0.25", "model.scenes.train_scenes=4"]
+    overrides = [arg for value in ["model=yolov3_tiny", *tiny_yolo] for arg in ("-S", value)]
+    detector = run(DVC, "exp", "run", *overrides, cwd=project, timeout=PIPELINE_TIMEOUT)
+    for stage in ("sweep", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in detector
+    assert "Running stage 'train_detector'" not in detector
+    assert checkpoint_family(project / "models/model/checkpoints/best.ckpt") == "yolo"
+    evaluated = json.loads((project / "reports/eval/model/metrics.json").read_text())
+    assert "map_50" in evaluated["detection"]
+    assert len(studies(project)) == 3
 
     # New data: a new campaign of sweep.n_trials trials, the old studies left as they were.
     before = studies(project)

@@ -174,7 +174,7 @@ def test_predict_cli_threshold_flag_then_the_evaluated_checkpoints_then_half(
     prepare = {"image_size": SIZE, "window": 450, "fit": "window"}
     paths = {"reports_dir": str(tmp_path / "reports"), "mlruns_dir": str(tmp_path / "mlruns")}
     OmegaConf.save(OmegaConf.create({"data": {"prepare": prepare}, "paths": paths}), params)
-    evaluation = tmp_path / "reports" / "eval" / "cnn" / "metrics.json"
+    evaluation = tmp_path / "reports" / "eval" / "model" / "metrics.json"
     evaluation.parent.mkdir(parents=True)
     out = tmp_path / "out.csv"
     argv = [str(tiny_checkpoint), str(image_folder[0]), "--out", str(out), "--params", str(params)]

@@ -201,7 +201,7 @@ def detector_params(tmp_path: Path) -> tuple[Path, Path]:
         "mlruns_dir": str(tmp_path / "mlruns"),
     }
     OmegaConf.save(OmegaConf.create({"data": {"prepare": prepare}, "paths": paths}), params)
-    evaluation = tmp_path / "reports" / "eval" / "yolo" / "metrics.json"
+    evaluation = tmp_path / "reports" / "eval" / "detector" / "metrics.json"
     evaluation.parent.mkdir(parents=True)
     return params, evaluation
 
@@ -271,11 +271,14 @@ def test_predict_through_the_onnx_detector_equals_the_checkpoint(
 
 def test_export_cli_picks_the_detector_family_and_its_evaluation(yolo_checkpoint, tmp_path, capsys):
     params, evaluation = detector_params(tmp_path)
-    digest = file_sha256(yolo_checkpoint)
+    checkpoint = tmp_path / "models/detector/checkpoints/best.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    shutil.copyfile(yolo_checkpoint, checkpoint)
+    digest = file_sha256(checkpoint)
     evaluation.write_text(json.dumps({"threshold": 0.3, "checkpoint_sha256": digest}))
-    export_cli.main(["--checkpoint", str(yolo_checkpoint), "--params", str(params)])
+    export_cli.main(["--checkpoint", str(checkpoint), "--params", str(params)])
     report = json.loads(capsys.readouterr().out)
-    out = tmp_path / "models" / "yolo" / "model.onnx"
+    out = checkpoint.with_suffix(".onnx")
     assert report["path"] == str(out) and report["family"] == "yolo"
     assert validated_threshold(out) == 0.3
 

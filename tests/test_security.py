@@ -161,7 +161,7 @@ def test_predict_evaluate_and_export_refuse_a_payload(
     assert line.startswith(f"error: {evil_ckpt} is not a CellClassifier checkpoint")
     assert "Weights only load failed" in line
 
-    best = tmp_path / "models/cnn/checkpoints/best.ckpt"
+    best = tmp_path / "models/model/checkpoints/best.ckpt"
     best.parent.mkdir(parents=True)
     shutil.copyfile(evil_ckpt, best)
     line = refused_by_cli(evaluate_cli.main, ["--params", str(params)], capsys)
@@ -183,7 +183,7 @@ def test_resuming_from_a_last_checkpoint_with_a_payload_is_refused(
         f"logger.mlflow.tracking_uri={tracking_server.url}",
         "logger.mlflow.experiment_name=resume-payload",
     )
-    run_dir = tmp_path / "models/cnn"
+    run_dir = tmp_path / "models/model"
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copyfile(evil_ckpt, run_dir / "checkpoints/last.ckpt")
     client = MlflowClient(tracking_server.url)
@@ -284,7 +284,7 @@ def test_a_tracking_password_stays_out_of_params_and_config_artifacts(
     server = tracking_server
     uri = server.url.replace("http://", f"http://alice:{secret}@")
     cfg = tiny_config(f"logger.mlflow.tracking_uri={uri}", "trainer.max_epochs=1", "seed=1")
-    run_dir = tmp_path / "models/cnn"
+    run_dir = tmp_path / "models/model"
     run_training(cfg, run_dir)
     run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
     client = MlflowClient(server.url)
@@ -455,7 +455,7 @@ def test_a_hydra_run_writes_no_password_of_its_command_line(
 def test_a_training_never_wipes_a_checkpoints_folder_it_did_not_write(tiny_config, tmp_path):
     """``paths.models_dir`` pointing at a user's folder with a ``checkpoints/`` of its own:
     refused in one line, every file intact (a run of ours has its ``run.json``)."""
-    run_dir = tmp_path / "models/cnn"
+    run_dir = tmp_path / "models/model"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints/notes.txt").write_text("mine")
     with pytest.raises(InputError, match="checkpoints exists and was not written by leukemia"):

@@ -58,11 +58,11 @@ def test_the_train_stage_under_ddp_leaves_complete_outputs(tiny_config, tmp_path
     result = _train(tmp_path / "params.yaml", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed_backend=gloo" in result.stderr + result.stdout
-    run_dir, reports = tmp_path / "models/cnn", tmp_path / "reports"
+    run_dir, reports = tmp_path / "models/model", tmp_path / "reports"
     state = json.loads((run_dir / "run.json").read_text())
     assert state["status"] == "finished"
-    assert (reports / "train_cnn.json").read_text() == (run_dir / "metrics.json").read_text()
-    history = (reports / "train_cnn_history.csv").read_text()
+    assert (reports / "train_model.json").read_text() == (run_dir / "metrics.json").read_text()
+    history = (reports / "train_model_history.csv").read_text()
     assert history == (run_dir / "history.csv").read_text() and len(history.splitlines()) == 2
     assert not [p.name for p in (*run_dir.iterdir(), *reports.iterdir()) if p.name.startswith(".")]
     client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
@@ -82,7 +82,7 @@ def test_the_train_stage_under_ddp_leaves_complete_outputs(tiny_config, tmp_path
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((reports / "eval/cnn/metrics.json").read_text())
+    metrics = json.loads((reports / "eval/model/metrics.json").read_text())
     manifest = pd.read_parquet(cfg.paths.prepared_dir + "/manifest.parquet")
     assert metrics["counts"]["test_cells"] == int((manifest["split"] == "test").sum())
     assert "test/f1_weighted" in client.get_run(run.info.run_id).data.metrics

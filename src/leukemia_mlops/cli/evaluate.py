@@ -1,9 +1,9 @@
 """``python -m leukemia_mlops.cli.evaluate``: the DVC ``evaluate`` stage.
 
-Evaluates every trained family (``models/<family>/checkpoints/best.ckpt``: the CNN and the
-YOLO detector; a family not trained is skipped with a warning) on the prepare cache with one
-protocol into ``reports/eval/<family>/``, and logs each family's results into its training run
-(named by ``models/<family>/run.json``).
+Evaluates every model the pipeline trained (``models/<key>/checkpoints/best.ckpt`` for the
+keys ``model`` and ``detector``, of whichever family; one not trained is skipped with a warning)
+on the prepare cache with one protocol into ``reports/eval/<key>/``, and logs each one's results
+into its training run (named by ``models/<key>/run.json``).
 """
 
 from __future__ import annotations
@@ -26,32 +26,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         from leukemia_mlops.errors import MissingInputError
         from leukemia_mlops.evaluation.evaluate import EvaluateSpec, evaluate_model
-        from leukemia_mlops.tracking.run_files import FAMILIES, eval_dir, model_run, store_uri
+        from leukemia_mlops.inference.loading import checkpoint_family
+        from leukemia_mlops.tracking.run_files import (
+            PIPELINE_MODELS,
+            eval_dir,
+            model_run,
+            store_uri,
+        )
 
         cfg = stage_config(__doc__, argv)
         spec = build_spec(EvaluateSpec, cfg.get("evaluate", {}), "evaluate")
-        runs = {family: model_run(cfg, family) for family in FAMILIES}
-        trained = {family: run for family, run in runs.items() if run.best_checkpoint.is_file()}
+        runs = {key: model_run(cfg, key) for key in PIPELINE_MODELS}
+        trained = {key: run for key, run in runs.items() if run.best_checkpoint.is_file()}
         if not trained:
             missing = ", ".join(str(run.best_checkpoint) for run in runs.values())
             raise MissingInputError(f"no such checkpoint: {missing} (train a model first)")
-        for family in (f for f in runs if f not in trained):
-            log.warning("no %s model (%s): not evaluated", family, runs[family].best_checkpoint)
-        for family, run in trained.items():
+        for key in (k for k in runs if k not in trained):
+            log.warning("no %s trained (%s): not evaluated", key, runs[key].best_checkpoint)
+        for key, run in trained.items():
             run_id = run.mlflow_run_id()
             if run_id is None:
-                log.warning("no MLflow run recorded in %s: %s is not logged", run.state, family)
+                log.warning("no MLflow run recorded in %s: %s is not logged", run.state, key)
             metrics = evaluate_model(
                 run.best_checkpoint,
                 cfg.paths.prepared_dir,
-                eval_dir(cfg, family),
+                eval_dir(cfg, key),
                 spec,
-                family=family,
+                family=checkpoint_family(run.best_checkpoint),
                 scene_spec=_scene_spec(run),
                 mlflow_run_id=run_id,
                 mlflow_uri=store_uri(cfg),
             )
-            _log_summary(family, metrics)
+            _log_summary(key, metrics)
 
     run_cli(body)
 
@@ -71,12 +77,12 @@ def _scene_spec(run: RunFiles) -> SceneSpec:
     )
 
 
-def _log_summary(family: str, metrics: dict) -> None:
+def _log_summary(key: str, metrics: dict) -> None:
     test = metrics["test"]
     log.info(
         "%s: test weighted F1 %.4f, BCa 95%% interval [%s, %s] (intervals: %s), "
         "at threshold %.3f (chosen on val)",
-        family,
+        key,
         test["f1_weighted"],
         test["f1_weighted_bca_low"],
         test["f1_weighted_bca_high"],
@@ -87,7 +93,7 @@ def _log_summary(family: str, metrics: dict) -> None:
         detection = metrics["detection"]
         log.info(
             "%s: test scenes mAP@0.5 %s [%s, %s], mAP@0.5:0.95 %s",
-            family,
+            key,
             detection["map_50"],
             detection["map_50_low"],
             detection["map_50_high"],

@@ -51,23 +51,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         from leukemia_mlops.errors import MissingInputError
         from leukemia_mlops.inference.export import export_onnx
         from leukemia_mlops.inference.loading import checkpoint_family, evaluation_threshold
-        from leukemia_mlops.tracking.run_files import eval_dir, model_run
+        from leukemia_mlops.tracking.run_files import evaluation_reports, model_run
 
         cfg: DictConfig | None = None
         if Path(args.params).is_file() or args.overrides:
             cfg = load_params(args.params, args.overrides)
         elif args.checkpoint is None or args.out is None:
             raise MissingInputError(f"{args.params} not found: give --checkpoint and --out")
-        checkpoint = args.checkpoint or model_run(cfg, "cnn").best_checkpoint
+        checkpoint = Path(args.checkpoint or model_run(cfg, "model").best_checkpoint)
         family = checkpoint_family(checkpoint)
-        out = args.out or model_run(cfg, family).root / "model.onnx"
+        out = args.out or checkpoint.with_suffix(".onnx")
         image_size, prepared_dir, metrics = args.image_size, args.prepared_dir, args.metrics
         if cfg is not None:
             if image_size is None and family == "cnn":
                 image_size = cfg.data.prepare.image_size
             if prepared_dir is None and Path(cfg.paths.prepared_dir).is_dir():
                 prepared_dir = cfg.paths.prepared_dir
-            metrics = metrics or eval_dir(cfg, family) / "metrics.json"
+            metrics = metrics or evaluation_reports(cfg)
         threshold = None if metrics is None else evaluation_threshold(metrics, checkpoint)
         report = export_onnx(checkpoint, out, image_size, prepared_dir, threshold=threshold)
         print(json.dumps(report, indent=2))

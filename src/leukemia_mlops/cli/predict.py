@@ -5,8 +5,8 @@ an ONNX file or an MLflow model URI (``runs:/<id>/model``, ``models:/<name>@<ali
 are image files or folders (searched recursively). Images are preprocessed as ``prepare``
 does, with the settings the model declares, else those of ``params.yaml``; a detector sees
 each whole image, letterboxed. ALL is called above --threshold, else above the model's
-validated threshold (a checkpoint's from its family's evaluation,
-``paths.reports_dir/eval/<family>/metrics.json``, an ONNX file's from its metadata, an MLflow
+validated threshold (a checkpoint's from the pipeline's evaluation of it,
+``paths.reports_dir/eval/<key>/metrics.json``, an ONNX file's from its metadata, an MLflow
 model's from its run), else above 0.5, with a notice. Every row says whether its image is like
 the training images (``in_distribution``, with the reason). A detector also writes one row per
 detected cell (--boxes) and, with --overlays, each image with its boxes drawn.
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from leukemia_mlops.inference.detection import YoloScorer
         from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, is_mlflow_uri, load_scorer
         from leukemia_mlops.inference.predict import decision_threshold, predict_paths
-        from leukemia_mlops.tracking.run_files import eval_dir, store_uri
+        from leukemia_mlops.tracking.run_files import evaluation_reports, store_uri
         from leukemia_mlops.tracking.store import tracking_uri
 
         params = load_params(args.params) if Path(args.params).is_file() else None
@@ -85,8 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         settings = {**{k: params.data.prepare[k] for k in missing}, **scorer.preprocessing}
         detector = isinstance(scorer, YoloScorer)
-        family = "yolo" if detector else "cnn"
-        evaluation = eval_dir(params, family) / "metrics.json" if params else None
+        evaluation = evaluation_reports(params) if params else None
         threshold = decision_threshold(args.model, _explicit_threshold(args), evaluation, uri)
         table = predict_paths(
             scorer,

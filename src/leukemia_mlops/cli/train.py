@@ -1,10 +1,10 @@
 """``lmo-train [--model-key KEY] [--best-params FILE]``: the DVC train stages.
 
-Trains the model configured under ``KEY`` (``model``: the CNN; ``detector``: YOLOv3) into
-``models/<family>/`` and copies its metrics and curve to ``reports/train_<family>.*``. With
-``--best-params`` (the sweep stage's ``reports/best_params.yaml``) the best trial's settings
-replace the configured ones. A ``<KEY>_trainer`` section (``detector_trainer``) overrides
-``trainer`` for that model.
+Trains the model configured under ``KEY`` (``model``: the model the sweep tunes, of either
+family; ``detector``: the YOLO model it is compared with) into ``models/<KEY>/`` and copies its
+metrics and curve to ``reports/train_<KEY>.*``. With ``--best-params`` (the sweep stage's
+``reports/best_params.yaml``) the best trial's settings replace the configured ones. A
+``<KEY>_trainer`` section (``detector_trainer``) overrides ``trainer`` for that model.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+        from leukemia_mlops.tracking.run_files import model_run
         from leukemia_mlops.training.run import atomic_write_text, run_training
 
         cfg = load_params(args.params, args.overrides)
         if args.best_params:
             cfg = with_best_params(cfg, Path(args.best_params))
         cfg = with_model(cfg, args.model_key, args.params)
-        family = cfg.model.family
-        run_dir = Path(cfg.paths.models_dir) / family
-        check_stage_output(run_dir, args.model_key, family)
+        run_dir = model_run(cfg, args.model_key).root
+        check_stage_output(run_dir)
         best = run_training(cfg, run_dir)
         if rank_zero_only.rank != 0:  # under DDP the reports are rank 0's alone
             return
@@ -49,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         reports.mkdir(parents=True, exist_ok=True)
         for source, target in (("metrics.json", ".json"), ("history.csv", "_history.csv")):
             text = (run_dir / source).read_text()
-            atomic_write_text(reports / f"train_{family}{target}", text)
-        log.info("best val weighted F1 of %s: %.4f", family, best)
+            atomic_write_text(reports / f"train_{args.model_key}{target}", text)
+        log.info("best val weighted F1 of %s: %.4f", args.model_key, best)
 
     run_cli(body)
 
@@ -66,18 +66,17 @@ def with_model(cfg: DictConfig, model_key: str, params: str) -> DictConfig:
     return cfg
 
 
-def check_stage_output(run_dir: Path, model_key: str, family: str) -> None:
-    """Under ``dvc repro``, the run directory must be an output of the running stage: a model
-    of another family (or another ``paths.models_dir``) would write where DVC does not look."""
+def check_stage_output(run_dir: Path) -> None:
+    """Under ``dvc repro``, the run directory must be an output of the running stage: another
+    ``paths.models_dir`` or ``--model-key`` would write where DVC does not look."""
     stage = os.environ.get("DVC_STAGE")
     if not stage or not DVC_FILE.is_file():
         return
     outs = stage_outs(stage)
     if run_dir.as_posix() not in outs:
         raise ConfigError(
-            f"the {stage} stage writes {', '.join(outs)}, not {run_dir} where {model_key} "
-            f"(family {family}) trains: in the pipeline `model` is the CNN and `detector` the "
-            "YOLO model (dvc exp run -S model@detector=yolov3); Hydra runs take any model="
+            f"the {stage} stage writes {', '.join(outs)}, not {run_dir}: keep "
+            f"paths.models_dir as dvc.yaml has it"
         )
 
 

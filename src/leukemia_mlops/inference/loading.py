@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -163,24 +163,31 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def evaluation_threshold(evaluation: str | Path, checkpoint: str | Path) -> float | None:
-    """The threshold of the evaluate stage's ``metrics.json`` if it evaluated ``checkpoint``.
+def evaluation_threshold(
+    evaluation: str | Path | Sequence[Path], checkpoint: str | Path
+) -> float | None:
+    """The threshold of the evaluate stage's ``metrics.json`` (or of whichever of several)
+    that evaluated ``checkpoint``.
 
     The file records the digest of the checkpoint it scored; another checkpoint's evaluation
     (a stale file, a retrained model) gives None, never its threshold.
     """
     _existing(checkpoint, "checkpoint")
-    path = Path(evaluation)
-    if not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
-    if metrics.get(CHECKPOINT_DIGEST_KEY) != file_sha256(checkpoint):
-        return None
-    return _threshold_value(metrics.get("threshold"), path)
+    reports = [evaluation] if isinstance(evaluation, str | Path) else evaluation
+    digest = file_sha256(checkpoint)
+    for path in map(Path, reports):
+        if not path.is_file():
+            continue
+        metrics = json.loads(path.read_text())
+        if metrics.get(CHECKPOINT_DIGEST_KEY) == digest:
+            return _threshold_value(metrics.get("threshold"), path)
+    return None
 
 
 def validated_threshold(
-    source: str | Path, evaluation: str | Path | None = None, tracking_uri: str | None = None
+    source: str | Path,
+    evaluation: str | Path | Sequence[Path] | None = None,
+    tracking_uri: str | None = None,
 ) -> float | None:
     """The decision threshold chosen on validation for a model, None where none is known.
 

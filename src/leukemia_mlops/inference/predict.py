@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -145,7 +145,7 @@ def _check_preprocessing(scorer: Scorer, spec: PrepareSpec) -> None:
 def decision_threshold(
     model_source: str | Path | Scorer,
     threshold: float | None = None,
-    evaluation: str | Path | None = None,
+    evaluation: str | Path | Sequence[Path] | None = None,
     tracking_uri: str | None = None,
 ) -> float:
     """``threshold`` if given, else the model's validated one (see :func:`validated_threshold`;
@@ -174,7 +174,7 @@ def predict_paths(
     fit: str = PrepareSpec.fit,
     batch_size: int = 64,
     threshold: float | None = None,
-    evaluation: str | Path | None = None,
+    evaluation: str | Path | Sequence[Path] | None = None,
     tracking_uri: str | None = None,
     workers: int = 1,
     boxes_csv: str | Path | None = None,

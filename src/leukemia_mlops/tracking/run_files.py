@@ -1,9 +1,10 @@
 """Where a run's files live: the run directory, the evaluation reports and the MLflow store.
 
-A training run directory (``<paths.models_dir>/<family>``) holds ``checkpoints/{best,last}.ckpt``,
+The pipeline trains the model of each config key in :data:`PIPELINE_MODELS` (either family)
+into the run directory ``<paths.models_dir>/<key>``, which holds ``checkpoints/{best,last}.ckpt``,
 ``run.json`` (the MLflow run id, the config hash and the status), ``config.yaml`` and, once
-finished, ``metrics.json`` and ``history.csv``. The evaluate stage writes each family's report
-to ``<paths.reports_dir>/eval/<family>``. Train, evaluate, export and predict find them here.
+finished, ``metrics.json`` and ``history.csv``. The evaluate stage writes each one's report to
+``<paths.reports_dir>/eval/<key>``. Train, evaluate, export and predict find them here.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from omegaconf import DictConfig
 
 from leukemia_mlops.tracking.store import tracking_uri
 
-#: The model families the pipeline trains, each into its own run directory.
-FAMILIES = ("cnn", "yolo")
+#: The config keys of the models the pipeline trains, each into its own run directory:
+#: ``model`` (the one the sweep tunes, any family) and ``detector`` (the YOLO compared with it).
+PIPELINE_MODELS = ("model", "detector")
 #: A run's folder of checkpoints: in its run directory and among its MLflow artifacts.
 CHECKPOINTS = "checkpoints"
 
@@ -67,14 +69,19 @@ class RunFiles:
         return self.read_state().get("mlflow_run_id")
 
 
-def model_run(cfg: DictConfig, family: str) -> RunFiles:
-    """The run directory the pipeline trains ``family`` into."""
-    return RunFiles(Path(cfg.paths.models_dir) / family)
+def model_run(cfg: DictConfig, key: str) -> RunFiles:
+    """The run directory the pipeline trains the model configured under ``key`` into."""
+    return RunFiles(Path(cfg.paths.models_dir) / key)
 
 
-def eval_dir(cfg: DictConfig, family: str) -> Path:
-    """Where the evaluate stage writes ``family``'s report."""
-    return Path(cfg.paths.reports_dir) / "eval" / family
+def eval_dir(cfg: DictConfig, key: str) -> Path:
+    """Where the evaluate stage writes the report of the model configured under ``key``."""
+    return Path(cfg.paths.reports_dir) / "eval" / key
+
+
+def evaluation_reports(cfg: DictConfig) -> list[Path]:
+    """The evaluate stage's ``metrics.json`` of every pipeline model (existing or not)."""
+    return [eval_dir(cfg, key) / "metrics.json" for key in PIPELINE_MODELS]
 
 
 def store_uri(cfg: DictConfig) -> str:

@@ -71,10 +71,8 @@ FILES = (
     "roc.csv",
     "pr.csv",
     "reliability.csv",
-    "gradcam.png",
+    "gallery.png",
 )
-#: A detector's report: the CNN's, with detection overlays instead of Grad-CAM.
-YOLO_FILES = (*FILES[:-1], "overlays.png")
 YOLO_SIZE = 64  # the detector's input side (a multiple of 32), also its cache's side
 
 
@@ -294,7 +292,7 @@ def test_the_detector_is_scored_with_the_classifiers_protocol(evaluated, yolo_ev
     for section in ("val_selection", "test", "test_default", "subject", "counts", "tta"):
         assert set(yolo[section]) == set(cnn[section]), section
     assert yolo["bootstrap"] == cnn["bootstrap"]  # the same test subjects, the same resamples
-    assert {p.name for p in yolo_evaluated.out_dir.iterdir()} == set(YOLO_FILES)
+    assert {p.name for p in yolo_evaluated.out_dir.iterdir()} == set(FILES)
     predictions = pd.read_csv(yolo_evaluated.out_dir / "predictions.csv")
     val = predictions[predictions["split"] == "val"]
     expected = binary_metrics(

@@ -13,8 +13,8 @@ subject-bootstrap intervals, because the test set samples subjects, not independ
 
 ``out_dir`` receives ``metrics.json`` (NaN as null), ``predictions.csv``, ``subjects.csv``,
 the report figures as PNG with their DVC plot tables (``roc.csv``, ``pr.csv``,
-``reliability.csv``), and ``gradcam.png`` (CNN) or ``overlays.png`` (YOLO: predicted boxes
-over test scenes).
+``reliability.csv``), and the gallery ``gallery.png``: Grad-CAM of test cells (CNN) or the
+predicted boxes over test scenes (YOLO), so that every report has the same files.
 """
 
 from __future__ import annotations
@@ -205,6 +205,9 @@ def bootstrap_report(test: Scored, spec: EvaluateSpec) -> dict[str, Any]:
 #: The few numbers ``dvc metrics show`` and ``dvc exp show`` print per model (``metrics.json``
 #: holds the whole report).
 SUMMARY_FILE = "summary.json"
+#: What the model saw, one picture per report: Grad-CAM of test cells (classifier) or the
+#: detections over test scenes (detector).
+GALLERY_FILE = "gallery.png"
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float | None]:
@@ -279,7 +282,7 @@ def evaluate_model(
         )
         metrics["detection"] = detection_report(model, scenes, spec, out_dir)
     else:
-        _write_gallery(scorer, test, metrics["threshold"], out_dir / "gradcam.png")
+        _write_gallery(scorer, test, metrics["threshold"], out_dir / GALLERY_FILE)
     metrics = _json_ready(metrics)
     predictions.to_csv(out_dir / "predictions.csv", index=False)
     subjects.to_csv(out_dir / "subjects.csv", index=False)
@@ -321,9 +324,10 @@ def load_model(checkpoint: str | Path, family: str) -> CellClassifier | YoloDete
 def detection_report(
     detector: YoloDetector, scenes: TestScenes, spec: EvaluateSpec, out_dir: Path
 ) -> dict[str, Any]:
-    """Box mAP of the test scenes with subject intervals; draws ``overlays.png``."""
+    """Box mAP of the test scenes with subject intervals; draws the scenes' detections as the
+    report's gallery."""
     intervals = detect_scenes(detector, scenes, spec.batch_size, spec.bootstrap())
-    write_overlays(detector, scenes, out_dir / "overlays.png")
+    write_overlays(detector, scenes, out_dir / GALLERY_FILE)
     return {
         **interval_columns(intervals),
         "scenes": len(scenes.samples),

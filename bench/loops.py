@@ -188,6 +188,14 @@ def median_per_s(rates: list[Rate]) -> float:
     return statistics.median(rate.per_s for rate in rates)
 
 
+def paired_overhead(rates: list[Rate], baseline: list[Rate]) -> float:
+    """Percent extra time per image of ``rates`` against ``baseline``, alternated rounds of
+    both: the median of each round's own ratio, so that the machine's drift between rounds
+    cancels (a ratio of medians may pair a fast round of one with a slow round of the other)."""
+    ratios = (base.per_s / rate.per_s for rate, base in zip(rates, baseline, strict=True))
+    return 100 * (statistics.median(ratios) - 1)
+
+
 def project_rate(ws: Workspace, model: str, image_size: int) -> Rate:
     """The project's own training speed: Lightning, configured precision and layout."""
     return train_rate(ws, "lightning", image_size, *model_overrides(model, image_size))

@@ -13,6 +13,7 @@ from bench.loops import (
     median_per_s,
     median_round,
     model_overrides,
+    paired_overhead,
     precision_of,
 )
 from bench.report import Section, pct, spread, verdict
@@ -47,8 +48,7 @@ def run(ws: Workspace) -> Section:
         cfg = ws.config(prepared, size, *overrides)
         layout = layout_name(cfg.model.get("channels_last", False))
         rounds = compared_rates(ws, size, *overrides)
-        plain = median_per_s(rounds["plain"])
-        overheads = {loop: 100 * (plain / median_per_s(r) - 1) for loop, r in rounds.items()}
+        overheads = {loop: paired_overhead(r, rounds["plain"]) for loop, r in rounds.items()}
         for loop, rates in rounds.items():
             per_s = [rate.per_s for rate in rates]
             rows.append(
@@ -92,7 +92,8 @@ def run(ws: Workspace) -> Section:
         "and its validation); img/s is the median round (lowest-highest). Batches are timed "
         "after warm-up; the phase columns (median round) are shares of wall time (timing "
         "hooks); *other* is waiting for data, the loss, metrics, validation and framework "
-        "code. Overhead = extra wall time per image vs plain, from the medians.",
+        "code. Overhead = extra wall time per image vs plain: the median over rounds of each "
+        "round's ratio (the loops of a round run back to back).",
         [
             "model",
             "loop",

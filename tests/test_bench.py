@@ -162,3 +162,19 @@ def test_a_missed_bf16_speedup_says_whether_the_cpu_or_the_project_misses_it(
     assert reading.startswith(f"project vs plain fp32: {project}x (target >= 3x)")
     assert ("**met**" in reading) == (reason is None)
     assert reason is None or reason in reading
+
+
+def test_an_overhead_pairs_the_rounds_run_back_to_back():
+    """A machine that slows down between rounds slows both loops of a round: each round's own
+    ratio is the overhead (5 % here), whatever the medians of the two columns say (6.7 %)."""
+    from bench.loops import paired_overhead
+    from bench.timing import Rate
+
+    def rates(*per_s: float) -> list:
+        return [Rate(items=round(10 * value), seconds=10.0, batches=1) for value in per_s]
+
+    project, compute_only = rates(100, 50, 60), rates(105, 52, 64)
+    assert paired_overhead(project, compute_only) == pytest.approx(5.0)
+    assert paired_overhead(compute_only, compute_only) == 0.0
+    with pytest.raises(ValueError):  # rounds that do not pair up are an error, not a figure
+        paired_overhead(project, compute_only[:2])

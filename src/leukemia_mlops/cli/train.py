@@ -76,7 +76,7 @@ def check_stage_output(run_dir: Path) -> None:
     if run_dir.as_posix() not in outs:
         raise ConfigError(
             f"the {stage} stage writes {', '.join(outs)}, not {run_dir}: keep "
-            f"paths.models_dir as dvc.yaml has it"
+            "paths.models_dir as dvc.yaml has it"
         )
 
 

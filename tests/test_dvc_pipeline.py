@@ -1,6 +1,8 @@
 """The real ``dvc`` CLI on the project's dvc.yaml, in a temporary git repository."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from conftest import TINY_SPEC
 
 from leukemia_mlops.config import compose, write_params
 from leukemia_mlops.data.synthetic import generate_cnmc
+from leukemia_mlops.evaluation.headline import headline
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -104,3 +107,46 @@ def test_default_synthetic_data_is_what_data_dvc_records(tmp_path, monkeypatch):
     recorded = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]
     generated = {"md5": tree.hash_info.value, "size": meta.size, "nfiles": meta.nfiles}
     assert generated == {key: recorded[key] for key in generated}
+
+
+def evaluation_report(f1: float, low: float, high: float, auroc: float) -> dict:
+    """The section of an evaluation report (``metrics.json``) a headline reads."""
+    test = {"f1_weighted": f1, "f1_weighted_bca_low": low, "f1_weighted_bca_high": high}
+    return {"test": test | {"auroc": auroc}}
+
+
+def test_the_model_metrics_fill_the_first_screen_of_dvc_exp_show(project):
+    """In an 80-column terminal ``dvc exp show`` pages its table (``less -S``): the first screen
+    shows each experiment, its date and `model`'s numbers; ``dvc metrics show`` fits whole."""
+    reports = {
+        "model": evaluation_report(0.7039512705634096, 0.6118800508, 0.7961836671, 0.8276),
+        "detector": evaluation_report(0.5191593, 0.4540212, 0.5830712, 0.3909871),
+    }
+    (project / "reports").mkdir()
+    (project / "reports/metrics.json").write_text(json.dumps(headline(reports)))
+    run("git", "add", "-A", cwd=project)
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ok", cwd=project)
+    reports["model"]["test"]["f1_weighted"] = 0.81234
+    (project / "reports/metrics.json").write_text(json.dumps(headline(reports)))
+
+    # Not a terminal, dvc prints the whole table its pager would scroll: its first 80 columns
+    # are the first screen.
+    screen = [line[:80] for line in run(DVC, "exp", "show", cwd=project).splitlines()]
+    assert screen[1].split()[:6] == ["Experiment", "Created", "f1", "f1_low", "f1_high", "auroc"]
+    workspace, committed = screen[3:5]
+    assert re.search(r"^  workspace .* 0\.812 +0\.612 +0\.796 +0\.828 ", workspace)
+    assert re.search(r"0\.704 +0\.612 +0\.796 +0\.828 ", committed)
+    table = run(DVC, "metrics", "show", cwd=project).splitlines()
+    assert max(map(len, table)) <= 80
+    assert table[0].split() == [
+        "Path", "auroc", "det_auroc", "det_f1", "f1", "f1_high", "f1_low"
+    ]  # fmt: skip
+    assert table[1].split() == [
+        "reports/metrics.json",
+        "0.828",
+        "0.391",
+        "0.519",
+        "0.812",
+        "0.796",
+        "0.612",
+    ]

@@ -61,7 +61,6 @@ EXPERIMENT = "leukemia-test"
 METRICS = tuple(binary_metrics([0.2, 0.8], [0, 1]))
 FILES = (
     "metrics.json",
-    "summary.json",
     "predictions.csv",
     "subjects.csv",
     "confusion_matrix.png",
@@ -221,16 +220,6 @@ def test_report_files_are_written(evaluated, tiny_prepared):
     for name in ("roc.csv", "pr.csv", "reliability.csv"):
         table = pd.read_csv(out / name)
         assert len(table) > 0 and not table.isna().any().any(), name
-
-    metrics = json.loads((out / "metrics.json").read_text())
-    summary = json.loads((out / "summary.json").read_text())
-    assert list(summary.items()) == [  # in this order: dvc exp show's columns, test F1 first
-        ("test_f1", metrics["test"]["f1_weighted"]),
-        ("ci_low", metrics["test"]["f1_weighted_bca_low"]),
-        ("ci_high", metrics["test"]["f1_weighted_bca_high"]),
-        ("val_f1", metrics["val_selection"]["f1_weighted"]),
-        ("auroc", metrics["test"]["auroc"]),
-    ]
 
     predictions = pd.read_csv(out / "predictions.csv")
     assert list(predictions.columns) == [
@@ -603,8 +592,16 @@ def test_evaluate_stage_scores_each_pipeline_model_of_either_family_into_its_run
         assert logged.pop(THROUGHPUT_METRIC) > 0
         assert logged == mlflow_metrics(metrics), key
         assert ("eval/detection/map" in logged) == (family == "yolo")
-    detection = json.loads((tmp_path / "reports/eval/model/metrics.json").read_text())["detection"]
+    reports = {key: json.loads((tmp_path / f"reports/eval/{key}/metrics.json").read_text())
+               for key in families}  # fmt: skip
+    detection = reports["model"]["detection"]
     assert detection["boxes"] == detection["scenes"]
+    # The headline, DVC's metrics file: `model`'s numbers first, then the detector's, the same
+    # whatever the family, rounded, each under its own name.
+    shown = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert list(shown) == ["f1", "f1_low", "f1_high", "auroc", "det_f1", "det_auroc"]
+    for name, key, number in [("f1", "model", "f1_weighted"), ("det_auroc", "detector", "auroc")]:
+        assert shown[name] == round(reports[key]["test"][number], 3)
     assert not (tmp_path / "reports/eval/metrics.json").exists()
 
     # A model never trained is skipped; no model at all is an error.

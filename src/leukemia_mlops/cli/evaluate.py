@@ -2,8 +2,9 @@
 
 Evaluates every model the pipeline trained (``models/<key>/checkpoints/best.ckpt`` for the
 keys ``model`` and ``detector``, of whichever family; one not trained is skipped with a warning)
-on the prepare cache with one protocol into ``reports/eval/<key>/``, and logs each one's results
-into its training run (named by ``models/<key>/run.json``).
+on the prepare cache with one protocol into ``reports/eval/<key>/``, logs each one's results
+into its training run (named by ``models/<key>/run.json``) and writes their headline, the DVC
+metrics file ``reports/metrics.json``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ log = logging.getLogger(__name__)
 
 def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
+        from leukemia_mlops.data.prepare import write_json
         from leukemia_mlops.errors import MissingInputError
         from leukemia_mlops.evaluation.evaluate import EvaluateSpec, evaluate_model
+        from leukemia_mlops.evaluation.headline import headline
         from leukemia_mlops.inference.loading import checkpoint_family
         from leukemia_mlops.tracking.run_files import (
             PIPELINE_MODELS,
             eval_dir,
+            headline_file,
             model_run,
             store_uri,
         )
@@ -43,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise MissingInputError(f"no such checkpoint: {missing} (train a model first)")
         for key in (k for k in runs if k not in trained):
             log.warning("no %s trained (%s): not evaluated", key, runs[key].best_checkpoint)
+        reports = {}
         for key, run in trained.items():
             run_id = run.mlflow_run_id()
             if run_id is None:
@@ -58,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 mlflow_uri=store_uri(cfg),
             )
             _log_summary(key, metrics)
+            reports[key] = metrics
+        write_json(headline_file(cfg), headline(reports), sort_keys=False)  # dvc's column order
 
     run_cli(body)
 

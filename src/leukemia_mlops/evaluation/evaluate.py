@@ -202,26 +202,9 @@ def bootstrap_report(test: Scored, spec: EvaluateSpec) -> dict[str, Any]:
     }
 
 
-#: The few numbers ``dvc metrics show`` and ``dvc exp show`` print per model (``metrics.json``
-#: holds the whole report).
-SUMMARY_FILE = "summary.json"
 #: What the model saw, one picture per report: Grad-CAM of test cells (classifier) or the
 #: detections over test scenes (detector).
 GALLERY_FILE = "gallery.png"
-
-
-def headline(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """Test weighted F1 with its BCa 95% interval, the validation (selection) weighted F1 and
-    test AUROC, in the order ``dvc exp show`` prints them, under short keys that fit an
-    80-column ``dvc metrics show``."""
-    test = metrics["test"]
-    return {
-        "test_f1": test["f1_weighted"],
-        "ci_low": test.get("f1_weighted_bca_low"),
-        "ci_high": test.get("f1_weighted_bca_high"),
-        "val_f1": metrics["val_selection"]["f1_weighted"],
-        "auroc": test["auroc"],
-    }
 
 
 def evaluate_model(
@@ -288,7 +271,6 @@ def evaluate_model(
     subjects.to_csv(out_dir / "subjects.csv", index=False)
     _write_plots(test, metrics["threshold"], out_dir)
     write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / SUMMARY_FILE, headline(metrics), sort_keys=False)  # dvc's column order
     if mlflow_run_id:
         uri = mlflow_uri or tracking_uri(None)
         # The speed goes to MLflow only: a report file must not change with the machine's load.

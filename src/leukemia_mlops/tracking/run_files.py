@@ -4,7 +4,8 @@ The pipeline trains the model of each config key in :data:`PIPELINE_MODELS` (eit
 into the run directory ``<paths.models_dir>/<key>``, which holds ``checkpoints/{best,last}.ckpt``,
 ``run.json`` (the MLflow run id, the config hash and the status), ``config.yaml`` and, once
 finished, ``metrics.json`` and ``history.csv``. The evaluate stage writes each one's report to
-``<paths.reports_dir>/eval/<key>``. Train, evaluate, export and predict find them here.
+``<paths.reports_dir>/eval/<key>`` and their headline to ``<paths.reports_dir>/metrics.json``.
+Train, evaluate, export and predict find them here.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ def eval_dir(cfg: DictConfig, key: str) -> Path:
 def evaluation_reports(cfg: DictConfig) -> list[Path]:
     """The evaluate stage's ``metrics.json`` of every pipeline model (existing or not)."""
     return [eval_dir(cfg, key) / "metrics.json" for key in PIPELINE_MODELS]
+
+
+def headline_file(cfg: DictConfig) -> Path:
+    """The pipeline's DVC metrics file: the headline numbers of every evaluated model."""
+    return Path(cfg.paths.reports_dir) / "metrics.json"
 
 
 def store_uri(cfg: DictConfig) -> str:

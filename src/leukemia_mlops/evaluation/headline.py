@@ -1,0 +1,48 @@
+"""The pipeline's headline: the few numbers ``dvc metrics show`` and ``dvc exp show`` print.
+
+Both pipeline models' numbers sit in one flat file under names of their own, because DVC
+heads a name that two metrics files share with the file's path, and an 80-column terminal then
+shows a single number. The numbers are those of the protocol every family is scored with (cell
+level, on the test split), so experiments compare in the same columns whatever model they
+train: ``model`` (what experiments vary) shows its weighted F1 with the BCa 95% interval and
+AUROC, first in ``dvc exp show``; ``detector`` (the model it is compared with) its F1 and AUROC
+under ``det_``. They are rounded to three decimals, finer than any interval here; each model's
+``reports/eval/<key>/metrics.json`` holds the whole report (a detector's box mAP included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: Per pipeline model key: the prefix of its names and the numbers it shows, in column order.
+SHOWN = {
+    "model": ("", ("f1", "f1_low", "f1_high", "auroc")),
+    "detector": ("det_", ("f1", "auroc")),
+}
+DECIMALS = 3
+
+
+def report_numbers(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """The numbers a headline may show, from one evaluation report (``metrics.json``); an
+    interval the test split is too small for is ``None``."""
+    test = metrics["test"]
+    return {
+        "f1": test["f1_weighted"],
+        "f1_low": test.get("f1_weighted_bca_low"),
+        "f1_high": test.get("f1_weighted_bca_high"),
+        "auroc": test["auroc"],
+    }
+
+
+def headline(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    """The headline of the evaluated pipeline models (config key -> report), in column order."""
+    shown: dict[str, float | None] = {}
+    for key, metrics in reports.items():
+        prefix, names = SHOWN[key]
+        numbers = report_numbers(metrics)
+        shown |= {
+            prefix + name: None if numbers[name] is None else round(numbers[name], DECIMALS)
+            for name in names
+        }
+    return shown

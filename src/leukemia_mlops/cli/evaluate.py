@@ -87,25 +87,27 @@ def _scene_spec(run: RunFiles) -> SceneSpec:
 def _log_summary(key: str, metrics: dict) -> None:
     test = metrics["test"]
     log.info(
-        "%s: test weighted F1 %.4f, BCa 95%% interval [%s, %s] (intervals: %s), "
+        "%s: test weighted F1 %.4f, BCa 95%% interval %s (intervals: %s), "
         "at threshold %.3f (chosen on val)",
         key,
         test["f1_weighted"],
-        test["f1_weighted_bca_low"],
-        test["f1_weighted_bca_high"],
+        _interval(test["f1_weighted_bca_low"], test["f1_weighted_bca_high"]),
         metrics["bootstrap"]["intervals"],
         metrics["threshold"],
     )
     if "detection" in metrics:
         detection = metrics["detection"]
         log.info(
-            "%s: test scenes mAP@0.5 %s [%s, %s], mAP@0.5:0.95 %s",
+            "%s: test scenes mAP@0.5 %.4f %s, mAP@0.5:0.95 %.4f",
             key,
             detection["map_50"],
-            detection["map_50_low"],
-            detection["map_50_high"],
+            _interval(detection["map_50_low"], detection["map_50_high"]),
             detection["map"],
         )
+
+
+def _interval(low: float | None, high: float | None) -> str:
+    return "[none]" if low is None or high is None else f"[{low:.4f}, {high:.4f}]"
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ import optuna
 import pytest
 import yaml
 from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from optuna.trial import TrialState
 
 from leukemia_mlops.config import write_params
+from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.tracking.store import tracking_uri
 from leukemia_mlops.tuning.runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL_TAG
 
@@ -151,6 +153,21 @@ def test_a_sweep_nests_its_trials_in_mlflow_and_a_rerun_continues_it(tiny_prepar
         )
         assert child.data.metrics["trial/value"] == pytest.approx(trial.value)
         assert "val/f1_weighted" in child.data.metrics  # the child is the training run itself
+    # Every run of the study, its parent included, names the data it read: the UI's Dataset
+    # column and `mlflow.search_runs` filters on datasets see the whole sweep.
+    contexts = {
+        run.info.run_id: sorted(
+            (entry.dataset.digest, tag.value)
+            for entry in client.get_run(run.info.run_id).inputs.dataset_inputs
+            for tag in entry.tags
+            if tag.key == MLFLOW_DATASET_CONTEXT
+        )
+        for run in [parent, *children]
+    }
+    digest = read_identity(tiny_prepared).data_hash  # no data.dvc here: the cache's hash
+    assert all(
+        found == [(digest, "training"), (digest, "validation")] for found in contexts.values()
+    ), contexts
 
 
 def test_two_workers_on_one_study_add_distinct_trials(tiny_prepared, tmp_path):
@@ -240,6 +257,16 @@ def test_a_bad_search_space_fails_before_any_trial(tiny_prepared, tmp_path):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlruns/optuna.db").exists()
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_without_a_prepare_cache_fails_before_any_run(tmp_path):
+    command = sweep_command(tmp_path, tmp_path / "nothing", *CNN, *TINY)
+    result = run(command, tmp_path)
+    assert result.returncode == 1
+    assert "nothing records no data identity: rebuild it (dvc repro prepare)" in result.stderr
+    assert "Traceback" not in result.stderr
+    client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def test_the_sweep_stage_tunes_the_configured_model_and_writes_the_best_params(

@@ -85,20 +85,28 @@ class LeukemiaOptunaSweeper(Sweeper):
         """Check the search space, then run this command's trials and summarize the study."""
         from dataclasses import replace
 
+        from leukemia_mlops.data.identity import read_identity
+        from leukemia_mlops.errors import InputError
         from leukemia_mlops.redaction import redact
         from leukemia_mlops.tracking.store import tracking_uri
         from leukemia_mlops.tuning.runs import RESULTS_FILE, SweepRuns, study_summary
         from leukemia_mlops.tuning.search_space import swept_values
         from leukemia_mlops.tuning.storage import storage_url
-        from leukemia_mlops.tuning.study import open_study, run_trials
+        from leukemia_mlops.tuning.study import SweepError, open_study, run_trials
 
         space = self._search_space(arguments)
+        prepared_dir = self.config.datamodule.prepared_dir
+        try:
+            identity = read_identity(prepared_dir)  # the trials' data, before any study or run
+        except InputError as err:
+            raise SweepError(str(err)) from None
         if self.settings.storage:
             self.settings = replace(self.settings, storage=storage_url(self.settings.storage))
         study, storage, created = open_study(self.settings)
         mlflow, mlruns_dir = self.config.logger.mlflow, self.config.paths.mlruns_dir
         uri = tracking_uri(mlflow.tracking_uri, mlruns_dir)
         runs = SweepRuns.open(uri, mlflow.experiment_name, mlruns_dir, study, created)
+        runs.log_data(prepared_dir, identity)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         # The storage URL's password (and any other) stays out of the saved config.

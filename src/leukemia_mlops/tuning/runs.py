@@ -4,9 +4,10 @@ A trial's child is its training run, which ``run_training`` nests under the pare
 :func:`trial_tags`; a trial that failed before its training run started gets a child here.
 Every child ends with the trial's state, sampled params and objective; the parent holds the
 study summary: best value and params, trial counts, the optimization history and the
-parameter importances. The study remembers its parent run, so a resumed sweep and concurrent
-workers log under the same one. Only the best ``keep_models`` trials keep their checkpoints
-in the store (:meth:`SweepRuns.drop_checkpoints`); every trial keeps its metrics and params.
+parameter importances, and the data the trials train and select on as its dataset inputs. The
+study remembers its parent run, so a resumed sweep and concurrent workers log under the same
+one. Only the best ``keep_models`` trials keep their checkpoints in the store
+(:meth:`SweepRuns.keep_best`); every trial keeps its metrics and params.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from leukemia_mlops.data.prepare import MANIFEST_FILE
+from leukemia_mlops.tracking.datasets import TRAINING_CONTEXTS, log_data_inputs
 from leukemia_mlops.tracking.run_files import CHECKPOINTS
 from leukemia_mlops.tracking.store import ensure_experiment
 
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
     import optuna
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
+
+    from leukemia_mlops.data.identity import CacheIdentity
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +141,19 @@ class SweepRuns:
             study.set_user_attr(PARENT_ATTR, parent_id)
         client.update_run(parent_id, status="RUNNING")
         return cls(client, experiment_id, parent_id)
+
+    def log_data(self, prepared_dir: str | Path, identity: CacheIdentity) -> None:
+        """Log the trials' data, the prepare cache, as the parent run's dataset inputs (again,
+        as a resumed sweep or another worker does, adds nothing)."""
+        manifest = Path(prepared_dir) / MANIFEST_FILE
+        log_data_inputs(
+            self.client.tracking_uri,
+            self.parent_id,
+            manifest,
+            identity.source,
+            identity.data_hash,
+            TRAINING_CONTEXTS,
+        )
 
     def record_trial(self, trial: optuna.trial.FrozenTrial) -> None:
         """End the trial's child run with its state, sampled params and objective."""

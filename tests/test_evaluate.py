@@ -46,6 +46,8 @@ from leukemia_mlops.evaluation.evaluate import (
 )
 from leukemia_mlops.evaluation.gradcam import gradcam, last_conv_block
 from leukemia_mlops.evaluation.metrics import binary_metrics
+from leukemia_mlops.evaluation.paired import NO_DIFFERENCE
+from leukemia_mlops.evaluation.ranking_guard import INVERTED
 from leukemia_mlops.inference.loading import load_classifier, load_detector
 from leukemia_mlops.inference.predict import predict_paths
 from leukemia_mlops.inference.scorers import TorchScorer, dihedral_views, to_network_input
@@ -387,10 +389,12 @@ def test_comparison_lists_both_families_in_the_same_columns(evaluated, yolo_eval
         for key in set(KEY_METRICS) - {THROUGHPUT_METRIC}:
             value = rows.loc[family, key]
             assert value == expected.get(key) or (math.isnan(value) and key not in expected)
+        assert rows.loc[family, "warning"] == "; ".join(result.metrics["warnings"])
     assert not math.isnan(rows.loc["yolo", "eval/detection/map_50"])
     markdown, csv = write_comparison(table, tmp_path / "comparison.md")
     assert yolo_evaluated.run_id in markdown.read_text()
-    pd.testing.assert_frame_equal(pd.read_csv(csv), table, check_dtype=False)
+    written = pd.read_csv(csv).fillna({"warning": ""})  # CSV reads an empty text as NaN
+    pd.testing.assert_frame_equal(written, table, check_dtype=False)
     with pytest.raises(ValueError, match="no MLflow experiment"):
         compare_runs(evaluated.uri, "no-such-experiment")
     with pytest.raises(ValueError, match="validation metric"):
@@ -590,6 +594,8 @@ def test_evaluate_stage_scores_each_pipeline_model_of_either_family_into_its_run
         assert metrics["bootstrap"]["n_resamples"] == 5
         logged = client.get_run(run_ids[key]).data.metrics
         assert logged.pop(THROUGHPUT_METRIC) > 0
+        compared = {k: logged.pop(k) for k in list(logged) if k.startswith("comparison/")}
+        assert {"comparison/auroc/point", "comparison/balanced_accuracy/point"} <= set(compared)
         assert logged == mlflow_metrics(metrics), key
         assert ("eval/detection/map" in logged) == (family == "yolo")
     reports = {key: json.loads((tmp_path / f"reports/eval/{key}/metrics.json").read_text())
@@ -599,9 +605,22 @@ def test_evaluate_stage_scores_each_pipeline_model_of_either_family_into_its_run
     # The headline, DVC's metrics file: `model`'s numbers first, then the detector's, the same
     # whatever the family, rounded, each under its own name.
     shown = json.loads((tmp_path / "reports/metrics.json").read_text())
-    assert list(shown) == ["f1", "f1_low", "f1_high", "auroc", "det_f1", "det_auroc"]
+    assert list(shown) == [
+        "f1", "f1_low", "f1_high", "auroc", "det_f1", "det_auroc",
+        "d_auroc", "d_auroc_low", "d_auroc_high", "verdict",
+    ]  # fmt: skip
     for name, key, number in [("f1", "model", "f1_weighted"), ("det_auroc", "detector", "auroc")]:
         assert shown[name] == round(reports[key]["test"][number], 3)
+    # Both models compared on the same test cells: `model` minus `detector`, and its verdict
+    # (2 test subjects per class here: no interval, so no difference is shown).
+    comparison = json.loads((tmp_path / "reports/comparison.json").read_text())
+    difference = reports["model"]["test"]["auroc"] - reports["detector"]["test"]["auroc"]
+    assert comparison["auroc"]["point"] == pytest.approx(difference)
+    assert shown["d_auroc"] == round(comparison["auroc"]["point"], 3)
+    assert (shown["d_auroc_low"], shown["verdict"]) == (None, NO_DIFFERENCE)
+    for key in families:
+        tags = client.get_run(run_ids[key]).data.tags
+        assert tags["comparison_verdict"] == NO_DIFFERENCE
     assert not (tmp_path / "reports/eval/metrics.json").exists()
 
     # A model never trained is skipped; no model at all is an error.
@@ -625,3 +644,30 @@ def test_a_scorer_scales_uint8_on_its_device_exactly_as_training_does():
     assert scorer.autocast is None  # mixed precision only on a GPU
     with pytest.raises(ValueError, match="expected uint8 images"):
         scorer.tensor(images.astype(np.float32))
+
+
+def test_a_model_ranking_backwards_is_flagged_in_its_report_and_log(
+    tiny_prepared, tiny_checkpoint, tmp_path, caplog
+):
+    """The tiny CNN with its logits negated (its head's weights and bias) ranks every pair of
+    cells the other way round; evaluate says so in ``metrics.json`` and the log."""
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    head = [key for key in checkpoint["state_dict"] if key.startswith("net.fc.")]
+    assert head
+    for key in head:
+        checkpoint["state_dict"][key] = -checkpoint["state_dict"][key]
+    negated = tmp_path / "negated.ckpt"
+    torch.save(checkpoint, negated)
+    spec = evaluate_spec(n_resamples=50, tta=False, min_subjects=2)
+    original = evaluate_model(tiny_checkpoint, tiny_prepared, tmp_path / "original", spec)
+    with caplog.at_level("WARNING", logger="leukemia_mlops.evaluation.evaluate"):
+        flipped = evaluate_model(negated, tiny_prepared, tmp_path / "negated", spec)
+    for split in ("val_selection", "test"):
+        assert flipped[split]["auroc"] == pytest.approx(1 - original[split]["auroc"])
+    assert original["val_selection"]["auroc"] > 0.5  # the premise: the tiny model learned
+    assert original["warnings"] == []
+    assert flipped["warnings"] and all(INVERTED in w for w in flipped["warnings"])
+    assert flipped["warnings"][0].startswith("validation AUROC")
+    written = json.loads((tmp_path / "negated/metrics.json").read_text())
+    assert written["warnings"] == flipped["warnings"]
+    assert INVERTED in caplog.text

@@ -1,6 +1,7 @@
 """``python -m leukemia_mlops.train [group=option ...] [-m]``: Hydra entry point for training.
 
-Returns the best validation weighted F1, the objective of ``-m hparams_search=...`` sweeps.
+Returns the best validation AUROC (the monitored metric), the objective of
+``-m hparams_search=...`` sweeps.
 A sweep job whose trainer starts several processes (DDP) trains in a child process (see
 :mod:`leukemia_mlops.training.launch`), so that its ranks never re-run the multirun.
 """

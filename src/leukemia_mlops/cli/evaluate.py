@@ -4,7 +4,9 @@ Evaluates every model the pipeline trained (``models/<key>/checkpoints/best.ckpt
 keys ``model`` and ``detector``, of whichever family; one not trained is skipped with a warning)
 on the prepare cache with one protocol into ``reports/eval/<key>/``, logs each one's results
 into its training run (named by ``models/<key>/run.json``) and writes their headline, the DVC
-metrics file ``reports/metrics.json``.
+metrics file ``reports/metrics.json``. With both models evaluated it also writes their paired
+comparison (``reports/comparison.json``: differences with subject-bootstrap intervals and a
+verdict), into the headline and both MLflow runs too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from leukemia_mlops.cli.args import run_cli, stage_config
 from leukemia_mlops.config import build_spec
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from leukemia_mlops.data.scenes import SceneSpec
     from leukemia_mlops.tracking.run_files import RunFiles
 
@@ -27,11 +31,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         from leukemia_mlops.data.prepare import write_json
         from leukemia_mlops.errors import MissingInputError
-        from leukemia_mlops.evaluation.evaluate import EvaluateSpec, evaluate_model
+        from leukemia_mlops.evaluation.evaluate import (
+            EvaluateSpec,
+            compare_models,
+            evaluate_model,
+            log_comparison,
+        )
         from leukemia_mlops.evaluation.headline import headline
         from leukemia_mlops.inference.loading import checkpoint_family
         from leukemia_mlops.tracking.run_files import (
             PIPELINE_MODELS,
+            comparison_file,
             eval_dir,
             headline_file,
             model_run,
@@ -47,24 +57,39 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise MissingInputError(f"no such checkpoint: {missing} (train a model first)")
         for key in (k for k in runs if k not in trained):
             log.warning("no %s trained (%s): not evaluated", key, runs[key].best_checkpoint)
-        reports = {}
+        reports, families = {}, {}
         for key, run in trained.items():
             run_id = run.mlflow_run_id()
             if run_id is None:
                 log.warning("no MLflow run recorded in %s: %s is not logged", run.state, key)
+            families[key] = checkpoint_family(run.best_checkpoint)
             metrics = evaluate_model(
                 run.best_checkpoint,
                 cfg.paths.prepared_dir,
                 eval_dir(cfg, key),
                 spec,
-                family=checkpoint_family(run.best_checkpoint),
+                family=families[key],
                 scene_spec=_scene_spec(run),
                 mlflow_run_id=run_id,
                 mlflow_uri=store_uri(cfg),
             )
             _log_summary(key, metrics)
             reports[key] = metrics
-        write_json(headline_file(cfg), headline(reports), sort_keys=False)  # dvc's column order
+        comparison = None
+        if len(reports) == len(PIPELINE_MODELS):
+            names = {key: _display_name(key, families[key]) for key in PIPELINE_MODELS}
+            comparison = compare_models(
+                {names[key]: eval_dir(cfg, key) for key in PIPELINE_MODELS},
+                {names[key]: reports[key] for key in PIPELINE_MODELS},
+                spec,
+            )
+            write_json(comparison_file(cfg), comparison, sort_keys=False)
+            _log_comparison(comparison)
+            run_ids = [run.mlflow_run_id() for run in trained.values()]
+            log_comparison(store_uri(cfg), [i for i in run_ids if i], comparison)
+        _plot_learning_curves(cfg, trained)
+        # dvc's column order
+        write_json(headline_file(cfg), headline(reports, comparison), sort_keys=False)
 
     run_cli(body)
 
@@ -104,6 +129,43 @@ def _log_summary(key: str, metrics: dict) -> None:
             _interval(detection["map_50_low"], detection["map_50_high"]),
             detection["map"],
         )
+
+
+def _plot_learning_curves(cfg: DictConfig, trained: dict[str, RunFiles]) -> None:
+    """Both models' validation AUROC by epoch and training time, from the train stages'
+    histories (a model trained outside the pipeline may have none)."""
+    import pandas as pd
+
+    from leukemia_mlops.evaluation.plots import learning_curves_plot
+    from leukemia_mlops.tracking.run_files import learning_curves_file, training_report
+
+    histories = {
+        key: pd.read_csv(path)
+        for key in trained
+        if (path := training_report(cfg, key, "_history.csv")).is_file()
+    }
+    if histories:
+        learning_curves_plot(histories, learning_curves_file(cfg))
+
+
+def _display_name(key: str, family: str) -> str:
+    """How the verdict names a pipeline model: ``model`` by its family when it is a CNN."""
+    return "CNN" if key == "model" and family == "cnn" else key
+
+
+def _log_comparison(comparison: dict) -> None:
+    from leukemia_mlops.evaluation.paired import DIFFERENCES
+
+    for name in DIFFERENCES:
+        difference = comparison[name]
+        log.info(
+            "%s, test %s: %+.4f, BCa 95%% interval %s",
+            comparison["difference"],
+            name,
+            difference["point"],
+            _interval(difference["bca_low"], difference["bca_high"]),
+        )
+    log.info("verdict: %s (by %s)", comparison["verdict"], comparison["verdict_by"])
 
 
 def _interval(low: float | None, high: float | None) -> str:

@@ -33,24 +33,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-        from leukemia_mlops.tracking.run_files import model_run
+        from leukemia_mlops.tracking.run_files import model_run, training_report
         from leukemia_mlops.training.run import atomic_write_text, run_training
 
         cfg = load_params(args.params, args.overrides)
         if args.best_params:
             cfg = with_best_params(cfg, Path(args.best_params))
         cfg = with_model(cfg, args.model_key, args.params)
-        run_dir = model_run(cfg, args.model_key).root
-        check_stage_output(run_dir)
-        best = run_training(cfg, run_dir)
+        run_dir = model_run(cfg, args.model_key)
+        check_stage_output(run_dir.root)
+        best = run_training(cfg, run_dir.root)
         if rank_zero_only.rank != 0:  # under DDP the reports are rank 0's alone
             return
-        reports = Path(cfg.paths.reports_dir)
-        reports.mkdir(parents=True, exist_ok=True)
-        for source, target in (("metrics.json", ".json"), ("history.csv", "_history.csv")):
-            text = (run_dir / source).read_text()
-            atomic_write_text(reports / f"train_{args.model_key}{target}", text)
-        log.info("best val weighted F1 of %s: %.4f", args.model_key, best)
+        Path(cfg.paths.reports_dir).mkdir(parents=True, exist_ok=True)
+        for source, suffix in ((run_dir.metrics, ".json"), (run_dir.history, "_history.csv")):
+            atomic_write_text(training_report(cfg, args.model_key, suffix), source.read_text())
+        log.info("best val AUROC of %s: %.4f", args.model_key, best)
 
     run_cli(body)
 

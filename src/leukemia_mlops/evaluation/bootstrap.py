@@ -69,7 +69,7 @@ def too_few_subjects(counts: dict[str, int], min_subjects: int) -> str | None:
     return f"too few subjects: {' and '.join(short)}, fewer than {min_subjects} per class"
 
 
-def _subject_labels(labels: np.ndarray, subject: np.ndarray, n_subjects: int) -> np.ndarray:
+def subject_labels(labels: np.ndarray, subject: np.ndarray, n_subjects: int) -> np.ndarray:
     """Each subject's label, checked to be the same for all its cells."""
     label_of = np.zeros(n_subjects, dtype=np.int64)
     label_of[subject] = labels
@@ -174,7 +174,7 @@ def bootstrap_ci(
     if subject_ids.shape != y.shape:
         raise ValueError(f"subjects shape {subject_ids.shape} does not match labels {y.shape}")
     subject_names, subject = np.unique(subject_ids, return_inverse=True)
-    label_of = _subject_labels(y, subject, subject_names.size)
+    label_of = subject_labels(y, subject, subject_names.size)
     scorer = _weighted_samples if isinstance(metric_fn, WeightedMetric) else _looped_samples
 
     def score(counts: np.ndarray) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 #: The validation metric that ranks runs within a dataset and picks the champion.
-SELECTION_METRIC = "eval/val_selection/f1_weighted"
+SELECTION_METRIC = "eval/val_selection/auroc"
 #: Images per second the model scored (val and test, no TTA) on the machine that evaluated it.
 THROUGHPUT_METRIC = "eval/images_per_s"
 #: Columns of the comparison, as MLflow metric keys.
@@ -39,6 +39,9 @@ KEY_METRICS = (
     "eval/detection/map_50",
     THROUGHPUT_METRIC,
 )
+#: The run tag where ``evaluate`` leaves its warnings (a model ranking backwards), shown as a
+#: column so that no such run reads as a result.
+WARNING_TAG = "eval_warning"
 #: A run counts as evaluated when it has this metric.
 EVALUATED = "test/f1_weighted"
 DATASET = ("dataset", "digest")
@@ -75,6 +78,7 @@ def compare_runs(uri: str, experiment_name: str, metric: str = SELECTION_METRIC)
             "run_id": run.info.run_id,
             "run_name": run.info.run_name,
             **{key: run.data.metrics.get(key, float("nan")) for key in columns},
+            "warning": run.data.tags.get(WARNING_TAG, ""),
         }
         for run in _all_runs(client, experiment.experiment_id)
         if EVALUATED in run.data.metrics

@@ -19,6 +19,7 @@ predicted boxes over test scenes (YOLO), so that every report has the same files
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from leukemia_mlops.evaluation.bootstrap import (
     subjects_per_class,
     too_few_subjects,
 )
-from leukemia_mlops.evaluation.compare import THROUGHPUT_METRIC
+from leukemia_mlops.evaluation.compare import THROUGHPUT_METRIC, WARNING_TAG
 from leukemia_mlops.evaluation.detection import (
     CellLogit,
     TestScenes,
@@ -55,6 +56,12 @@ from leukemia_mlops.evaluation.metrics import (
     choose_threshold,
     subject_metrics,
 )
+from leukemia_mlops.evaluation.paired import (
+    DIFFERENCES,
+    Scores,
+    aligned_test_cells,
+    comparison_report,
+)
 from leukemia_mlops.evaluation.plots import (
     CLASS_NAMES,
     confusion_matrix_plot,
@@ -62,6 +69,7 @@ from leukemia_mlops.evaluation.plots import (
     reliability_plot,
     roc_curve_plot,
 )
+from leukemia_mlops.evaluation.ranking_guard import inverted_ranking
 from leukemia_mlops.inference.loading import (
     CHECKPOINT_DIGEST_KEY,
     file_sha256,
@@ -74,6 +82,8 @@ from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.tracking.datasets import EVALUATION_CONTEXTS, log_data_inputs
 from leukemia_mlops.tracking.store import tracking_uri
+
+log = logging.getLogger(__name__)
 
 CONFIDENCE = 0.95
 GALLERY_PER_GROUP = 4
@@ -202,6 +212,7 @@ def bootstrap_report(test: Scored, spec: EvaluateSpec) -> dict[str, Any]:
     }
 
 
+PREDICTIONS_FILE = "predictions.csv"
 #: What the model saw, one picture per report: Grad-CAM of test cells (classifier) or the
 #: detections over test scenes (detector).
 GALLERY_FILE = "gallery.png"
@@ -267,7 +278,10 @@ def evaluate_model(
     else:
         _write_gallery(scorer, test, metrics["threshold"], out_dir / GALLERY_FILE)
     metrics = _json_ready(metrics)
-    predictions.to_csv(out_dir / "predictions.csv", index=False)
+    metrics["warnings"] = inverted_ranking(metrics)
+    for warning in metrics["warnings"]:
+        log.warning("%s: %s", checkpoint, warning)
+    predictions.to_csv(out_dir / PREDICTIONS_FILE, index=False)
     subjects.to_csv(out_dir / "subjects.csv", index=False)
     _write_plots(test, metrics["threshold"], out_dir)
     write_json(out_dir / "metrics.json", metrics)
@@ -279,6 +293,20 @@ def evaluate_model(
         # The model that takes image files, now that its validated threshold is known.
         _log_served_model(uri, mlflow_run_id, model, prepared_dir, metrics["threshold"])
     return metrics
+
+
+def compare_models(
+    out_dirs: dict[str, Path], reports: dict[str, dict[str, Any]], spec: EvaluateSpec
+) -> dict[str, Any]:
+    """The paired comparison of two evaluated models (name -> its report folder and its
+    ``metrics.json``), first minus second, on the test cells both ``predictions.csv`` hold."""
+    (name_a, dir_a), (name_b, dir_b) = out_dirs.items()
+    cells = aligned_test_cells(
+        pd.read_csv(dir_a / PREDICTIONS_FILE), pd.read_csv(dir_b / PREDICTIONS_FILE)
+    )
+    a = Scores(name_a, cells["prob_a"].to_numpy(), reports[name_a]["threshold"])
+    b = Scores(name_b, cells["prob_b"].to_numpy(), reports[name_b]["threshold"])
+    return _json_ready(comparison_report(a, b, cells, spec.bootstrap()))
 
 
 def _log_served_model(
@@ -435,4 +463,27 @@ def log_evaluation(
     values = {**mlflow_metrics(metrics), **(extra or {})}
     logged = [Metric(key, value, now, 0) for key, value in values.items()]
     client.log_batch(run_id, metrics=logged)
+    client.set_tag(run_id, WARNING_TAG, "; ".join(metrics.get("warnings", [])))
     client.log_artifacts(run_id, str(out_dir), "evaluation")
+
+
+def log_comparison(uri: str, run_ids: list[str], comparison: dict[str, Any]) -> None:
+    """Log a paired comparison into each compared model's run: its numbers as
+    ``comparison/<metric>/<part>`` and its verdict as the ``comparison_verdict`` tag."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient(uri)
+    now = int(time.time() * 1000)
+    logged = [
+        Metric(f"comparison/{name}/{part}", value, now, 0)
+        for name in DIFFERENCES
+        for part, value in comparison[name].items()
+        if value is not None
+    ]
+    tags = [
+        RunTag("comparison_verdict", comparison["verdict"]),
+        RunTag("comparison", comparison["difference"]),
+    ]
+    for run_id in run_ids:
+        client.log_batch(run_id, metrics=logged, tags=tags)

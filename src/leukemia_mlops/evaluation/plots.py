@@ -173,3 +173,27 @@ def image_grid(
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         ax.set_title(title, fontsize=9)
     return _save(figure, path)
+
+
+def learning_curves_plot(histories: dict[str, pd.DataFrame], path: str | Path) -> Path:
+    """Validation AUROC of every model against epoch and against training time, one plot per
+    axis with every model on it (each ``history.csv`` as training writes it), the best epoch
+    (the one kept) marked."""
+    figure = _figure(10, 3.8)
+    by_epoch, by_time = figure.subplots(1, 2, sharey=True)
+    for name, history in histories.items():
+        best = history["val/auroc"].idxmax()
+        for axes, x in ((by_epoch, "epoch"), (by_time, "time_s")):
+            if x not in history or history[x].isna().all():
+                continue
+            (line,) = axes.plot(history[x], history["val/auroc"], marker="o", label=name)
+            axes.plot(
+                history[x][best], history["val/auroc"][best], "*", ms=14, color=line.get_color()
+            )
+    by_epoch.set(xlabel="epoch", ylabel="validation AUROC", title="Learning curves (★ kept)")
+    by_time.set(xlabel="training time (s, this machine)", title="... against training time")
+    for axes in (by_epoch, by_time):
+        axes.axhline(0.5, color="grey", ls=":", lw=1)
+        axes.grid(alpha=0.3)
+    by_epoch.legend()
+    return _save(figure, path)

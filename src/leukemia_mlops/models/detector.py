@@ -1,8 +1,8 @@
 """LightningModule training YOLOv3 / YOLOv3-tiny to find cells and tell ALL blasts from HEM.
 
 Besides detection metrics (box mAP), every single-cell image gets a probability of ALL from its
-detections, scored with the CNNs' :class:`ClassificationMetrics`, so ``val/f1_weighted`` means
-the same for both families and drives checkpoints and early stopping alike.
+detections, scored with the CNNs' :class:`ClassificationMetrics`, so ``val/auroc`` means the same
+for both families and drives checkpoints and early stopping alike.
 """
 
 from __future__ import annotations

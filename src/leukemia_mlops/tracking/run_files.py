@@ -90,6 +90,22 @@ def headline_file(cfg: DictConfig) -> Path:
     return Path(cfg.paths.reports_dir) / "metrics.json"
 
 
+def training_report(cfg: DictConfig, key: str, suffix: str) -> Path:
+    """The train stage's copy of a run's ``metrics.json`` (suffix ``.json``) or ``history.csv``
+    (suffix ``_history.csv``) for the model configured under ``key``."""
+    return Path(cfg.paths.reports_dir) / f"train_{key}{suffix}"
+
+
+def learning_curves_file(cfg: DictConfig) -> Path:
+    """The evaluate stage's plot of both pipeline models' validation AUROC by epoch and time."""
+    return Path(cfg.paths.reports_dir) / "learning_curves.png"
+
+
+def comparison_file(cfg: DictConfig) -> Path:
+    """The evaluate stage's paired comparison of the two pipeline models."""
+    return Path(cfg.paths.reports_dir) / "comparison.json"
+
+
 def store_uri(cfg: DictConfig) -> str:
     """The MLflow tracking URI the config names (``logger.mlflow``, ``paths.mlruns_dir``)."""
     return tracking_uri(cfg.logger.mlflow.tracking_uri, cfg.paths.mlruns_dir)

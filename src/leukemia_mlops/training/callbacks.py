@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -72,11 +74,21 @@ class EpochSeed(pl.Callback):
 
 
 class EpochHistory(pl.Callback):
-    """Per-epoch metrics for the training-curve plot; kept in checkpoints, so resume-safe."""
+    """Per-epoch metrics for the training-curve plot; kept in checkpoints, so resume-safe.
+
+    Each epoch's seconds (training and validation) are measured too, for the learning curves
+    against training time. They depend on the machine and its load, so they stay out of the
+    checkpoint, whose bytes must not: an epoch trained before a resume has no time.
+    """
 
     def __init__(self, keys: tuple[str, ...]):
         self.keys = keys
         self.rows: list[dict[str, float]] = []
+        self.seconds: dict[int, float] = {}
+        self._started: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -85,6 +97,18 @@ class EpochHistory(pl.Callback):
         row = {"epoch": trainer.current_epoch}
         row.update({k: float(metrics[k]) for k in self.keys if k in metrics})
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+        if self._started is not None:
+            self.seconds[trainer.current_epoch] = time.perf_counter() - self._started
+
+    def table(self) -> pd.DataFrame:
+        """The rows with ``epoch_s`` (the epoch's seconds) and ``time_s`` (seconds of training
+        up to the epoch's end); NaN for epochs this process did not train."""
+        table = pd.DataFrame(self.rows)
+        if table.empty:
+            return table
+        table["epoch_s"] = table["epoch"].map(self.seconds).astype(float)
+        table["time_s"] = table["epoch_s"].cumsum(skipna=False)
+        return table
 
     def state_dict(self) -> dict:
         return {"rows": self.rows}

@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -79,7 +78,7 @@ RUN_STATE_ENV = "LEUKEMIA_MLOPS_RUN_STATE"
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
-    """Fit the configured model; returns the best validation weighted F1."""
+    """Fit the configured model; returns the best value of the monitored metric (val AUROC)."""
     run_dir = Path(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     pl.seed_everything(cfg.seed, workers=True)
@@ -306,7 +305,7 @@ def _finish_run(
     """Write metrics and curves, and log the best checkpoint and model to the MLflow run."""
     files = RunFiles(run_dir)
     history, checkpoint = run.history, run.checkpoint
-    atomic_write_text(files.history, pd.DataFrame(history.rows).to_csv(index=False))
+    atomic_write_text(files.history, history.table().to_csv(index=False))
     best_row = max(history.rows, key=lambda r: r.get(MONITOR, float("-inf")), default={})
     metrics = {
         "best_epoch": best_row.get("epoch", -1),

@@ -1,0 +1,117 @@
+"""The comparison of two models on the same test cells: paired differences and a verdict.
+
+Each model gets its own interval elsewhere; two overlapping intervals say nothing about the
+difference, because both models are scored on the same subjects and their errors correlate.
+Here every bootstrap replicate draws one set of subjects (stratified by class, as for a single
+model) and scores both models on it, so the interval of ``metric(a) - metric(b)`` carries that
+correlation. Subjects are the resampled unit, so the interval respects the clustering of cells
+within a subject, which DeLong's paired test (the cell-level reference the tests check the
+point estimate against) ignores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from leukemia_mlops.evaluation.bootstrap import Interval, subject_intervals
+from leukemia_mlops.evaluation.metrics import BinaryMetrics, validated_arrays
+
+#: The differences reported, first the one the verdict follows (threshold-free, smooth).
+DIFFERENCES = ("auroc", "f1_weighted", "balanced_accuracy")
+VERDICT_METRIC = "auroc"
+NO_DIFFERENCE = "no difference shown at this sample size"
+
+
+class Scores(NamedTuple):
+    """One model's probabilities of ALL for the compared cells and its decision threshold."""
+
+    name: str
+    probs: np.ndarray
+    threshold: float
+
+
+def paired_intervals(
+    a: Scores,
+    b: Scores,
+    labels: np.ndarray,
+    subjects: np.ndarray,
+    bootstrap: Mapping[str, Any],
+) -> dict[str, Interval]:
+    """Stratified subject-bootstrap intervals of ``metric(a) - metric(b)`` for each of
+    :data:`DIFFERENCES`, both models scored on the same resampled subjects in every replicate.
+    ``bootstrap`` holds :func:`subject_intervals`' keyword arguments."""
+    p_a, y = validated_arrays(a.probs, labels)
+    p_b, _ = validated_arrays(b.probs, labels)
+    subject_names, subject = np.unique(np.asarray(subjects), return_inverse=True)
+    label_of = np.zeros(subject_names.size, dtype=np.int64)
+    label_of[subject] = y
+    metric_a, metric_b = BinaryMetrics(a.threshold), BinaryMetrics(b.threshold)
+
+    def score(counts: np.ndarray) -> dict[str, np.ndarray]:
+        weights = counts[:, subject]
+        scored_a = metric_a.weighted(p_a, y, weights)
+        scored_b = metric_b.weighted(p_b, y, weights)
+        return {name: scored_a[name] - scored_b[name] for name in DIFFERENCES}
+
+    return subject_intervals(score, label_of, **bootstrap)
+
+
+def verdict(difference: Interval, a: str, b: str) -> str:
+    """What the interval of ``a - b`` supports: ``"<a> better"``, ``"<b> better"`` or
+    :data:`NO_DIFFERENCE` (the interval holds 0, or there is no interval)."""
+    if difference.bca_low > 0:
+        return f"{a} better"
+    if difference.bca_high < 0:
+        return f"{b} better"
+    return NO_DIFFERENCE
+
+
+def aligned_test_cells(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Both models' test predictions (``predictions.csv`` tables) joined cell by cell, with
+    columns ``label``, ``subject``, ``prob_a`` and ``prob_b``; refuses tables of other cells."""
+    keep = ["path", "subject", "label", "prob_all"]
+    test_a = a.loc[a["split"] == "test", keep].set_index("path")
+    test_b = b.loc[b["split"] == "test", keep].set_index("path")
+    if set(test_a.index) != set(test_b.index):
+        raise ValueError("the two models were not scored on the same test cells")
+    joined = test_a.merge(test_b, left_index=True, right_index=True, suffixes=("_a", "_b"))
+    if (joined["label_a"] != joined["label_b"]).any():
+        raise ValueError("the two prediction tables disagree on a test cell's label")
+    return pd.DataFrame(
+        {
+            "subject": joined["subject_a"].to_numpy(),
+            "label": joined["label_a"].to_numpy(),
+            "prob_a": joined["prob_all_a"].to_numpy(),
+            "prob_b": joined["prob_all_b"].to_numpy(),
+        }
+    )
+
+
+def comparison_report(
+    a: Scores, b: Scores, cells: pd.DataFrame, bootstrap: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The paired differences ``a - b`` with percentile and BCa bounds, and the verdict."""
+    intervals = paired_intervals(
+        a._replace(probs=cells["prob_a"].to_numpy()),
+        b._replace(probs=cells["prob_b"].to_numpy()),
+        cells["label"].to_numpy(),
+        cells["subject"].to_numpy(),
+        bootstrap,
+    )
+    report: dict[str, Any] = {"a": a.name, "b": b.name, "difference": f"{a.name} - {b.name}"}
+    for name, ci in intervals.items():
+        report[name] = {
+            "point": ci.point,
+            "pct_low": ci.low,
+            "pct_high": ci.high,
+            "bca_low": ci.bca_low,
+            "bca_high": ci.bca_high,
+            "n_valid": ci.n_valid,
+        }
+    report["verdict"] = verdict(intervals[VERDICT_METRIC], a.name, b.name)
+    report["verdict_by"] = f"the BCa 95% interval of the {VERDICT_METRIC} difference"
+    return report

@@ -73,6 +73,10 @@ class EpochSeed(pl.Callback):
         torch.manual_seed(epoch_seed)
 
 
+#: The history's columns that measure the machine (seconds), not the model.
+TIMING_COLUMNS = ("epoch_s", "time_s")
+
+
 class EpochHistory(pl.Callback):
     """Per-epoch metrics for the training-curve plot; kept in checkpoints, so resume-safe.
 
@@ -106,8 +110,9 @@ class EpochHistory(pl.Callback):
         table = pd.DataFrame(self.rows)
         if table.empty:
             return table
-        table["epoch_s"] = table["epoch"].map(self.seconds).astype(float)
-        table["time_s"] = table["epoch_s"].cumsum(skipna=False)
+        epoch_s, time_s = TIMING_COLUMNS
+        table[epoch_s] = table["epoch"].map(self.seconds).astype(float)
+        table[time_s] = table[epoch_s].cumsum(skipna=False)
         return table
 
     def state_dict(self) -> dict:

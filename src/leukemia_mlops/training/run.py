@@ -65,8 +65,8 @@ HISTORY_KEYS = (
     "train/loss",
     "val/loss",
     "train/f1_weighted",
+    "val/f1_weighted",
     MONITOR,
-    "val/auroc",
     "val/map_50",
     "val/map",
 )

@@ -613,7 +613,7 @@ def test_evaluate_stage_scores_each_pipeline_model_of_either_family_into_its_run
         assert shown[name] == round(reports[key]["test"][number], 3)
     # Both models compared on the same test cells: `model` minus `detector`, and its verdict
     # (2 test subjects per class here: no interval, so no difference is shown).
-    comparison = json.loads((tmp_path / "reports/comparison.json").read_text())
+    comparison = json.loads((tmp_path / "reports/model_vs_detector.json").read_text())
     difference = reports["model"]["test"]["auroc"] - reports["detector"]["test"]["auroc"]
     assert comparison["auroc"]["point"] == pytest.approx(difference)
     assert shown["d_auroc"] == round(comparison["auroc"]["point"], 3)

@@ -5,8 +5,8 @@ keys ``model`` and ``detector``, of whichever family; one not trained is skipped
 on the prepare cache with one protocol into ``reports/eval/<key>/``, logs each one's results
 into its training run (named by ``models/<key>/run.json``) and writes their headline, the DVC
 metrics file ``reports/metrics.json``. With both models evaluated it also writes their paired
-comparison (``reports/comparison.json``: differences with subject-bootstrap intervals and a
-verdict), into the headline and both MLflow runs too.
+comparison (``reports/model_vs_detector.json``: differences with subject-bootstrap intervals
+and a verdict), into the headline and both MLflow runs too, and draws both learning curves.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def learning_curves_file(cfg: DictConfig) -> Path:
 
 def comparison_file(cfg: DictConfig) -> Path:
     """The evaluate stage's paired comparison of the two pipeline models."""
-    return Path(cfg.paths.reports_dir) / "comparison.json"
+    return Path(cfg.paths.reports_dir) / "model_vs_detector.json"
 
 
 def store_uri(cfg: DictConfig) -> str:

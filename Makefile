@@ -12,7 +12,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 export DO_NOT_TRACK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup params data repro test test-fast test-slow lint format ui bench gpu-check clean
+.PHONY: help setup params data repro compare-seeds test test-fast test-slow lint format ui bench gpu-check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ data: params ## Write the synthetic C-NMC dataset to data/raw unless data is the
 
 repro: data ## Run the whole DVC pipeline (prepare -> sweep -> train -> evaluate)
 	dvc repro
+
+compare-seeds: setup ## Train both models with 3 seeds after make repro: spread, P(CNN > detector) (reports/seeds)
+	python -m leukemia_mlops.cli.compare_seeds --seeds 3
 
 test: setup ## Run every test (fast ones, then the slow end-to-end ones)
 	pytest -m "not slow"

@@ -18,6 +18,7 @@ from leukemia_mlops.evaluation.paired import (
     verdict,
 )
 from leukemia_mlops.evaluation.ranking_guard import INVERTED, inverted_ranking
+from leukemia_mlops.evaluation.seeds import expected_max, probability_better, seed_spread
 
 BOOTSTRAP = {"n_resamples": 2000, "confidence": 0.95, "seed": 0, "min_subjects": 5}
 
@@ -150,3 +151,36 @@ def test_the_guard_flags_a_model_ranking_backwards_on_either_split():
     assert test.startswith("test AUROC 0.391 (BCa 95% upper bound 0.449)")
     # Without an interval (too few subjects), the point estimate decides.
     assert len(inverted_ranking(report(0.8, 0.45, None))) == 1
+
+
+def test_probability_better_counts_pairs_and_halves_ties():
+    assert probability_better([0.9, 0.8], [0.7, 0.6]) == 1.0
+    assert probability_better([0.7, 0.6], [0.9, 0.8]) == 0.0
+    assert probability_better([0.8, 0.6], [0.7, 0.6]) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+
+
+def test_expected_max_matches_its_definition_and_simulation():
+    values = [0.6, 0.7, 0.9]
+    assert expected_max(values, 1) == pytest.approx(np.mean(values))
+    # Best of two draws: 0.9 unless both draws miss it (4/9), then 0.7 unless both are 0.6.
+    assert expected_max(values, 2) == pytest.approx(0.9 * 5 / 9 + 0.7 * 3 / 9 + 0.6 / 9)
+    draws = np.random.default_rng(0).choice(values, size=(200_000, 4)).max(axis=1)
+    assert expected_max(values, 4) == pytest.approx(draws.mean(), abs=0.002)
+    assert expected_max(values, 50) == pytest.approx(0.9, abs=1e-6)
+
+
+def test_seed_spread_sets_seeds_beside_the_bootstrap_width():
+    runs = pd.DataFrame(
+        {
+            "model": ["model"] * 3 + ["detector"] * 3,
+            "seed": [0, 1, 2] * 2,
+            "test_auroc": [0.80, 0.82, 0.84, 0.70, 0.75, 0.80],
+            "test_auroc_width": [0.1, 0.12, 0.14, 0.2, 0.2, 0.2],
+        }
+    )
+    spread = seed_spread(runs, "test_auroc")
+    assert list(spread.index) == ["model", "detector"]
+    assert spread.loc["model", "sd"] == pytest.approx(0.02)
+    assert spread.loc["detector", "mean"] == pytest.approx(0.75)
+    assert spread.loc["model", "bootstrap_width"] == pytest.approx(0.12)
+    assert spread.loc["detector", "seeds"] == 3

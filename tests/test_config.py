@@ -120,3 +120,29 @@ def test_a_stage_sees_only_the_params_it_declares(tmp_path, monkeypatch):
         _ = cfg.model  # not declared by prepare in dvc.yaml
     with pytest.raises(ConfigError, match="no stage 'nope'"):
         load_params(params, stage="nope")
+
+
+def test_the_pipeline_sweep_prunes_within_its_trials_and_tolerates_a_failure():
+    """The sweep stage's own sweeper settings, over the search space's shared defaults: the
+    pruner starts before the last trial, and one failed trial does not abort the stage."""
+    params = compose()
+    overrides = [f"hydra.sweeper.{key}={value}" for key, value in params.sweep.sweeper.items()]
+    swept = hydra_compose_sweeper(
+        [
+            "hparams_search=cnn_optuna",
+            f"hydra.sweeper.n_trials={params.sweep.n_trials}",
+            *overrides,
+        ]
+    )
+    assert swept.pruner.n_startup_trials < swept.n_trials
+    assert swept.pruner.n_warmup_steps < params.sweep.max_epochs - 1
+    assert swept.max_failure_rate * swept.n_trials >= 1  # the study allows int(rate * n) failures
+
+
+def hydra_compose_sweeper(overrides: list[str]):
+    """``hydra.sweeper`` as a multirun with ``overrides`` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR.resolve()), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides, return_hydra_config=True).hydra.sweeper

@@ -117,36 +117,37 @@ def evaluation_report(f1: float, low: float, high: float, auroc: float) -> dict:
 
 def test_the_model_metrics_fill_the_first_screen_of_dvc_exp_show(project):
     """In an 80-column terminal ``dvc exp show`` pages its table (``less -S``): the first screen
-    shows each experiment, its date and `model`'s numbers; ``dvc metrics show`` fits whole."""
+    shows each experiment, its date and `model`'s numbers; ``dvc metrics show`` prints the whole
+    headline, the comparison's verdict included."""
     reports = {
         "model": evaluation_report(0.7039512705634096, 0.6118800508, 0.7961836671, 0.8276),
         "detector": evaluation_report(0.5191593, 0.4540212, 0.5830712, 0.3909871),
     }
+    comparison = {
+        "auroc": {"point": 0.4366, "bca_low": 0.301, "bca_high": 0.552},
+        "verdict": "CNN better",
+    }
     (project / "reports").mkdir()
-    (project / "reports/metrics.json").write_text(json.dumps(headline(reports)))
+    (project / "reports/metrics.json").write_text(json.dumps(headline(reports, comparison)))
     run("git", "add", "-A", cwd=project)
     run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ok", cwd=project)
     reports["model"]["test"]["f1_weighted"] = 0.81234
-    (project / "reports/metrics.json").write_text(json.dumps(headline(reports)))
+    (project / "reports/metrics.json").write_text(json.dumps(headline(reports, comparison)))
 
     # Not a terminal, dvc prints the whole table its pager would scroll: its first 80 columns
     # are the first screen.
     screen = [line[:80] for line in run(DVC, "exp", "show", cwd=project).splitlines()]
-    assert screen[1].split()[:6] == ["Experiment", "Created", "f1", "f1_low", "f1_high", "auroc"]
+    first = ["Experiment", "Created", "f1", "f1_bca_low", "f1_bca_high", "auroc"]
+    assert screen[1].split()[:6] == first
     workspace, committed = screen[3:5]
     assert re.search(r"^  workspace .* 0\.812 +0\.612 +0\.796 +0\.828 ", workspace)
     assert re.search(r"0\.704 +0\.612 +0\.796 +0\.828 ", committed)
-    table = run(DVC, "metrics", "show", cwd=project).splitlines()
-    assert max(map(len, table)) <= 80
-    assert table[0].split() == [
-        "Path", "auroc", "det_auroc", "det_f1", "f1", "f1_high", "f1_low"
+    header, row = run(DVC, "metrics", "show", cwd=project).splitlines()[:2]
+    assert header.split() == [
+        "Path", "auroc", "d_auroc", "d_auroc_bca_high", "d_auroc_bca_low", "det_auroc",
+        "det_f1", "f1", "f1_bca_high", "f1_bca_low", "verdict",
     ]  # fmt: skip
-    assert table[1].split() == [
-        "reports/metrics.json",
-        "0.828",
-        "0.391",
-        "0.519",
-        "0.812",
-        "0.796",
-        "0.612",
-    ]
+    assert row.split() == [
+        "reports/metrics.json", "0.828", "0.437", "0.552", "0.301", "0.391", "0.519", "0.812",
+        "0.796", "0.612", "CNN", "better",
+    ]  # fmt: skip

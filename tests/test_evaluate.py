@@ -190,7 +190,7 @@ def test_metrics_json_holds_every_section(evaluated, tiny_prepared):
 def test_intervals_contain_their_point_estimates(evaluated):
     for section in (evaluated.metrics["test"], evaluated.metrics["test_default"]):
         for metric in ("accuracy", "f1_weighted", "sensitivity", "specificity"):
-            point, low, high = (section[metric + s] for s in ("", "_low", "_high"))
+            point, low, high = (section[metric + s] for s in ("", "_pct_low", "_pct_high"))
             assert low <= point <= high, metric
 
 
@@ -206,7 +206,7 @@ def test_too_few_subjects_gives_no_interval_and_says_so(tiny_prepared, tiny_chec
     for metric in METRICS:
         assert metrics["test"][f"{metric}_n_valid"] == 0
         assert (
-            metrics["test"][f"{metric}_low"] is None
+            metrics["test"][f"{metric}_pct_low"] is None
             and metrics["test"][f"{metric}_bca_high"] is None
         )
     assert metrics["test"]["accuracy"] is not None
@@ -324,7 +324,7 @@ def test_detection_map_has_subject_intervals(yolo_evaluated, yolo_prepared):
     assert detection["boxes"] <= spec.max_cells * detection["scenes"]
     for key in ("map", "map_50"):
         assert 0 <= detection[key] <= 1
-        assert detection[f"{key}_low"] <= detection[key] <= detection[f"{key}_high"]
+        assert detection[f"{key}_pct_low"] <= detection[key] <= detection[f"{key}_pct_high"]
         assert 0 < detection[f"{key}_n_valid"] <= 50
     assert detection["map"] <= detection["map_50"]
     logged = MlflowClient(yolo_evaluated.uri).get_run(yolo_evaluated.run_id).data.metrics
@@ -606,8 +606,8 @@ def test_evaluate_stage_scores_each_pipeline_model_of_either_family_into_its_run
     # whatever the family, rounded, each under its own name.
     shown = json.loads((tmp_path / "reports/metrics.json").read_text())
     assert list(shown) == [
-        "f1", "f1_low", "f1_high", "auroc", "det_f1", "det_auroc",
-        "d_auroc", "d_auroc_low", "d_auroc_high", "verdict",
+        "f1", "f1_bca_low", "f1_bca_high", "auroc", "det_f1", "det_auroc",
+        "d_auroc", "d_auroc_bca_low", "d_auroc_bca_high", "verdict",
     ]  # fmt: skip
     for name, key, number in [("f1", "model", "f1_weighted"), ("det_auroc", "detector", "auroc")]:
         assert shown[name] == round(reports[key]["test"][number], 3)
@@ -617,7 +617,7 @@ def test_evaluate_stage_scores_each_pipeline_model_of_either_family_into_its_run
     difference = reports["model"]["test"]["auroc"] - reports["detector"]["test"]["auroc"]
     assert comparison["auroc"]["point"] == pytest.approx(difference)
     assert shown["d_auroc"] == round(comparison["auroc"]["point"], 3)
-    assert (shown["d_auroc_low"], shown["verdict"]) == (None, NO_DIFFERENCE)
+    assert (shown["d_auroc_bca_low"], shown["verdict"]) == (None, NO_DIFFERENCE)
     for key in families:
         tags = client.get_run(run_ids[key]).data.tags
         assert tags["comparison_verdict"] == NO_DIFFERENCE

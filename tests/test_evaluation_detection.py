@@ -81,8 +81,8 @@ def test_map_intervals_resample_subjects_with_their_scenes():
     intervals = map_intervals(per_scene, scene_subject, label_of, **BOOTSTRAP)
     everything = mean_ap(per_scene, range(len(per_scene)))
     assert intervals["map"].point == everything["map"] == pytest.approx(76 / 101)
-    assert intervals["map"].low == pytest.approx(51 / 101)
-    assert intervals["map"].high == 1.0
+    assert intervals["map"].pct_low == pytest.approx(51 / 101)
+    assert intervals["map"].pct_high == 1.0
     assert intervals["map"].n_valid == BOOTSTRAP["n_resamples"]
     too_few = map_intervals(per_scene, scene_subject, label_of, **{**BOOTSTRAP, "min_subjects": 3})
-    assert np.isnan(too_few["map_50"].low) and too_few["map_50"].n_valid == 0
+    assert np.isnan(too_few["map_50"].pct_low) and too_few["map_50"].n_valid == 0

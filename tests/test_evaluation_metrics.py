@@ -10,7 +10,8 @@ import pytest
 import scipy.stats
 import torch
 
-from leukemia_mlops.evaluation.bootstrap import bootstrap_ci, too_few_subjects
+from leukemia_mlops.evaluation.bootstrap import bootstrap_ci, subject_intervals, too_few_subjects
+from leukemia_mlops.evaluation.evaluate import interval_columns
 from leukemia_mlops.evaluation.metrics import (
     BinaryMetrics,
     binary_metrics,
@@ -228,13 +229,36 @@ def test_vectorised_bootstrap_equals_looped_bootstrap():
     slow = bootstrap(probs, labels, subjects, looped, n_resamples=40, seed=3)
     assert fast.keys() == slow.keys()
     for name in fast:
-        np.testing.assert_allclose(fast[name], slow[name], atol=1e-6, rtol=0, err_msg=name)
+        *bounds, reason = fast[name]
+        np.testing.assert_allclose(bounds, slow[name][:-1], atol=1e-6, rtol=0, err_msg=name)
+        assert reason == slow[name].bc_reason, name
+
+
+def test_an_undefined_acceleration_gives_a_bc_interval_named_so():
+    """A statistic undefined without subject 0 has an undefined jackknife value, so BCa's
+    acceleration is undefined: the interval is bias-corrected only and its bounds say BC."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=12)
+    label_of = np.arange(12) % 2
+
+    def score(counts: np.ndarray) -> dict[str, np.ndarray]:
+        mean = (counts * values).sum(axis=1) / counts.sum(axis=1)
+        return {"m": np.where(counts[:, 0] > 0, mean, np.nan)}
+
+    [ci] = subject_intervals(
+        score, label_of, n_resamples=200, confidence=0.95, seed=0, min_subjects=2
+    ).values()
+    assert ci.bc_reason is not None and ci.adjusted == "bc"
+    assert ci.bca_low <= ci.point <= ci.bca_high  # the bias-corrected bounds
+    columns = interval_columns({"m": ci})
+    assert {"m_bc_low", "m_bc_high", "m_bc_reason", "m_pct_low"} <= set(columns)
+    assert not any(key.startswith("m_bca") for key in columns)
 
 
 def test_interval_contains_point_estimate():
     probs, labels, subjects = _cohort(30, 40, seed=7)
     for name, ci in bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=300).items():
-        assert ci.low <= ci.point <= ci.high, name
+        assert ci.pct_low <= ci.point <= ci.pct_high, name
         assert ci.bca_low <= ci.point <= ci.bca_high, name
         assert ci.n_valid == 300, name
 
@@ -243,7 +267,7 @@ def test_interval_narrows_with_more_subjects():
     def width(n_subjects: int) -> dict[str, float]:
         probs, labels, subjects = _cohort(n_subjects, 20, seed=8)
         ci = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=400)
-        return {name: ci[name].high - ci[name].low for name in ("f1_weighted", "auroc")}
+        return {name: ci[name].pct_high - ci[name].pct_low for name in ("f1_weighted", "auroc")}
 
     few, many = width(10), width(80)
     for name in few:
@@ -270,8 +294,8 @@ def test_every_resample_keeps_each_class_subject_count():
         return {"hem": float((y == 0).sum()), "all": float((y == 1).sum())}
 
     ci = bootstrap(probs, labels, subjects, cells, n_resamples=200)
-    assert ci["hem"] == (15, 15, 15, 15, 15, 200)
-    assert ci["all"] == (14, 14, 14, 14, 14, 200)
+    assert ci["hem"] == (15, 15, 15, 15, 15, 200, None)
+    assert ci["all"] == (14, 14, 14, 14, 14, 200, None)
 
 
 def test_resamples_subjects_not_cells():
@@ -282,7 +306,7 @@ def test_resamples_subjects_not_cells():
     right = np.tile(np.r_[np.ones(7), np.zeros(3)], 12).astype(bool)
     probs = np.where(right == labels.astype(bool), 0.9, 0.1)
     ci = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=200)
-    assert ci["accuracy"] == pytest.approx((0.7, 0.7, 0.7, 0.7, 0.7, 200))
+    assert ci["accuracy"][:6] == pytest.approx((0.7, 0.7, 0.7, 0.7, 0.7, 200))
 
 
 def test_percentile_interval_of_a_known_distribution():
@@ -294,7 +318,7 @@ def test_percentile_interval_of_a_known_distribution():
     probs = np.where(labels == 1, 0.9, 0.1)
     probs[subjects == 0] = 0.2
     ci = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=2000)
-    assert (ci["sensitivity"].point, ci["sensitivity"].low, ci["sensitivity"].high) == (
+    assert (ci["sensitivity"].point, ci["sensitivity"].pct_low, ci["sensitivity"].pct_high) == (
         pytest.approx(0.8),
         pytest.approx(0.4),
         1.0,
@@ -332,7 +356,8 @@ def test_intervals_equal_scipy_on_unclustered_data(metric, statistic):
             samples, statistic, n_resamples=500, method=method, rng=np.random.default_rng(7)
         )
         np.testing.assert_allclose(bounds, reference.confidence_interval, rtol=0, atol=1e-12)
-    assert ci[metric].bca_low != ci[metric].low  # the bias correction did act
+    assert ci[metric].bca_low != ci[metric].pct_low  # the bias correction did act
+    assert ci[metric].bc_reason is None  # a true BCa interval
 
 
 def test_a_class_with_too_few_subjects_gets_no_interval():
@@ -342,7 +367,7 @@ def test_a_class_with_too_few_subjects_gets_no_interval():
     )
     assert too_few_subjects({"HEM": 5, "ALL": 5}, 5) is None
     ci = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=100)
-    for name, (point, *bounds, n_valid) in ci.items():
+    for name, (point, *bounds, n_valid, _) in ci.items():
         assert np.isnan(bounds).all() and n_valid == 0, name
         assert point == pytest.approx(binary_metrics(probs, labels)[name], abs=1e-6, nan_ok=True)
     allowed = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=100, min_subjects=4)

@@ -60,7 +60,7 @@ def test_paired_interval_agrees_with_delong_on_independent_cells():
     point, low, high = delong_interval(labels, a, b)
     auroc = intervals["auroc"]
     assert auroc.point == pytest.approx(point, abs=1e-9)
-    assert (auroc.low, auroc.high) == pytest.approx((low, high), abs=0.008)
+    assert (auroc.pct_low, auroc.pct_high) == pytest.approx((low, high), abs=0.008)
     assert (auroc.bca_low, auroc.bca_high) == pytest.approx((low, high), abs=0.008)
 
 
@@ -72,7 +72,7 @@ def test_clustered_cells_widen_the_subject_interval_beyond_delongs():
         Scores("a", a, 0.5), Scores("b", b, 0.5), labels, subjects, BOOTSTRAP
     )
     _, low, high = delong_interval(labels, a, b)
-    assert intervals["auroc"].high - intervals["auroc"].low > 1.3 * (high - low)
+    assert intervals["auroc"].pct_high - intervals["auroc"].pct_low > 1.3 * (high - low)
 
 
 def test_identical_models_differ_by_nothing_and_get_no_verdict():

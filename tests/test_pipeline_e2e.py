@@ -118,7 +118,7 @@ def test_repro_then_noop_then_an_experiment_then_new_data(project):
     first = "\n".join(screen)
     assert screen[1].split()[:5] == ["Experiment", "Created", "f1", "auroc", "det_f1"], first
     headline = json.loads((project / "reports/metrics.json").read_text())
-    assert headline["f1_low"] is None
+    assert headline["f1_bca_low"] is None
     [experiment] = [row for row in screen if "[" in row]  # └── <rev> [<name>]
     numbers = rf" {headline['f1']} +{headline['auroc']} +{headline['det_f1']} "
     assert re.search(numbers, experiment), first

@@ -116,7 +116,7 @@ def _log_summary(key: str, metrics: dict) -> None:
         "at threshold %.3f (chosen on val)",
         key,
         test["f1_weighted"],
-        _interval(test["f1_weighted_bca_low"], test["f1_weighted_bca_high"]),
+        _interval(test.get("f1_weighted_bca_low"), test.get("f1_weighted_bca_high")),
         metrics["bootstrap"]["intervals"],
         metrics["threshold"],
     )
@@ -126,7 +126,7 @@ def _log_summary(key: str, metrics: dict) -> None:
             "%s: test scenes mAP@0.5 %.4f %s, mAP@0.5:0.95 %.4f",
             key,
             detection["map_50"],
-            _interval(detection["map_50_low"], detection["map_50_high"]),
+            _interval(detection.get("map_50_bca_low"), detection.get("map_50_bca_high")),
             detection["map"],
         )
 
@@ -163,7 +163,7 @@ def _log_comparison(comparison: dict) -> None:
             comparison["difference"],
             name,
             difference["point"],
-            _interval(difference["bca_low"], difference["bca_high"]),
+            _interval(difference.get("bca_low"), difference.get("bca_high")),
         )
     log.info("verdict: %s (by %s)", comparison["verdict"], comparison["verdict_by"])
 

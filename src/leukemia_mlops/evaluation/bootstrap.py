@@ -7,8 +7,9 @@ drawn subject, which is the unit the test set actually samples. The draw is stra
 subjects and ALL subjects are resampled separately, each class keeping its subject count, so
 no resample lacks a class (the test set was built with fixed class counts, too).
 
-Two intervals come from the same resamples: the percentile interval and the bias-corrected and
-accelerated (BCa) one, whose acceleration is a jackknife over subjects. Both follow
+Two intervals come from the same resamples: the percentile interval (``pct``) and the
+bias-corrected and accelerated (BCa) one, whose acceleration is a jackknife over subjects; where
+that acceleration is undefined the second is bias-corrected only (BC) and named so. Both follow
 ``scipy.stats.bootstrap`` with one sample per class (the tests hold them equal on unclustered
 data); the method is re-implemented because SciPy resamples observations, not clusters.
 """
@@ -32,14 +33,22 @@ class Interval(NamedTuple):
     """A point estimate, its percentile and BCa intervals, and how many resamples defined them.
 
     NaN bounds mean no interval (too few subjects, or no resample where the metric is defined).
+    ``bc_reason`` says why the adjusted bounds are bias-corrected only (BC): BCa's acceleration
+    is undefined when a leave-one-subject-out value is; None for a true BCa interval.
     """
 
     point: float
-    low: float
-    high: float
+    pct_low: float
+    pct_high: float
     bca_low: float
     bca_high: float
     n_valid: int
+    bc_reason: str | None = None
+
+    @property
+    def adjusted(self) -> str:
+        """The adjusted interval's method, the prefix of its bounds' names: ``bca`` or ``bc``."""
+        return "bca" if self.bc_reason is None else "bc"
 
 
 @runtime_checkable
@@ -116,7 +125,10 @@ def _acceleration(jackknife: np.ndarray, label_of: np.ndarray) -> float:
     """BCa acceleration from leave-one-subject-out values, summed over the class strata.
 
     SciPy's multi-sample formula. Without jackknife variation there is no skew to correct: 0.
+    A jackknife value that is undefined (NaN) leaves it undefined: NaN.
     """
+    if np.isnan(jackknife).any():
+        return np.nan
     num = den = 0.0
     for label in range(len(CLASS_NAMES)):
         theta = jackknife[label_of == label]
@@ -140,13 +152,18 @@ def _interval(
         return Interval(point, np.nan, np.nan, np.nan, np.nan, 0)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(valid, [alpha, 1 - alpha])
+    a = _acceleration(jackknife, label_of)
+    reason = None
+    if np.isnan(a):
+        reason = "BCa acceleration undefined: a leave-one-subject-out value is undefined"
+        a = 0.0  # bias correction alone
     with np.errstate(invalid="ignore", divide="ignore"):
         z0 = ndtri(((valid < point).sum() + (valid <= point).sum()) / (2 * valid.size))
-        a = _acceleration(jackknife, label_of)
         z = z0 + ndtri(np.array([alpha, 1 - alpha]))
         levels = ndtr(z0 + z / (1 - a * z))
-    bca = np.quantile(valid, levels) if np.isfinite(levels).all() else (np.nan, np.nan)
-    return Interval(point, float(low), float(high), float(bca[0]), float(bca[1]), valid.size)
+    adjusted = np.quantile(valid, levels) if np.isfinite(levels).all() else (np.nan, np.nan)
+    bounds = (float(low), float(high), float(adjusted[0]), float(adjusted[1]))
+    return Interval(point, *bounds, valid.size, reason)
 
 
 def bootstrap_ci(

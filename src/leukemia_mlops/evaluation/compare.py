@@ -30,8 +30,8 @@ THROUGHPUT_METRIC = "eval/images_per_s"
 KEY_METRICS = (
     SELECTION_METRIC,
     "test/f1_weighted",
-    "test/f1_weighted_low",
-    "test/f1_weighted_high",
+    "test/f1_weighted_bca_low",
+    "test/f1_weighted_bca_high",
     "test/auroc",
     "test/sensitivity",
     "test/specificity",

@@ -88,7 +88,7 @@ log = logging.getLogger(__name__)
 CONFIDENCE = 0.95
 GALLERY_PER_GROUP = 4
 PLOTS = {"roc": roc_curve_plot, "pr": pr_curve_plot, "reliability": reliability_plot}
-INTERVAL_KEYS = ("low", "high", "bca_low", "bca_high", "n_valid")
+INTERVAL_KEYS = ("pct_low", "pct_high", "bca_low", "bca_high", "n_valid")
 ROLES = {
     "val_selection": "selection metric, optimistic: the validation split chose the checkpoint, "
     "the sweep's best trial and the threshold",
@@ -151,8 +151,9 @@ def score_split(scorer: Scorer, split: str, data: CellDataset, batch_size: int) 
 
 
 def _with_intervals(test: Scored, threshold: float, spec: EvaluateSpec) -> dict[str, float]:
-    """Every binary metric as ``name`` beside ``name_low``, ``name_high`` (percentile interval),
-    ``name_bca_low``, ``name_bca_high`` (BCa) and ``name_n_valid`` (resamples behind both)."""
+    """Every binary metric as ``name`` beside ``name_pct_low``, ``name_pct_high`` (percentile
+    interval), ``name_bca_low``, ``name_bca_high`` (BCa) and ``name_n_valid`` (resamples behind
+    both); see :func:`interval_columns`."""
     intervals = bootstrap_ci(
         test.probs,
         test.data.labels,
@@ -163,16 +164,18 @@ def _with_intervals(test: Scored, threshold: float, spec: EvaluateSpec) -> dict[
     return interval_columns(intervals)
 
 
-def interval_columns(intervals: dict[str, Interval]) -> dict[str, float]:
-    """Each interval as ``name`` and ``name_<part>`` for every part of :data:`INTERVAL_KEYS`."""
-    return {
-        key: value
-        for name, ci in intervals.items()
-        for key, value in (
-            (name, ci.point),
-            *((f"{name}_{part}", getattr(ci, part)) for part in INTERVAL_KEYS),
-        )
-    }
+def interval_columns(intervals: dict[str, Interval]) -> dict[str, float | str]:
+    """Each interval as ``name`` and ``name_<part>`` for every part of :data:`INTERVAL_KEYS`;
+    a bias-corrected-only interval's bounds are ``name_bc_low``/``name_bc_high`` instead, with
+    ``name_bc_reason`` saying why."""
+    columns: dict[str, float | str] = {}
+    for name, ci in intervals.items():
+        columns[name] = ci.point
+        for part in INTERVAL_KEYS:
+            columns[f"{name}_{part.replace('bca', ci.adjusted)}"] = getattr(ci, part)
+        if ci.bc_reason is not None:
+            columns[f"{name}_bc_reason"] = ci.bc_reason
+    return columns
 
 
 def threshold_report(

@@ -19,7 +19,7 @@ from typing import Any
 
 #: Per pipeline model key: the prefix of its names and the numbers it shows, in column order.
 SHOWN = {
-    "model": ("", ("f1", "f1_low", "f1_high", "auroc")),
+    "model": ("", ("f1", "f1_bca_low", "f1_bca_high", "auroc")),
     "detector": ("det_", ("f1", "auroc")),
 }
 DECIMALS = 3
@@ -31,8 +31,8 @@ def report_numbers(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     test = metrics["test"]
     return {
         "f1": test["f1_weighted"],
-        "f1_low": test.get("f1_weighted_bca_low"),
-        "f1_high": test.get("f1_weighted_bca_high"),
+        "f1_bca_low": test.get("f1_weighted_bca_low"),
+        "f1_bca_high": test.get("f1_weighted_bca_high"),
         "auroc": test["auroc"],
     }
 
@@ -50,8 +50,8 @@ def headline(
     if comparison is not None:
         auroc = comparison["auroc"]
         shown |= {
-            f"d_auroc{suffix}": _rounded(auroc[part])
-            for suffix, part in (("", "point"), ("_low", "bca_low"), ("_high", "bca_high"))
+            f"d_auroc{suffix}": _rounded(auroc.get(part))
+            for suffix, part in (("", "point"), ("_bca_low", "bca_low"), ("_bca_high", "bca_high"))
         }
         shown["verdict"] = comparison["verdict"]
     return shown

@@ -104,14 +104,11 @@ def comparison_report(
     )
     report: dict[str, Any] = {"a": a.name, "b": b.name, "difference": f"{a.name} - {b.name}"}
     for name, ci in intervals.items():
-        report[name] = {
-            "point": ci.point,
-            "pct_low": ci.low,
-            "pct_high": ci.high,
-            "bca_low": ci.bca_low,
-            "bca_high": ci.bca_high,
-            "n_valid": ci.n_valid,
-        }
-    report["verdict"] = verdict(intervals[VERDICT_METRIC], a.name, b.name)
-    report["verdict_by"] = f"the BCa 95% interval of the {VERDICT_METRIC} difference"
+        report[name] = {"point": ci.point, "pct_low": ci.pct_low, "pct_high": ci.pct_high}
+        report[name] |= {f"{ci.adjusted}_low": ci.bca_low, f"{ci.adjusted}_high": ci.bca_high}
+        report[name] |= {"n_valid": ci.n_valid, "bc_reason": ci.bc_reason}
+    decisive = intervals[VERDICT_METRIC]
+    report["verdict"] = verdict(decisive, a.name, b.name)
+    method = decisive.adjusted.replace("bca", "BCa").upper().replace("BCA", "BCa")
+    report["verdict_by"] = f"the {method} 95% interval of the {VERDICT_METRIC} difference"
     return report

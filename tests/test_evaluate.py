@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -177,6 +178,11 @@ def test_metrics_json_holds_every_section(evaluated, tiny_prepared):
     assert set(on_disk["subject"]) == {"accuracy", "sensitivity", "specificity", "f1_weighted"}
     assert on_disk["bootstrap"]["test_subjects"] == {"HEM": 2, "ALL": 2}
     assert on_disk["bootstrap"]["intervals"] == "percentile and BCa"
+    # What the scores were computed with: fp32 on this CPU, and the libraries' versions.
+    scoring = on_disk["scoring"]
+    assert (scoring["device"], scoring["precision"]) == ("cpu", "32-true")
+    assert scoring["versions"]["torch"] == version("torch")
+    assert set(scoring["versions"]) >= {"torchmetrics", "numpy", "leukemia-mlops"}
     tta = on_disk["tta"]
     assert set(tta) == {"threshold", "val_selection", "test", "test_default", "subject"}
     assert set(tta["test"]) == set(on_disk["test"])
@@ -347,17 +353,17 @@ def test_test_scenes_are_composed_per_test_subject(yolo_prepared):
 
 
 def evaluated_run(
-    uri: str, family: str, val_f1: float, test_f1: float, prepared: Path, digest: str | None
+    uri: str, family: str, val_auroc: float, test_f1: float, prepared: Path, digest: str | None
 ) -> str:
-    """A run with hand-made evaluation metrics, tested on ``prepared``'s test split: its DVC
-    version (``data.dvc``), or the data of ``digest``."""
+    """A run with hand-made evaluation metrics (``val_auroc``: the selection metric), tested on
+    ``prepared``'s test split: its DVC version (``data.dvc``), or the data of ``digest``."""
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     tags = {"family": family, "backbone": "resnet18" if family == "cnn" else "yolov3_tiny"}
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     metrics = {
         "threshold": 0.5,
-        "val_selection": {"f1_weighted": val_f1},
+        "val_selection": {"auroc": val_auroc, "f1_weighted": 0.5},
         "test": {"f1_weighted": test_f1, "auroc": 0.7},
     }
     with tempfile.TemporaryDirectory() as report:
@@ -406,10 +412,10 @@ def test_register_picks_the_champion_of_one_dataset_by_validation(tiny_prepared,
     uri = local_store_uri(tmp_path / "mlruns")
     ensure_experiment(uri, EXPERIMENT, tmp_path / "mlruns")
     by_test = evaluated_run(
-        uri, "cnn", val_f1=0.80, test_f1=0.95, prepared=tiny_prepared, digest=None
+        uri, "cnn", val_auroc=0.80, test_f1=0.95, prepared=tiny_prepared, digest=None
     )
     by_val = evaluated_run(
-        uri, "yolo", val_f1=0.90, test_f1=0.70, prepared=tiny_prepared, digest=None
+        uri, "yolo", val_auroc=0.90, test_f1=0.70, prepared=tiny_prepared, digest=None
     )
     elsewhere = evaluated_run(uri, "cnn", 0.99, 0.99, tiny_prepared, digest="other-data")
     MlflowClient(uri).set_tag(elsewhere, "backbone", "resnet50")
@@ -652,7 +658,7 @@ def test_a_model_ranking_backwards_is_flagged_in_its_report_and_log(
     """The tiny CNN with its logits negated (its head's weights and bias) ranks every pair of
     cells the other way round; evaluate says so in ``metrics.json`` and the log."""
     checkpoint = torch.load(tiny_checkpoint, weights_only=True)
-    head = [key for key in checkpoint["state_dict"] if key.startswith("net.fc.")]
+    head = [key for key in checkpoint["state_dict"] if key.startswith("net.head.")]
     assert head
     for key in head:
         checkpoint["state_dict"][key] = -checkpoint["state_dict"][key]

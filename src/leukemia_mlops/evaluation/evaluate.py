@@ -111,6 +111,7 @@ class EvaluateSpec:
     seed: int
     batch_size: int
     scenes_per_subject: int = 3  # YOLO test scenes composed from each test subject's cells
+    mixed_precision: bool = False  # score under a GPU's autocast instead of fp32
 
     def __post_init__(self) -> None:
         if self.n_resamples < 1:
@@ -245,7 +246,7 @@ def evaluate_model(
     data = _eval_splits(Path(prepared_dir))
     model = load_model(checkpoint, family)
     net = CellLogit(model) if isinstance(model, YoloDetector) else model.net
-    scorer = TorchScorer(net, device=device)
+    scorer = TorchScorer(net, device=device, mixed_precision=spec.mixed_precision)
     model.to(scorer.device)
     started = time.perf_counter()
     val, test = (score_split(scorer, *item, spec.batch_size) for item in data.items())
@@ -253,7 +254,9 @@ def evaluate_model(
     metrics, subjects = threshold_report(val, test, spec)
     predictions = _predictions([val, test], metrics["threshold"], "")
     if spec.tta:
-        views = TorchScorer(scorer.net, tta=True, device=device)
+        views = TorchScorer(
+            scorer.net, tta=True, device=device, mixed_precision=spec.mixed_precision
+        )
         tta_val, tta_test = (score_split(views, *item, spec.batch_size) for item in data.items())
         metrics["tta"], _ = threshold_report(tta_val, tta_test, spec)
         tta_columns = _predictions([tta_val, tta_test], metrics["tta"]["threshold"], "_tta")
@@ -266,6 +269,7 @@ def evaluate_model(
     metrics["bootstrap"] = bootstrap_report(test, spec)
     metrics["roles"] = ROLES
     metrics[CHECKPOINT_DIGEST_KEY] = file_sha256(checkpoint)  # whose threshold it is
+    metrics["scoring"] = scoring_record(scorer)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,6 +314,21 @@ def compare_models(
     a = Scores(name_a, cells["prob_a"].to_numpy(), reports[name_a]["threshold"])
     b = Scores(name_b, cells["prob_b"].to_numpy(), reports[name_b]["threshold"])
     return _json_ready(comparison_report(a, b, cells, spec.bootstrap()))
+
+
+#: The libraries whose versions can change a score.
+SCORING_LIBRARIES = ("torch", "torchvision", "timm", "torchmetrics", "numpy", "leukemia-mlops")
+
+
+def scoring_record(scorer: TorchScorer) -> dict[str, Any]:
+    """What the scores were computed with: the device, the precision and library versions."""
+    from importlib.metadata import version
+
+    return {
+        "device": str(scorer.device),
+        "precision": scorer.precision,
+        "versions": {name: version(name) for name in SCORING_LIBRARIES},
+    }
 
 
 def _log_served_model(

@@ -48,7 +48,11 @@ def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
 
 
 class TorchScorer:
-    """A ``CellClassifierNet`` in eval mode; ``tta`` averages the probabilities of 8 views."""
+    """A ``CellClassifierNet`` in eval mode; ``tta`` averages the probabilities of 8 views.
+
+    ``mixed_precision`` scores under a GPU's autocast (bf16 where native, else fp16), as
+    training runs; off, or on a CPU, it scores in fp32 (:attr:`precision` says which).
+    """
 
     def __init__(
         self,
@@ -56,11 +60,19 @@ class TorchScorer:
         tta: bool = False,
         device: str | None = None,
         preprocessing: dict[str, Any] | None = None,
+        mixed_precision: bool = True,
     ):
         self.device, self.net = on_device(net, device)
         self.tta = tta
         self.preprocessing = dict(preprocessing or {})
-        self.autocast = _gpu_autocast_dtype() if self.device.type == "cuda" else None
+        on_gpu = mixed_precision and self.device.type == "cuda"
+        self.autocast = _gpu_autocast_dtype() if on_gpu else None
+
+    @property
+    def precision(self) -> str:
+        """The precision scores are computed in, in Lightning's names."""
+        names = {None: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}
+        return names[self.autocast]
 
     def tensor(self, images: np.ndarray) -> torch.Tensor:
         """The network input for ``images`` on this scorer's device: the uint8 batch is copied

@@ -31,9 +31,11 @@ from leukemia_mlops.data.scenes import SceneSpec
 from leukemia_mlops.data.splits import SplitSpec
 from leukemia_mlops.evaluation.compare import (
     KEY_METRICS,
+    SELECTION_METRIC,
     THROUGHPUT_METRIC,
     champion,
     compare_runs,
+    higher_is_better,
     write_comparison,
 )
 from leukemia_mlops.evaluation.detection import subject_scenes
@@ -677,3 +679,19 @@ def test_a_model_ranking_backwards_is_flagged_in_its_report_and_log(
     written = json.loads((tmp_path / "negated/metrics.json").read_text())
     assert written["warnings"] == flipped["warnings"]
     assert INVERTED in caplog.text
+
+
+def test_compare_ranks_a_lower_is_better_metric_lowest_first(tiny_prepared, tmp_path):
+    """Calibration error and loss rank lowest first; AUROC highest first."""
+    uri = local_store_uri(tmp_path / "mlruns")
+    ensure_experiment(uri, EXPERIMENT, tmp_path / "mlruns")
+    calibrated = evaluated_run(uri, "cnn", 0.80, 0.9, tiny_prepared, digest=None)
+    sharper = evaluated_run(uri, "cnn", 0.90, 0.9, tiny_prepared, digest=None)
+    client = MlflowClient(uri)
+    for run_id, ece in ((calibrated, 0.02), (sharper, 0.20)):
+        client.log_metric(run_id, "eval/val_selection/ece", ece)
+    for metric, best in [("eval/val_selection/ece", calibrated), (SELECTION_METRIC, sharper)]:
+        table = compare_runs(uri, EXPERIMENT, metric)  # one row: the group's best run
+        assert table["run_id"].tolist() == [best], metric
+    assert not higher_is_better("val/loss") and not higher_is_better("eval/val_selection/ece")
+    assert higher_is_better("eval/val_selection/auroc")

@@ -48,6 +48,17 @@ DATASET = ("dataset", "digest")
 GROUP = (*DATASET, "family", "backbone")
 
 
+#: Metric names (the last part of a key) where lower is better; every other metric is ranked
+#: highest first.
+LOWER_IS_BETTER = ("loss", "ece", "brier", "calibration_error")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` (an MLflow key) is the better one."""
+    name = metric.rsplit("/", 1)[-1]
+    return not any(name == low or name.endswith(f"_{low}") for low in LOWER_IS_BETTER)
+
+
 def check_selection_metric(metric: str) -> None:
     """Refuse a test metric for ranking or choosing runs."""
     if not metric.startswith(("eval/val_selection/", "val/", "best/val/")):
@@ -58,8 +69,9 @@ def check_selection_metric(metric: str) -> None:
 
 
 def compare_runs(uri: str, experiment_name: str, metric: str = SELECTION_METRIC) -> pd.DataFrame:
-    """One row per (dataset, family, backbone): its evaluated run with the highest validation
-    ``metric``; grouped by dataset, best first within each dataset.
+    """One row per (dataset, family, backbone): its evaluated run with the best validation
+    ``metric`` (the lowest for a loss or a calibration error, else the highest); grouped by
+    dataset, best first within each dataset.
 
     Runs never evaluated are left out; runs without ``metric`` rank last in their group.
     """
@@ -86,7 +98,10 @@ def compare_runs(uri: str, experiment_name: str, metric: str = SELECTION_METRIC)
     if not rows:
         raise InputError(f"no run in {experiment_name!r} has test metrics: evaluate first")
     table = pd.DataFrame(rows).sort_values(
-        [*DATASET, metric], ascending=[True, True, False], kind="stable", na_position="last"
+        [*DATASET, metric],
+        ascending=[True, True, not higher_is_better(metric)],
+        kind="stable",
+        na_position="last",
     )
     return table.drop_duplicates(list(GROUP)).reset_index(drop=True)
 

@@ -196,9 +196,17 @@ def test_predict_cli_threshold_flag_then_the_evaluated_checkpoints_then_half(
     assert labels_of(out) == {"HEM"} and "at threshold 1 " in capsys.readouterr().out
 
     metrics = tmp_path / "metrics.json"
-    metrics.write_text('{"threshold": 1.0}')
+    metrics.write_text(
+        json.dumps({"threshold": 1.0, "checkpoint_sha256": file_sha256(tiny_checkpoint)})
+    )
     predict_cli.main([*argv, "--metrics", str(metrics)])
     assert labels_of(out) == {"HEM"} and "at threshold 1 " in capsys.readouterr().out
+    # Another model's report (the detector's, a retrained model's) is refused in one line.
+    metrics.write_text(json.dumps({"threshold": 1.0, "checkpoint_sha256": "0" * 64}))
+    with pytest.raises(SystemExit) as exit_info:
+        predict_cli.main([*argv, "--metrics", str(metrics)])
+    assert exit_info.value.code == 2
+    assert "is the evaluation of another model" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as exit_info:
         predict_cli.main([str(tmp_path / "missing.ckpt"), str(image_folder[0])])

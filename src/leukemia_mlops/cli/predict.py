@@ -50,14 +50,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _explicit_threshold(args: argparse.Namespace) -> float | None:
-    """--threshold, else that of the --metrics file, else None (the model's own then)."""
+    """--threshold, else that of the --metrics file (which must have evaluated this very
+    checkpoint), else None (the model's own then)."""
     if args.threshold is not None:
         return args.threshold
     if args.metrics is None:
         return None
-    threshold = json.loads(Path(args.metrics).read_text()).get("threshold")
+    from leukemia_mlops.inference.loading import CHECKPOINT_DIGEST_KEY, file_sha256
+
+    report = json.loads(Path(args.metrics).read_text())
+    threshold = report.get("threshold")
     if not isinstance(threshold, int | float):
         raise InputError(f"{args.metrics} holds no decision threshold")
+    if Path(args.model).suffix != ".ckpt":
+        raise InputError(
+            "--metrics takes a checkpoint's evaluation report: an ONNX or MLflow model carries "
+            "its own validated threshold (or give --threshold)"
+        )
+    if report.get(CHECKPOINT_DIGEST_KEY) != file_sha256(args.model):
+        raise InputError(
+            f"{args.metrics} is the evaluation of another model, not of {args.model} (its "
+            f"{CHECKPOINT_DIGEST_KEY} differs): give that model's report, or --threshold"
+        )
     return float(threshold)
 
 

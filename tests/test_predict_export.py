@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 
 from leukemia_mlops.cli import export as export_cli
 from leukemia_mlops.cli import predict as predict_cli
+from leukemia_mlops.cli.export import default_export_path
+from leukemia_mlops.config import stage_outs
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
 from leukemia_mlops.evaluation.evaluate import EvaluateSpec, evaluate_model, log_evaluation
 from leukemia_mlops.inference.export import ParityError, export_onnx
@@ -274,3 +276,14 @@ def test_export_cli_stores_the_evaluated_threshold(tiny_checkpoint, tmp_path):
         ]
     )
     assert validated_threshold(out) == 0.25
+
+
+def test_the_default_export_lands_outside_every_dvc_output():
+    """A file written into a stage's output (models/model/checkpoints) would make `dvc status`
+    report the stage changed and the next `dvc repro` retrain it."""
+    outs = [Path(out) for stage in ("train", "train_detector") for out in stage_outs(stage)]
+    for key in ("model", "detector"):
+        exported = default_export_path(Path(f"models/{key}/checkpoints/best.ckpt"))
+        assert exported == Path(f"exports/{key}.onnx")
+        assert not any(exported.is_relative_to(out) for out in outs)
+    assert default_export_path(Path("elsewhere/mine.ckpt")) == Path("exports/mine.onnx")

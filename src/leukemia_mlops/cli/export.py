@@ -1,9 +1,11 @@
 """``python -m leukemia_mlops.cli.export``: a checkpoint to ONNX, checked against PyTorch.
 
-The family (CNN classifier or YOLO detector) is read from the checkpoint, and picks the
-defaults: ``<paths.models_dir>/<family>/model.onnx`` and the evaluation
-``<paths.reports_dir>/eval/<family>/metrics.json``, whose validated threshold goes into the
-ONNX metadata when that evaluation scored this very checkpoint.
+The family (CNN classifier or YOLO detector) is read from the checkpoint. The ONNX file goes
+to ``exports/<run>.onnx`` by default (``exports/model.onnx`` for
+``models/model/checkpoints/best.ckpt``): never into a run directory, which is a DVC output
+that a new file there would mark changed. The validated threshold of whichever pipeline
+evaluation (``<paths.reports_dir>/eval/<key>/metrics.json``) scored this very checkpoint goes
+into the ONNX metadata.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint", help="Lightning checkpoint (default: the CNN's best, paths.models_dir/cnn)"
     )
-    parser.add_argument("--out", help="ONNX file to write (default: next to the family's run)")
+    parser.add_argument("--out", help="ONNX file to write (default: exports/<run>.onnx)")
     parser.add_argument(
         "--image-size",
         type=int,
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise MissingInputError(f"{args.params} not found: give --checkpoint and --out")
         checkpoint = Path(args.checkpoint or model_run(cfg, "model").best_checkpoint)
         family = checkpoint_family(checkpoint)
-        out = args.out or checkpoint.with_suffix(".onnx")
+        out = args.out or default_export_path(checkpoint)
         image_size, prepared_dir, metrics = args.image_size, args.prepared_dir, args.metrics
         if cfg is not None:
             if image_size is None and family == "cnn":
@@ -73,6 +75,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(report, indent=2))
 
     run_cli(body)
+
+
+EXPORTS_DIR = Path("exports")
+
+
+def default_export_path(checkpoint: Path) -> Path:
+    """``exports/<run>.onnx``: the run directory's name for a run's checkpoint
+    (``<run>/checkpoints/<name>.ckpt``), else the checkpoint's own name."""
+    parent = checkpoint.parent
+    name = parent.parent.name if parent.name == "checkpoints" and parent.parent.name else None
+    return EXPORTS_DIR / f"{name or checkpoint.stem}.onnx"
 
 
 if __name__ == "__main__":

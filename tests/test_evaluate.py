@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -58,7 +61,7 @@ from leukemia_mlops.models.backbones import build_classifier
 from leukemia_mlops.models.detector import YoloDetector, cell_probability
 from leukemia_mlops.tracking.datasets import log_data_inputs
 from leukemia_mlops.tracking.model_logging import log_classifier
-from leukemia_mlops.tracking.registry import register_best
+from leukemia_mlops.tracking.registry import REGISTERED_NAME, champion_alias, register_best
 from leukemia_mlops.tracking.run_files import PIPELINE_MODELS
 from leukemia_mlops.tracking.store import ensure_experiment, local_store_uri
 
@@ -445,9 +448,19 @@ def test_register_picks_the_champion_of_one_dataset_by_validation(tiny_prepared,
     )
     for run_id in (by_test, by_val):
         tiny_model(uri, run_id)
-    compare_cli.main(["--params", str(params), "--out", str(out), "--register", "--dataset", main])
-    registered = MlflowClient(uri).get_model_version_by_alias("leukemia-cnn", "champion")
+    # As a user runs it: a fresh process, no MLFLOW_* variable, in a folder of its own.
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    command = [sys.executable, "-m", "leukemia_mlops.cli.compare", "--params", str(params)]
+    command += ["--out", str(out), "--register", "--dataset", main]
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert list(work.iterdir()) == []  # no stray ./mlflow.db
+    registered = MlflowClient(uri).get_model_version_by_alias(REGISTERED_NAME, champion_alias(main))
     assert registered.run_id == by_val
+    assert registered.tags["data_identity"] == main
+    assert (registered.tags["family"], registered.tags["threshold"]) == ("yolo", "0.5")
     with pytest.raises(ValueError, match="validation metric"):
         champion(compare_runs(uri, EXPERIMENT, "test/f1_weighted"), main)
 
@@ -526,10 +539,12 @@ def test_registered_champion_serves_the_evaluated_model(
 ):
     net = load_classifier(tiny_checkpoint).net
     log_classifier(evaluated.uri, evaluated.run_id, net, TINY_SIZE)
-    version = register_best(evaluated.uri, evaluated.run_id)
+    version = register_best(evaluated.uri, evaluated.run_id, "synthetic0digest")
 
     client = MlflowClient(evaluated.uri)
-    champion = client.get_model_version_by_alias("leukemia-cnn", "champion")
+    champion = client.get_model_version_by_alias(
+        REGISTERED_NAME, champion_alias("synthetic0digest")
+    )
     assert (champion.version, champion.run_id) == (version.version, evaluated.run_id)
     tagged = float(champion.tags["test/f1_weighted"])
     assert tagged == evaluated.metrics["test"]["f1_weighted"]
@@ -538,7 +553,7 @@ def test_registered_champion_serves_the_evaluated_model(
     rows = manifest.index[manifest["split"] == "test"][:3]
     files = [tiny_raw / path for path in manifest.loc[rows, "path"]]
     table = predict_paths(
-        "models:/leukemia-cnn@champion",
+        f"models:/{REGISTERED_NAME}@{champion_alias('synthetic0digest')}",
         files,
         tmp_path / "predictions.csv",
         image_size=TINY_SIZE,
@@ -552,7 +567,7 @@ def test_registered_champion_serves_the_evaluated_model(
     experiment_id = client.get_run(evaluated.run_id).info.experiment_id
     unevaluated = client.create_run(experiment_id).info.run_id
     with pytest.raises(ValueError, match="no evaluation metrics"):
-        register_best(evaluated.uri, unevaluated)
+        register_best(evaluated.uri, unevaluated, "synthetic0digest")
 
 
 def write_params(path: Path, root: Path, prepared: Path) -> Path:

@@ -3,8 +3,8 @@
 Reads the MLflow store of ``params.yaml`` and writes the best run of each dataset, family and
 backbone (by a validation metric) as Markdown (``--out``) and CSV. Rows are grouped by the
 dataset they were tested on, never ranked across datasets. ``--register`` registers the
-champion of one dataset (``--dataset``, needed when the store holds several) and points the
-``champion`` alias at it.
+champion of one dataset (``--dataset``, needed when the store holds several) as a version of
+``leukemia-cell-classifier`` and points that dataset's alias (``champion-<identity>``) at it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--register", action="store_true", help="register the champion")
     parser.add_argument("--dataset", help="digest of the dataset whose champion to register")
-    parser.add_argument("--name", default="leukemia-cnn", help="registered model name")
+    parser.add_argument("--name", help="registered model name (default: the task's name)")
     args = parser.parse_args(argv)
 
     def body() -> None:
@@ -41,18 +41,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         markdown, _ = write_comparison(table, args.out)
         print(markdown.read_text(), end="")
         if args.register:
-            from leukemia_mlops.tracking.registry import register_best
+            from leukemia_mlops.tracking.registry import (
+                REGISTERED_NAME,
+                champion_alias,
+                register_best,
+            )
 
             best = champion(table, args.dataset)
-            version = register_best(uri, best["run_id"], args.name).version
+            name = args.name or REGISTERED_NAME
+            version = register_best(uri, best["run_id"], best["digest"], name).version
             log.info(
-                "registered run %s (%s %s, dataset %s) as %s v%s (champion)",
+                "registered run %s (%s %s, dataset %s) as %s v%s, alias %s",
                 best["run_id"],
                 best["family"],
                 best["backbone"],
                 best["digest"],
-                args.name,
+                name,
                 version,
+                champion_alias(best["digest"]),
             )
 
     run_cli(body)

@@ -89,7 +89,7 @@ class LeukemiaOptunaSweeper(Sweeper):
         from leukemia_mlops.errors import InputError
         from leukemia_mlops.redaction import redact
         from leukemia_mlops.tracking.store import tracking_uri
-        from leukemia_mlops.tuning.runs import RESULTS_FILE, SweepRuns, study_summary
+        from leukemia_mlops.tuning.runs import RESULTS_FILE, SweepRuns, study_summary, write_shared
         from leukemia_mlops.tuning.search_space import swept_values
         from leukemia_mlops.tuning.storage import storage_url
         from leukemia_mlops.tuning.study import SweepError, open_study, run_trials
@@ -110,7 +110,7 @@ class LeukemiaOptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         # The storage URL's password (and any other) stays out of the saved config.
-        (sweep_dir / "multirun.yaml").write_text(redact(OmegaConf.to_yaml(self.config)))
+        write_shared(sweep_dir / "multirun.yaml", redact(OmegaConf.to_yaml(self.config)))
 
         keep = self.settings.keep_models
 
@@ -131,7 +131,7 @@ class LeukemiaOptunaSweeper(Sweeper):
                     self.hydra_context.config_loader, self.config, space, summary["best_overrides"]
                 )
             path = sweep_dir / RESULTS_FILE
-            path.write_text(yaml.safe_dump(summary, sort_keys=False))
+            write_shared(path, yaml.safe_dump(summary, sort_keys=False))
             runs.summarize(study, path, status)
             runs.keep_best(study, keep, sweep_dir, campaign_over=True)
 

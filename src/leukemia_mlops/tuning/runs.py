@@ -13,15 +13,18 @@ one. Only the best ``keep_models`` trials keep their checkpoints in the store
 from __future__ import annotations
 
 import logging
+import os
 import re
-import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 from leukemia_mlops.data.prepare import MANIFEST_FILE
+from leukemia_mlops.owned import remove_tree
 from leukemia_mlops.tracking.datasets import TRAINING_CONTEXTS, log_data_inputs
 from leukemia_mlops.tracking.run_files import CHECKPOINTS
 from leukemia_mlops.tracking.store import ensure_experiment
@@ -75,9 +78,22 @@ def finished_trials(study: optuna.Study) -> list[int]:
 
 
 def drop_scratch(sweep_dir: Path, numbers: list[int]) -> None:
-    """Delete the checkpoint folders that trials ``numbers`` left in their job directories."""
+    """Delete the checkpoint folders that trials ``numbers`` left in their job directories
+    (workers sharing the sweep directory delete them together: see :func:`remove_tree`)."""
     for number in numbers:
-        shutil.rmtree(sweep_dir / f"trial_{number}" / CHECKPOINTS, ignore_errors=True)
+        remove_tree(sweep_dir / f"trial_{number}" / CHECKPOINTS)
+
+
+def write_shared(path: Path, text: str) -> None:
+    """Write a file of the sweep directory whole, through a temporary file of this worker's.
+
+    Workers of one study share the directory and write its files (the saved config, the
+    study summary) as they start and end, often together: a plain write lets one truncate
+    the file while another writes it or copies it into the store.
+    """
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -175,7 +191,11 @@ class SweepRuns:
         """Delete the checkpoints of every finished trial outside the best ``keep``: the
         artifacts of its run (its metrics and params stay) and the folder in its job directory.
         Once the campaign is over, the job directories lose the kept trials' checkpoints too
-        (the store holds those). Trials still running, here or on another worker, are left."""
+        (the store holds those). Trials still running, here or on another worker, are left.
+
+        Workers that finish together delete the same trials' checkpoints at the same moment:
+        what another worker deleted first counts as deleted, and a deletion that fails is a
+        warning, never an error, since the trials' results are safe in the store."""
         finished = finished_trials(study)
         kept = set(best_trials(study, keep))
         outside = [n for n in finished if n not in kept]
@@ -183,13 +203,9 @@ class SweepRuns:
         drop_scratch(sweep_dir, finished if campaign_over else outside)
 
     def _drop_checkpoints(self, numbers: list[int]) -> None:
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
         for number in numbers:
             run_id = self._find_child(number)
-            if run_id is not None and self.client.list_artifacts(run_id, CHECKPOINTS):
-                uri = self.client.get_run(run_id).info.artifact_uri
-                get_artifact_repository(uri).delete_artifacts(CHECKPOINTS)
+            if run_id is not None and _delete_checkpoints(self.client, run_id):
                 log.info("trial %d is not among the best: its checkpoints were deleted", number)
             self._dropped.add(number)
 
@@ -250,6 +266,41 @@ class SweepRuns:
         return self.client.create_run(
             self.experiment_id, run_name=f"trial_{number}", tags=tags
         ).info.run_id
+
+
+def _delete_checkpoints(client: MlflowClient, run_id: str) -> bool:
+    """Delete a run's checkpoint artifacts; whether this call deleted them.
+
+    A local artifact store is a folder, deleted race-safely; a server deletes what it holds,
+    and one that no longer holds them (another worker was first) has nothing to delete.
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    uri = client.get_run(run_id).info.artifact_uri
+    if urlparse(uri).scheme in ("", "file"):
+        return remove_tree(Path(local_file_uri_to_path(uri)) / CHECKPOINTS)
+    try:
+        get_artifact_repository(uri).delete_artifacts(CHECKPOINTS)
+    except Exception as error:  # cleanup: the trial's results stay whatever happens here
+        if _not_found(error):
+            log.debug("the checkpoints of run %s are gone already: %s", run_id, error)
+        else:
+            log.warning("cannot delete %s/%s: %s", uri, CHECKPOINTS, error)
+        return False
+    return True
+
+
+def _not_found(error: Exception) -> bool:
+    """Whether an artifact repository's error says the artifacts are not there (any more)."""
+    from mlflow.exceptions import MlflowException
+
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    return (
+        isinstance(error, FileNotFoundError)
+        or status == 404
+        or (isinstance(error, MlflowException) and error.error_code == "RESOURCE_DOES_NOT_EXIST")
+    )
 
 
 def _named_parent(study: optuna.Study, created: bool) -> str | None:

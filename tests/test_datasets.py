@@ -80,7 +80,7 @@ def test_a_training_run_logs_its_train_and_val_data(tiny_config, tmp_path, monke
     assert not [line for line in notices.lines if "Tip" in line]  # its advertisements do not
     finished = [r.getMessage() for r in caplog.records if r.getMessage().startswith("finished")]
     assert len(finished) == 1 and "\n" not in finished[0]
-    assert f"val_f1_weighted={best:.4f}" in finished[0]
+    assert f"val_auroc={best:.4f}" in finished[0]  # the monitored metric
 
     uri = f"sqlite:///{tmp_path / 'mlruns/mlflow.db'}"
     run_id = json.loads((tmp_path / "run/run.json").read_text())["mlflow_run_id"]

@@ -269,7 +269,10 @@ def test_predict_through_the_onnx_detector_equals_the_checkpoint(
     np.testing.assert_allclose(onnx_boxes[columns], boxes[columns], atol=1e-3)
 
 
-def test_export_cli_picks_the_detector_family_and_its_evaluation(yolo_checkpoint, tmp_path, capsys):
+def test_export_cli_picks_the_detector_family_and_its_evaluation(
+    yolo_checkpoint, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the default export lands in ./exports
     params, evaluation = detector_params(tmp_path)
     checkpoint = tmp_path / "models/detector/checkpoints/best.ckpt"
     checkpoint.parent.mkdir(parents=True)
@@ -278,7 +281,7 @@ def test_export_cli_picks_the_detector_family_and_its_evaluation(yolo_checkpoint
     evaluation.write_text(json.dumps({"threshold": 0.3, "checkpoint_sha256": digest}))
     export_cli.main(["--checkpoint", str(checkpoint), "--params", str(params)])
     report = json.loads(capsys.readouterr().out)
-    out = checkpoint.with_suffix(".onnx")
+    out = Path("exports/detector.onnx")  # outside the run directory, a DVC output
     assert report["path"] == str(out) and report["family"] == "yolo"
     assert validated_threshold(out) == 0.3
 

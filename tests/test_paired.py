@@ -9,6 +9,7 @@ from MLstatkit import Delong_test
 from scipy.special import expit
 from scipy.stats import norm
 
+from leukemia_mlops.evaluation.metrics import binary_metrics, choose_threshold
 from leukemia_mlops.evaluation.paired import (
     NO_DIFFERENCE,
     Scores,
@@ -19,6 +20,7 @@ from leukemia_mlops.evaluation.paired import (
 )
 from leukemia_mlops.evaluation.ranking_guard import INVERTED, inverted_ranking
 from leukemia_mlops.evaluation.seeds import expected_max, probability_better, seed_spread
+from leukemia_mlops.models.metrics import MONITOR
 
 BOOTSTRAP = {"n_resamples": 2000, "confidence": 0.95, "seed": 0, "min_subjects": 5}
 
@@ -184,3 +186,36 @@ def test_seed_spread_sets_seeds_beside_the_bootstrap_width():
     assert spread.loc["detector", "mean"] == pytest.approx(0.75)
     assert spread.loc["model", "bootstrap_width"] == pytest.approx(0.12)
     assert spread.loc["detector", "seeds"] == 3
+
+
+def test_the_monitored_metric_picks_the_better_checkpoint_where_f1_at_half_does_not():
+    """Two checkpoints of one run, as training sees them after two epochs: the later one ranks
+    cells better but its probabilities still sit below 0.5 (the head's calibration lags, as on
+    5 validation subjects it does from epoch to epoch). Weighted F1 at 0.5 prefers the earlier
+    one; AUROC, the monitor, prefers the later one, which is better on held-out cells at any
+    threshold chosen on validation."""
+    rng = np.random.default_rng(0)
+
+    def cells(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 2, n)
+        earlier = expit(0.8 * (2 * labels - 1) + rng.normal(0, 1.0, n))
+        later = expit(2.0 * (2 * labels - 1) + rng.normal(0, 1.0, n) - 2.5)  # shifted low
+        return labels, earlier, later
+
+    labels, earlier, later = cells(150)
+    by_f1 = {name: binary_metrics(p, labels)["f1_weighted"] for name, p in
+             (("earlier", earlier), ("later", later))}  # fmt: skip
+    by_monitor = {name: binary_metrics(p, labels)["auroc"] for name, p in
+                  (("earlier", earlier), ("later", later))}  # fmt: skip
+    assert max(by_f1, key=by_f1.get) == "earlier"
+    assert max(by_monitor, key=by_monitor.get) == "later"
+    test_labels, test_earlier, test_later = cells(5000)
+    scores = {
+        name: binary_metrics(test_p, test_labels, choose_threshold(val_p, labels))["f1_weighted"]
+        for name, val_p, test_p in (
+            ("earlier", earlier, test_earlier),
+            ("later", later, test_later),
+        )
+    }
+    assert scores["later"] > scores["earlier"] + 0.05
+    assert MONITOR == "val/auroc"

@@ -128,9 +128,28 @@ class RelocatableCheckpoint(ModelCheckpoint):
     Lightning stores absolute paths in every checkpoint, so the same training in two clones
     wrote different bytes and DVC saw a changed ``models/`` output. Here the paths are
     relative to ``dirpath`` on save and made absolute again on load (resume).
+
+    It also saves ``last.ckpt`` after every validation: Lightning 2.6 saves it only in a step
+    where a top-k checkpoint was saved, so after the monitored metric's best epoch a killed run
+    would resume from that epoch, not from its last one.
     """
 
     _PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer: pl.Trainer) -> None:
+        """Save ``last.ckpt`` unless this step saved a checkpoint already."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -112,7 +112,7 @@ def test_default_synthetic_data_is_what_data_dvc_records(tmp_path, monkeypatch):
 def evaluation_report(f1: float, low: float, high: float, auroc: float) -> dict:
     """The section of an evaluation report (``metrics.json``) a headline reads."""
     test = {"f1_weighted": f1, "f1_weighted_bca_low": low, "f1_weighted_bca_high": high}
-    return {"test": test | {"auroc": auroc}}
+    return {"test": test | {"auroc": auroc, "auroc_bca_low": auroc - 0.1}}
 
 
 def test_the_model_metrics_fill_the_first_screen_of_dvc_exp_show(project):
@@ -145,9 +145,9 @@ def test_the_model_metrics_fill_the_first_screen_of_dvc_exp_show(project):
     header, row = run(DVC, "metrics", "show", cwd=project).splitlines()[:2]
     assert header.split() == [
         "Path", "auroc", "d_auroc", "d_auroc_bca_high", "d_auroc_bca_low", "det_auroc",
-        "det_f1", "f1", "f1_bca_high", "f1_bca_low", "verdict",
+        "det_auroc_bca_low", "det_f1", "f1", "f1_bca_high", "f1_bca_low", "verdict",
     ]  # fmt: skip
     assert row.split() == [
-        "reports/metrics.json", "0.828", "0.437", "0.552", "0.301", "0.391", "0.519", "0.812",
-        "0.796", "0.612", "CNN", "better",
+        "reports/metrics.json", "0.828", "0.437", "0.552", "0.301", "0.391", "0.291", "0.519",
+        "0.812", "0.796", "0.612", "CNN", "better",
     ]  # fmt: skip

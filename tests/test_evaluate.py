@@ -630,7 +630,7 @@ def test_evaluate_stage_scores_each_pipeline_model_of_either_family_into_its_run
     shown = json.loads((tmp_path / "reports/metrics.json").read_text())
     assert list(shown) == [
         "f1", "f1_bca_low", "f1_bca_high", "auroc", "det_f1", "det_auroc",
-        "d_auroc", "d_auroc_bca_low", "d_auroc_bca_high", "verdict",
+        "det_auroc_bca_low", "d_auroc", "d_auroc_bca_low", "d_auroc_bca_high", "verdict",
     ]  # fmt: skip
     for name, key, number in [("f1", "model", "f1_weighted"), ("det_auroc", "detector", "auroc")]:
         assert shown[name] == round(reports[key]["test"][number], 3)

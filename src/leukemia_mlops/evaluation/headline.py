@@ -6,10 +6,11 @@ a single number. The numbers are those of the protocol every family is scored wi
 on the test split), so experiments compare in the same columns whatever model they train:
 ``model`` (what experiments vary) shows its weighted F1 with the BCa 95% interval and AUROC,
 first in ``dvc exp show``; ``detector`` (the model it is compared with) its F1 and AUROC under
-``det_``; then the paired difference of their test AUROCs ``d_auroc`` (``model`` minus
-``detector``) with its BCa 95% interval and the verdict it supports. They are rounded to three
-decimals, finer than any interval here; each model's ``reports/eval/<key>/metrics.json`` holds
-the whole report (a detector's box mAP included).
+``det_`` with the lower BCa bound of its AUROC (the guard's question: above 0.5?); then the
+paired difference of their test AUROCs ``d_auroc`` (``model`` minus ``detector``) with its BCa
+95% interval and the verdict it supports. They are rounded to three decimals, finer than any
+interval here; each model's ``reports/eval/<key>/metrics.json`` holds the whole report (a
+detector's box mAP included).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 #: Per pipeline model key: the prefix of its names and the numbers it shows, in column order.
 SHOWN = {
     "model": ("", ("f1", "f1_bca_low", "f1_bca_high", "auroc")),
-    "detector": ("det_", ("f1", "auroc")),
+    "detector": ("det_", ("f1", "auroc", "auroc_bca_low")),
 }
 DECIMALS = 3
 
@@ -34,6 +35,7 @@ def report_numbers(metrics: Mapping[str, Any]) -> dict[str, float | None]:
         "f1_bca_low": test.get("f1_weighted_bca_low"),
         "f1_bca_high": test.get("f1_weighted_bca_high"),
         "auroc": test["auroc"],
+        "auroc_bca_low": test.get("auroc_bca_low"),
     }
 
 

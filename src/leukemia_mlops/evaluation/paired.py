@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from leukemia_mlops.evaluation.bootstrap import Interval, subject_intervals
+from leukemia_mlops.evaluation.bootstrap import Interval, subject_intervals, subject_labels
 from leukemia_mlops.evaluation.metrics import BinaryMetrics, validated_arrays
 
 #: The differences reported, first the one the verdict follows (threshold-free, smooth).
@@ -47,8 +47,7 @@ def paired_intervals(
     p_a, y = validated_arrays(a.probs, labels)
     p_b, _ = validated_arrays(b.probs, labels)
     subject_names, subject = np.unique(np.asarray(subjects), return_inverse=True)
-    label_of = np.zeros(subject_names.size, dtype=np.int64)
-    label_of[subject] = y
+    label_of = subject_labels(y, subject, subject_names.size)
     metric_a, metric_b = BinaryMetrics(a.threshold), BinaryMetrics(b.threshold)
 
     def score(counts: np.ndarray) -> dict[str, np.ndarray]:
@@ -109,6 +108,6 @@ def comparison_report(
         report[name] |= {"n_valid": ci.n_valid, "bc_reason": ci.bc_reason}
     decisive = intervals[VERDICT_METRIC]
     report["verdict"] = verdict(decisive, a.name, b.name)
-    method = decisive.adjusted.replace("bca", "BCa").upper().replace("BCA", "BCa")
+    method = {"bca": "BCa", "bc": "BC"}[decisive.adjusted]
     report["verdict_by"] = f"the {method} 95% interval of the {VERDICT_METRIC} difference"
     return report

@@ -16,6 +16,7 @@ from leukemia_mlops.evaluation.paired import (
     aligned_test_cells,
     comparison_report,
     paired_intervals,
+    tuning_comparison,
     verdict,
 )
 from leukemia_mlops.evaluation.ranking_guard import INVERTED, inverted_ranking
@@ -219,3 +220,24 @@ def test_the_monitored_metric_picks_the_better_checkpoint_where_f1_at_half_does_
     }
     assert scores["later"] > scores["earlier"] + 0.05
     assert MONITOR == "val/auroc"
+
+
+BUDGET = {"n_trials": 3, "trial_epochs": 4, "sampler": {"_target_": "TPESampler", "seed": 42}}
+
+
+def test_two_campaigns_of_the_same_budget_are_tuned_alike():
+    tuning = tuning_comparison({"CNN": BUDGET, "detector": {**BUDGET, "search_space": "yolo"}})
+    assert tuning["alike"] is True
+    assert tuning["note"].startswith("tuned alike: 3 trials of 4 epochs each")
+
+
+@pytest.mark.parametrize("key", ["n_trials", "trial_epochs", "sampler"])
+def test_a_budget_that_differs_is_named(key):
+    tuning = tuning_comparison({"CNN": BUDGET, "detector": {**BUDGET, key: None}})
+    assert tuning["alike"] is False
+    assert tuning["note"] == f"tuned unlike: their {key} differ"
+
+
+def test_an_untuned_model_is_named():
+    tuning = tuning_comparison({"CNN": BUDGET, "detector": None})
+    assert (tuning["alike"], tuning["note"]) == (False, "not tuned: detector")

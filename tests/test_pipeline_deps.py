@@ -28,7 +28,10 @@ def _targets(node: object) -> list[str]:
 
 
 # Modules a stage loads that no import names: Hydra discovers the sweeper plugin by itself.
-DISCOVERED = {"sweep": ["hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper"]}
+DISCOVERED = {
+    stage: ["hydra_plugins.leukemia_optuna_sweeper.optuna_sweeper"]
+    for stage in ("sweep", "sweep_detector")
+}
 
 
 def stage_files(name: str) -> set[Path]:

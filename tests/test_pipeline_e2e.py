@@ -82,14 +82,16 @@ def studies(root: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_repro_then_noop_then_an_experiment_then_new_data(project):
     first = run(DVC, "repro", cwd=project, timeout=PIPELINE_TIMEOUT)
-    for stage in ("prepare", "sweep", "train", "train_detector", "evaluate"):
+    for stage in ("prepare", "sweep", "train", "sweep_detector", "train_detector", "evaluate"):
         assert f"Running stage '{stage}'" in first
     metrics = json.loads((project / "reports/eval/model/metrics.json").read_text())
     assert 0.0 <= metrics["test"]["f1_weighted"] <= 1.0
     identity = json.loads((project / "data/prepared/identity.json").read_text())
     assert (identity["source"], identity["image_size"]) == ("synthetic", 32)
-    [campaign] = studies(project)
-    assert studies(project)[campaign] == 1
+    # Both families tuned alike: one campaign each, of sweep.n_trials trials.
+    campaigns = studies(project)
+    assert sorted(name.split("-")[0] for name in campaigns) == ["cnn_optuna", "yolo_optuna"]
+    assert set(campaigns.values()) == {1}
 
     assert "Running stage" not in run(DVC, "repro", cwd=project, timeout=PIPELINE_TIMEOUT)
 
@@ -126,7 +128,7 @@ def test_repro_then_noop_then_an_experiment_then_new_data(project):
     header, row = run(DVC, "metrics", "show", cwd=project).splitlines()[:2]
     assert {"d_auroc", "verdict"} <= set(header.split())
     assert row.endswith(headline["verdict"]) and headline["verdict"] == NO_DIFFERENCE
-    assert len(studies(project)) == 2  # the new model's params started its own campaign
+    assert len(studies(project)) == 3  # the new model's params started its own campaign
 
     # `model` holds a YOLO in the pipeline as in a Hydra run: tuned, trained and evaluated.
     tiny_yolo = ["model.img_size=64", "model.width_mult=0.25", "model.scenes.train_scenes=4"]
@@ -138,7 +140,7 @@ def test_repro_then_noop_then_an_experiment_then_new_data(project):
     assert checkpoint_family(project / "models/model/checkpoints/best.ckpt") == "yolo"
     evaluated = json.loads((project / "reports/eval/model/metrics.json").read_text())
     assert "map_50" in evaluated["detection"]
-    assert len(studies(project)) == 3
+    assert len(studies(project)) == 4
 
     # New data: a new campaign of sweep.n_trials trials, the old studies left as they were.
     before = studies(project)

@@ -23,7 +23,7 @@ from leukemia_mlops.tuning.search_space import (
     check_keys,
     parse_overrides,
 )
-from leukemia_mlops.tuning.study import trial_outcome
+from leukemia_mlops.tuning.study import BASELINE_ATTR, enqueue_baseline, trial_outcome
 
 # Hydra's plugin scan re-executes the plugin's modules, which makes new error classes: catch
 # them by their stable bases, ValueError (the contract) and CompactHydraException (one line).
@@ -201,3 +201,28 @@ def test_pruning_needs_a_storage_outside_the_sweepers_process():
     link = {"study_name": "s", "storage": None, "number": 0, "pruner": None}
     with pytest.raises(RuntimeError, match="no storage"):
         open_trial(link)
+
+
+def test_a_new_studys_first_trial_runs_the_configured_values():
+    config = compose(["model.optimizer.lr=0.002", "datamodule.batch_size=32"])
+    space = space_of(
+        "model=choice(resnet18, vgg16)",  # a config group: its value is no choice label
+        "model.optimizer.lr=tag(log, interval(1e-4, 1e-2))",
+        "model.warmup_epochs=int(interval(0, 2))",
+        "datamodule.batch_size=choice(16, 32, 64)",
+        "datamodule.augment_strength=interval(0.0, 0.5)",  # the config's 1.0 is outside
+    )
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    queued = enqueue_baseline(study, space, config)
+    assert queued == {
+        "model.optimizer.lr": 0.002,
+        "model.warmup_epochs": config.model.warmup_epochs,
+        "datamodule.batch_size": 32,
+    }
+    first = study.ask(dict(space.distributions))
+    assert {key: first.params[key] for key in queued} == queued
+    assert first.user_attrs == {BASELINE_ATTR: True}
+    assert 0.0 <= first.params["datamodule.augment_strength"] <= 0.5  # sampled instead
+    assert first.params["model"] in ("resnet18", "vgg16")
+    second = study.ask(dict(space.distributions))  # the queue held one trial
+    assert BASELINE_ATTR not in second.user_attrs

@@ -292,19 +292,66 @@ def test_the_sweep_stage_tunes_the_configured_model_and_writes_the_best_params(
     assert "backbone" not in best["params"]["model"]
     assert best["params"]["datamodule"]["batch_size"] == study.best_params["datamodule.batch_size"]
     metrics = yaml.safe_load((tmp_path / "reports/sweep.json").read_text())
+    budget = metrics.pop("budget")
     assert metrics == {
         "best_value": study.best_value,
         "best_trial": study.best_trial.number,
         "trials": {"complete": 2, "pruned": 0, "failed": 0},
     }
+    assert (budget["search_space"], budget["n_trials"], budget["trial_epochs"]) == (
+        "cnn_optuna",
+        2,
+        1,
+    )
     trial_dir = tmp_path / "multirun/sweep" / best["study_name"] / "trial_0"
     trial_config = yaml.safe_load((trial_dir / "config.yaml").read_text())
     assert trial_config["model"]["backbone"] == "mobilenet_v3_large"  # params.yaml's model
-    assert trial_config["trainer"]["max_epochs"] == 1  # sweep.max_epochs
+    assert trial_config["trainer"]["max_epochs"] == 2  # the run's, its schedule's length
+    assert trial_config["callbacks"]["extra"]["trial_budget"]["epochs"] == 1  # sweep.max_epochs
     assert trial_config["data"]["prepare"]["image_size"] == 48  # params.yaml's value
+    baseline = study.trials[0].params  # the first trial runs params.yaml's values
+    assert baseline["model.optimizer.lr"] == trial_config["model"]["optimizer"]["lr"] == 1e-3
     # The same inputs name the same study: a rerun finds it full and runs nothing.
     rerun = run(command, tmp_path)
     assert rerun.returncode == 0 and len(load_study(tmp_path, best["study_name"]).trials) == 2
+
+
+def test_the_detector_sweep_stage_tunes_the_detector_and_train_uses_its_best_params(
+    tiny_prepared, tiny_config, tmp_path
+):
+    tiny_yolo = ["detector.img_size=64", "detector.width_mult=0.25"]
+    scenes = ["detector.scenes.train_scenes=4", "detector.scenes.val_scenes=2"]
+    # A learning rate outside the search space: no trial, the baseline included, trains with it.
+    campaign = ["sweep.n_trials=2", "sweep.max_epochs=1", "detector.optimizer.lr=0.05"]
+    cfg = tiny_config(*tiny_yolo, *scenes, *campaign)
+    params = tmp_path / "params.yaml"
+    write_params(cfg, params)
+    sweep_stage = [sys.executable, "-m", "leukemia_mlops.cli.sweep", "--params", str(params)]
+    result = run([*sweep_stage, "--model-key", "detector"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    best = yaml.safe_load((tmp_path / "reports/best_detector_params.yaml").read_text())
+    assert best["study_name"].startswith("yolo_optuna-")  # the detector family's space
+    assert not (tmp_path / "reports/best_params.yaml").exists()  # `model`'s is another stage's
+    budget = yaml.safe_load((tmp_path / "reports/sweep_detector.json").read_text())["budget"]
+    assert (budget["n_trials"], budget["trial_epochs"]) == (2, 1)
+    trial_dir = tmp_path / "multirun/sweep" / best["study_name"] / "trial_0"
+    trial_config = yaml.safe_load((trial_dir / "config.yaml").read_text())
+    assert trial_config["model"]["family"] == "yolo" and "detector" not in trial_config
+    assert trial_config["trainer"]["max_epochs"] == cfg.detector_trainer.max_epochs
+
+    # The best trial's model.* values train the detector (not `model`, the CNN).
+    best_lr = best["params"]["model"]["optimizer"]["lr"]
+    train = [sys.executable, "-m", "leukemia_mlops.cli.train", "--params", str(params)]
+    best_file = str(tmp_path / "reports/best_detector_params.yaml")
+    overrides = ["detector_trainer.max_epochs=1"]
+    result = run(
+        [*train, "--model-key", "detector", "--best-params", best_file, *overrides], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = yaml.safe_load((tmp_path / "models/detector/config.yaml").read_text())
+    assert trained["model"]["family"] == "yolo"
+    assert trained["model"]["optimizer"]["lr"] == best_lr != cfg.detector.optimizer.lr
 
 
 def test_a_disabled_sweep_stage_tunes_nothing(tiny_config, tmp_path):

@@ -11,7 +11,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
+from leukemia_mlops.cli.sweep import write_base_config
 from leukemia_mlops.config import compose
 from leukemia_mlops.data.datamodule import CellDataModule
 from leukemia_mlops.errors import ConfigError
@@ -103,6 +105,25 @@ def test_same_seed_gives_the_same_metrics(tiny_config, tmp_path):
     a, b = (pd.read_csv(tmp_path / run / "history.csv") for run in ("a", "b"))
     assert a["time_s"].iloc[-1] > 0  # training time is recorded, and only it differs
     pd.testing.assert_frame_equal(*(h.drop(columns=list(TIMING_COLUMNS)) for h in (a, b)))
+
+
+def test_a_sweep_trial_is_the_first_epochs_of_the_run_it_tunes(tiny_config, tmp_path):
+    """The trial keeps the run's learning-rate schedule: a cosine annealed over the trial's
+    own epochs would train another model from its second epoch on."""
+    cfg = tiny_config("trainer.max_epochs=3", "sweep.max_epochs=2", "datamodule.balance=sampler")
+    write_base_config(cfg, "model", tmp_path / "trial_base.yaml")
+    run_training(OmegaConf.load(tmp_path / "trial_base.yaml"), tmp_path / "trial")
+    run_training(cfg, tmp_path / "run")
+    run_training(
+        tiny_config("trainer.max_epochs=2", "datamodule.balance=sampler"), tmp_path / "short"
+    )
+    trial, run, short = (
+        pd.read_csv(tmp_path / name / "history.csv").drop(columns=list(TIMING_COLUMNS))
+        for name in ("trial", "run", "short")
+    )
+    assert list(trial["epoch"]) == [0, 1]
+    pd.testing.assert_frame_equal(trial, run.iloc[:2])
+    assert short["train/loss"].iloc[1] != run["train/loss"].iloc[1]  # a 2-epoch schedule
 
 
 def test_a_checkpoint_does_not_depend_on_its_run_directory(tiny_config, tmp_path):

@@ -48,6 +48,7 @@ class LeukemiaOptunaSweeperConf:
     grace_period: int | None = MISSING  # seconds without a heartbeat before a trial is failed
     max_retry: int = MISSING  # retries of a trial whose worker died
     keep_models: int = 1  # trials that keep their checkpoints: the best ones
+    baseline: bool = True  # the new study's first trial runs the configured values
     params: dict[str, str] = field(default_factory=dict)
 
 
@@ -92,7 +93,12 @@ class LeukemiaOptunaSweeper(Sweeper):
         from leukemia_mlops.tuning.runs import RESULTS_FILE, SweepRuns, study_summary, write_shared
         from leukemia_mlops.tuning.search_space import swept_values
         from leukemia_mlops.tuning.storage import storage_url
-        from leukemia_mlops.tuning.study import SweepError, open_study, run_trials
+        from leukemia_mlops.tuning.study import (
+            SweepError,
+            enqueue_baseline,
+            open_study,
+            run_trials,
+        )
 
         space = self._search_space(arguments)
         prepared_dir = self.config.datamodule.prepared_dir
@@ -103,6 +109,8 @@ class LeukemiaOptunaSweeper(Sweeper):
         if self.settings.storage:
             self.settings = replace(self.settings, storage=storage_url(self.settings.storage))
         study, storage, created = open_study(self.settings)
+        if created and self.settings.baseline:
+            enqueue_baseline(study, space, self.config)
         mlflow, mlruns_dir = self.config.logger.mlflow, self.config.paths.mlruns_dir
         uri = tracking_uri(mlflow.tracking_uri, mlruns_dir)
         runs = SweepRuns.open(uri, mlflow.experiment_name, mlruns_dir, study, created)

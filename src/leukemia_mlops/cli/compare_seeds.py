@@ -1,15 +1,16 @@
 """``lmo-compare-seeds [--seeds N]`` (``make compare-seeds``): the comparison over training seeds.
 
-Trains both pipeline models (``model`` with the sweep's best params, ``detector`` as
-configured) once per seed 0..N-1, from ``params.yaml`` with ``seed`` and ``datamodule.seed``
-set to that seed (initialisation, augmentation and batch order all change; the subject split
-stays, so every run is tested on the same subjects), evaluates each with the pipeline's
+Trains both pipeline models, each with its sweep stage's best params
+(``reports/best_params.yaml``, ``reports/best_detector_params.yaml``), once per seed 0..N-1,
+from ``params.yaml`` with ``seed`` and ``datamodule.seed`` set to that seed (initialisation,
+augmentation and batch order all change; the subject split stays, so every run is tested on
+the same subjects), evaluates each with the pipeline's
 protocol (without TTA) and pairs the two models of each seed. It writes into ``--out``
 (``reports/seeds``): ``runs.csv`` (one row per model and seed), ``seeds.json`` and
 ``seeds.md``: each model's seed-to-seed spread of test AUROC beside one run's bootstrap
 interval width, each seed's paired difference and verdict, P(model > detector) over every
-pair of seeds (Bouthillier et al.), and the expected best validation AUROC against the
-number of sweep trials (Dodge et al.) of the tuned model's study. Runs go to
+pair of seeds (Bouthillier et al.), and each model's expected best validation AUROC against
+the number of sweep trials (Dodge et al.) of its sweep's study. Runs go to
 ``models/seeds/`` and the MLflow store, outside every DVC output.
 """
 
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per model (>= 2)")
-    parser.add_argument("--best-params", default="reports/best_params.yaml")
     parser.add_argument("--storage", default="sqlite:///mlruns/optuna.db", help="sweep storage")
     parser.add_argument("--out", default="reports/seeds", help="folder of the reports")
     args = parser.parse_args(argv)
@@ -64,6 +64,7 @@ def train_and_compare(
     """Train and evaluate both pipeline models with ``seed``; their rows and paired result."""
     from omegaconf import OmegaConf, open_dict
 
+    from leukemia_mlops.cli.sweep import SweepReports
     from leukemia_mlops.cli.train import with_best_params, with_model
     from leukemia_mlops.evaluation.evaluate import compare_models, evaluate_model
     from leukemia_mlops.inference.loading import checkpoint_family
@@ -73,9 +74,9 @@ def train_and_compare(
     rows, dirs, reports = [], {}, {}
     for key in PIPELINE_MODELS:
         cfg = OmegaConf.create(OmegaConf.to_container(base))
-        if key == "model":
-            cfg = with_best_params(cfg, Path(args.best_params))
         cfg = with_model(cfg, key, args.params)
+        best_params = SweepReports(Path(cfg.paths.reports_dir), key).best_params
+        cfg = with_best_params(cfg, best_params)
         with open_dict(cfg):
             cfg.seed = cfg.datamodule.seed = seed
             cfg.logger.mlflow.log_model = False
@@ -119,8 +120,8 @@ def _width(test: dict[str, Any], metric: str) -> float | None:
 
 
 def summarize(runs: Any, pairs: list[dict[str, Any]], args: Any) -> dict[str, Any]:
-    """Spread per model, P(model > detector) over seed pairs, and the tuned model's expected
-    best validation AUROC by number of sweep trials."""
+    """Spread per model, P(model > detector) over seed pairs, and each model's expected best
+    validation AUROC by number of sweep trials."""
     from leukemia_mlops.evaluation.seeds import probability_better, seed_spread
 
     spread = seed_spread(runs, "test_auroc")
@@ -130,18 +131,21 @@ def summarize(runs: Any, pairs: list[dict[str, Any]], args: Any) -> dict[str, An
         "spread": spread.reset_index().to_dict(orient="records"),
         "pairs": pairs,
         "p_model_better": probability_better(by_model["model"], by_model["detector"]),
-        "expected_best_val_auroc": expected_best(args),
+        "expected_best_val_auroc": {key: expected_best(args, key) for key in by_model},
     }
 
 
-def expected_best(args: Any) -> dict[str, Any]:
-    """Dodge et al.'s curve for the study that tuned ``model`` (the detector is not tuned)."""
+def expected_best(args: Any, key: str) -> dict[str, Any]:
+    """Dodge et al.'s curve for the study that tuned the model under ``key`` (none: untuned)."""
     import optuna
     import yaml
 
+    from leukemia_mlops.cli.sweep import SweepReports
+    from leukemia_mlops.config import load_params
     from leukemia_mlops.evaluation.seeds import expected_max
 
-    best = yaml.safe_load(Path(args.best_params).read_text()) or {}
+    reports_dir = Path(load_params(args.params, args.overrides).paths.reports_dir)
+    best = yaml.safe_load(SweepReports(reports_dir, key).best_params.read_text()) or {}
     if not best.get("tuned"):
         return {"study": None, "by_trials": {}}
     study = optuna.load_study(study_name=best["study_name"], storage=args.storage)
@@ -157,7 +161,10 @@ def write_reports(out: Path, runs: Any, summary: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "runs.csv", index=False)
     (out / "seeds.json").write_text(json.dumps(summary, indent=2, default=float))
-    curve = summary["expected_best_val_auroc"]["by_trials"]
+    curves = {
+        key: pd.Series(curve["by_trials"], dtype=float)
+        for key, curve in summary["expected_best_val_auroc"].items()
+    }
     lines = [
         "## Test AUROC over training seeds",
         pd.DataFrame(summary["spread"]).to_markdown(index=False, floatfmt=".3f"),
@@ -167,8 +174,8 @@ def write_reports(out: Path, runs: Any, summary: dict[str, Any]) -> None:
         "",
         f"P(model > detector) over seed pairs: {summary['p_model_better']:.2f}",
         "",
-        "## Expected best validation AUROC of the tuned model by sweep trials",
-        pd.Series(curve, name="expected best").to_markdown(floatfmt=".3f") if curve else "none",
+        "## Expected best validation AUROC by sweep trials (a trial: the run's first epochs)",
+        pd.DataFrame(curves).rename_axis("trials").to_markdown(floatfmt=".3f"),
     ]
     (out / "seeds.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s", out / "seeds.md")

@@ -5,8 +5,9 @@ keys ``model`` and ``detector``, of whichever family; one not trained is skipped
 on the prepare cache with one protocol into ``reports/eval/<key>/``, logs each one's results
 into its training run (named by ``models/<key>/run.json``) and writes their headline, the DVC
 metrics file ``reports/metrics.json``. With both models evaluated it also writes their paired
-comparison (``reports/model_vs_detector.json``: differences with subject-bootstrap intervals
-and a verdict), into the headline and both MLflow runs too, and draws both learning curves.
+comparison (``reports/model_vs_detector.json``: differences with subject-bootstrap intervals,
+a verdict and whether the sweep stages tuned both alike), into the headline and both MLflow
+runs too, and draws both learning curves.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 {names[key]: reports[key] for key in PIPELINE_MODELS},
                 spec,
             )
+            comparison["tuning"] = _tuning(cfg, names)
             write_json(comparison_file(cfg), comparison, sort_keys=False)
             _log_comparison(comparison)
             run_ids = [run.mlflow_run_id() for run in trained.values()]
@@ -146,6 +148,24 @@ def _plot_learning_curves(cfg: DictConfig, trained: dict[str, RunFiles]) -> None
     }
     if histories:
         learning_curves_plot(histories, learning_curves_file(cfg))
+
+
+def _tuning(cfg: DictConfig, names: dict[str, str]) -> dict:
+    """Whether the sweep stages tuned both models alike, from their summaries (a model the
+    pipeline did not tune, or one with ``sweep.enabled=false``, has no budget)."""
+    import json
+    from pathlib import Path
+
+    from leukemia_mlops.cli.sweep import SweepReports
+    from leukemia_mlops.evaluation.paired import tuning_comparison
+
+    budgets = {}
+    for key, name in names.items():
+        summary = SweepReports(Path(cfg.paths.reports_dir), key).summary
+        budgets[name] = json.loads(summary.read_text()).get("budget") if summary.is_file() else None
+    tuning = tuning_comparison(budgets)
+    log.info("tuning: %s", tuning["note"])
+    return tuning
 
 
 def _display_name(key: str, family: str) -> str:

@@ -2,8 +2,9 @@
 
 Trains the model configured under ``KEY`` (``model``: the model the sweep tunes, of either
 family; ``detector``: the YOLO model it is compared with) into ``models/<KEY>/`` and copies its
-metrics and curve to ``reports/train_<KEY>.*``. With ``--best-params`` (the sweep stage's
-``reports/best_params.yaml``) the best trial's settings replace the configured ones. A
+metrics and curve to ``reports/train_<KEY>.*``. With ``--best-params`` (the sweep stages'
+``reports/best_params.yaml`` or ``best_detector_params.yaml``) the best trial's settings replace
+the configured ones: its ``model.*`` values are those of the model under ``KEY``. A
 ``<KEY>_trainer`` section (``detector_trainer``) overrides ``trainer`` for that model.
 """
 
@@ -37,9 +38,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from leukemia_mlops.training.run import atomic_write_text, run_training
 
         cfg = load_params(args.params, args.overrides)
-        if args.best_params:
-            cfg = with_best_params(cfg, Path(args.best_params))
         cfg = with_model(cfg, args.model_key, args.params)
+        if args.best_params:  # the tuned model's values, now under ``model``
+            cfg = with_best_params(cfg, Path(args.best_params))
         run_dir = model_run(cfg, args.model_key)
         check_stage_output(run_dir.root)
         best = run_training(cfg, run_dir.root)

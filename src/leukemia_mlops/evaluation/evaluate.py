@@ -476,9 +476,7 @@ def log_evaluation(
     if prepared_dir is not None:
         identity = read_identity(prepared_dir)
         manifest = Path(prepared_dir) / MANIFEST_FILE
-        log_data_inputs(
-            uri, run_id, manifest, identity.source, identity.data_hash, EVALUATION_CONTEXTS
-        )
+        log_data_inputs(uri, run_id, manifest, identity, EVALUATION_CONTEXTS)
 
     client = MlflowClient(uri)
     now = int(time.time() * 1000)
@@ -491,7 +489,8 @@ def log_evaluation(
 
 def log_comparison(uri: str, run_ids: list[str], comparison: dict[str, Any]) -> None:
     """Log a paired comparison into each compared model's run: its numbers as
-    ``comparison/<metric>/<part>`` and its verdict as the ``comparison_verdict`` tag."""
+    ``comparison/<metric>/<part>``, its verdict as the ``comparison_verdict`` tag and how both
+    were tuned as ``comparison_tuning``."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
@@ -507,5 +506,7 @@ def log_comparison(uri: str, run_ids: list[str], comparison: dict[str, Any]) -> 
         RunTag("comparison_verdict", comparison["verdict"]),
         RunTag("comparison", comparison["difference"]),
     ]
+    if "tuning" in comparison:
+        tags.append(RunTag("comparison_tuning", comparison["tuning"]["note"]))
     for run_id in run_ids:
         client.log_batch(run_id, metrics=logged, tags=tags)

@@ -111,3 +111,29 @@ def comparison_report(
     method = {"bca": "BCa", "bc": "BC"}[decisive.adjusted]
     report["verdict_by"] = f"the {method} 95% interval of the {VERDICT_METRIC} difference"
     return report
+
+
+#: What two tuning campaigns must share to count as alike (each family has its own space).
+SHARED_BUDGET = ("n_trials", "trial_epochs", "sampler")
+
+
+def tuning_comparison(budgets: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
+    """How each compared model was tuned (name -> its sweep's budget; None: not tuned) and
+    whether alike: the same trials, epochs of a trial and sampler. ``note`` says what differs."""
+    untuned = [name for name, budget in budgets.items() if not budget]
+    differ = [
+        key
+        for key in SHARED_BUDGET
+        if len({repr(budget.get(key)) for budget in budgets.values() if budget}) > 1
+    ]
+    if untuned:
+        note = f"not tuned: {', '.join(untuned)}"
+    elif differ:
+        note = f"tuned unlike: their {', '.join(differ)} differ"
+    else:
+        first = next(iter(budgets.values()))
+        note = (
+            f"tuned alike: {first['n_trials']} trials of {first['trial_epochs']} epochs each, "
+            "one sampler, each family its own search space"
+        )
+    return {"alike": not (untuned or differ), "note": note, "budgets": dict(budgets)}

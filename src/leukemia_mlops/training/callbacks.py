@@ -54,6 +54,24 @@ class BackboneWarmup(pl.Callback):
                 param.grad = None
 
 
+class StopAfterEpochs(pl.Callback):
+    """End training after ``epochs`` epochs while ``trainer.max_epochs`` stays the run's budget.
+
+    A sweep trial with it is the first ``epochs`` epochs of the run it tunes: the learning-rate
+    schedule, which spans ``trainer.max_epochs``, is the full run's, so a trial does not reward
+    a learning rate that only suits a schedule annealed to zero within the trial.
+    """
+
+    def __init__(self, epochs: int):
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"sweep.max_epochs must be a whole number >= 1, got {epochs!r}")
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
 class EpochSeed(pl.Callback):
     """Reseed Python, NumPy and torch from ``(seed, epoch)`` as every training epoch starts.
 

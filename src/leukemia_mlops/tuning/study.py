@@ -69,6 +69,7 @@ class StudySettings:
     grace_period: int | None
     max_retry: int
     keep_models: int = 1
+    baseline: bool = True
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -121,6 +122,42 @@ def open_study(
         sampler["seed"] = int(sampler["seed"]) + len(study.get_trials(deepcopy=False))
     study.sampler = instantiate(sampler)
     return study, storage, created
+
+
+#: The user attribute of the trial that runs the configured values (the sweeper's ``baseline``).
+BASELINE_ATTR = "baseline"
+
+
+def enqueue_baseline(study: optuna.Study, space: SearchSpace, config: Any) -> dict[str, Any]:
+    """Queue a first trial with the configured value of every swept key that its distribution
+    holds (the others are sampled), so the study's best is never worse on the objective than
+    the config it tunes; returns the queued values."""
+    from omegaconf import OmegaConf
+
+    params = {}
+    for key, distribution in space.distributions.items():
+        value = OmegaConf.select(config, key.lstrip("+~"), default=None)
+        if _holds(distribution, value):
+            params[key] = value
+        else:
+            log.info("baseline trial: %s=%r is not in its search space; sampled", key, value)
+    study.enqueue_trial(params, user_attrs={BASELINE_ATTR: True})
+    return params
+
+
+def _holds(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    """Whether ``value`` is one ``distribution`` can sample (a config value as it is)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return isinstance(value, bool | int | float | str) and value in distribution.choices
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    if isinstance(distribution, IntDistribution) and value != int(value):
+        return False
+    if isinstance(distribution, FloatDistribution | IntDistribution):
+        return distribution.low <= value <= distribution.high
+    return False
 
 
 def run_trials(

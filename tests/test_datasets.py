@@ -87,17 +87,19 @@ def test_a_training_run_logs_its_train_and_val_data(tiny_config, tmp_path, monke
     datasets = inputs_by_context(uri, run_id)
     assert set(datasets) == {"training", "validation"}
     prepared = Path(cfg.datamodule.prepared_dir)
+    digest = read_identity(prepared).digest  # the cache's whole identity, not data.dvc's md5
     for context, split in (("training", "train"), ("validation", "val")):
         dataset = datasets[context]
         assert dataset.name == f"synthetic-{split}"
-        assert dataset.digest == DVC_MD5
+        assert dataset.digest == digest
         assert json.loads(dataset.source) == {"uri": "data.dvc@unknown"}  # no git here
         assert json.loads(dataset.profile) == expected_profile(prepared, split)
 
     client = MlflowClient(uri)  # what mlflow.search_runs calls, without a global store
     experiment = client.get_run(run_id).info.experiment_id
     for query in (
-        f"dataset.digest = '{DVC_MD5}'",
+        f"dataset.digest = '{digest}'",
+        f"tags.data_identity = '{digest}'",
         "dataset.name = 'synthetic-val'",
         "dataset.context = 'training'",
     ):
@@ -106,7 +108,7 @@ def test_a_training_run_logs_its_train_and_val_data(tiny_config, tmp_path, monke
     assert not client.search_runs([experiment], filter_string="dataset.context = 'test'")
 
 
-def test_without_data_dvc_the_cache_hash_is_the_digest(tiny_prepared, tmp_path, monkeypatch):
+def test_without_data_dvc_the_manifest_is_the_source(tiny_prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment = ensure_experiment(uri, "datasets", tmp_path)
@@ -114,14 +116,12 @@ def test_without_data_dvc_the_cache_hash_is_the_digest(tiny_prepared, tmp_path, 
     identity = read_identity(tiny_prepared)
     manifest = tiny_prepared / MANIFEST_FILE
     for _ in range(2):  # a resumed run logs again and adds nothing
-        log_data_inputs(
-            uri, run_id, manifest, identity.source, identity.data_hash, TRAINING_CONTEXTS
-        )
+        log_data_inputs(uri, run_id, manifest, identity, TRAINING_CONTEXTS)
 
     run = MlflowClient(uri).get_run(run_id)
     assert len(run.inputs.dataset_inputs) == 2
     datasets = inputs_by_context(uri, run_id)
-    assert {d.digest for d in datasets.values()} == {identity.data_hash}
+    assert {d.digest for d in datasets.values()} == {identity.digest}
     assert json.loads(datasets["training"].source) == {"uri": f"{manifest}@unknown"}
 
 
@@ -141,7 +141,7 @@ def test_the_evaluation_logs_its_test_data(tiny_checkpoint, tiny_prepared, tmp_p
     datasets = inputs_by_context(uri, run_id)
     assert set(datasets) == {"test"}
     assert datasets["test"].name == "synthetic-test"
-    assert datasets["test"].digest == DVC_MD5
+    assert datasets["test"].digest == read_identity(tiny_prepared).digest
     assert json.loads(datasets["test"].profile) == expected_profile(tiny_prepared, "test")
 
 

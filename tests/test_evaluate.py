@@ -29,6 +29,7 @@ from leukemia_mlops.cli import compare as compare_cli
 from leukemia_mlops.cli import evaluate as evaluate_cli
 from leukemia_mlops.config import build_spec, compose
 from leukemia_mlops.data.detection import DetectionDataModule
+from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE, PrepareSpec, prepare_dataset
 from leukemia_mlops.data.scenes import SceneSpec
 from leukemia_mlops.data.splits import SplitSpec
@@ -361,7 +362,7 @@ def evaluated_run(
     uri: str, family: str, val_auroc: float, test_f1: float, prepared: Path, digest: str | None
 ) -> str:
     """A run with hand-made evaluation metrics (``val_auroc``: the selection metric), tested on
-    ``prepared``'s test split: its DVC version (``data.dvc``), or the data of ``digest``."""
+    ``prepared``'s test split: its identity, or the data identity ``digest``."""
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     tags = {"family": family, "backbone": "resnet18" if family == "cnn" else "yolov3_tiny"}
@@ -374,9 +375,10 @@ def evaluated_run(
     with tempfile.TemporaryDirectory() as report:
         log_evaluation(uri, run_id, metrics, report)
     manifest = prepared / MANIFEST_FILE
-    dvc_file = "data.dvc" if digest is None else "no-such.dvc"
-    contexts = {"test": "test"}
-    log_data_inputs(uri, run_id, manifest, "synthetic", digest or "", contexts, dvc_file)
+    identity = read_identity(prepared)
+    if digest is not None:
+        identity = dataclasses.replace(identity, digest=digest)
+    log_data_inputs(uri, run_id, manifest, identity, {"test": "test"})
     return run_id
 
 
@@ -388,11 +390,17 @@ def tiny_model(uri: str, run_id: str) -> None:
     log_classifier(uri, run_id, net, 8)
 
 
-def test_comparison_lists_both_families_in_the_same_columns(evaluated, yolo_evaluated, tmp_path):
+def test_comparison_lists_both_families_in_the_same_columns(
+    evaluated, yolo_evaluated, tiny_prepared, yolo_prepared, tmp_path
+):
     table = compare_runs(evaluated.uri, EXPERIMENT)
     rows = table.set_index("family")
     assert set(rows.index) == {"cnn", "yolo"}
-    assert table["digest"].nunique() == 1 and (table["dataset"] == "synthetic-test").all()
+    assert (table["dataset"] == "synthetic-test").all()
+    # Each row's data is the cache it was evaluated on: two image sizes here, two identities
+    # (the pipeline's one cache puts both families in one group).
+    assert rows.loc["cnn", "digest"] == read_identity(tiny_prepared).digest
+    assert rows.loc["yolo", "digest"] == read_identity(yolo_prepared).digest
     for family, result in (("cnn", evaluated), ("yolo", yolo_evaluated)):
         assert rows.loc[family, "run_id"] == result.run_id
         expected = mlflow_metrics(result.metrics)

@@ -164,7 +164,7 @@ def test_a_sweep_nests_its_trials_in_mlflow_and_a_rerun_continues_it(tiny_prepar
         )
         for run in [parent, *children]
     }
-    digest = read_identity(tiny_prepared).data_hash  # no data.dvc here: the cache's hash
+    digest = read_identity(tiny_prepared).digest  # the cache's data identity
     assert all(
         found == [(digest, "training"), (digest, "validation")] for found in contexts.values()
     ), contexts

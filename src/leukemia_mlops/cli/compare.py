@@ -2,8 +2,9 @@
 
 Reads the MLflow store of ``params.yaml`` and writes the best run of each dataset, family and
 backbone (by a validation metric) as Markdown (``--out``) and CSV. Rows are grouped by the
-dataset they were tested on, never ranked across datasets. ``--register`` registers the
-champion of one dataset (``--dataset``, needed when the store holds several) as a version of
+data they were evaluated on, its digest the prepare cache's identity (raw data, prepare and
+split settings), never ranked across datasets. ``--register`` registers the champion of one
+dataset (``--dataset``, needed when the store holds several) as a version of
 ``leukemia-cell-classifier`` and points that dataset's alias (``champion-<identity>``) at it.
 """
 
@@ -26,7 +27,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--metric", default=SELECTION_METRIC, help="validation metric (MLflow key) to rank by"
     )
     parser.add_argument("--register", action="store_true", help="register the champion")
-    parser.add_argument("--dataset", help="digest of the dataset whose champion to register")
+    parser.add_argument(
+        "--dataset", help="digest (data identity) of the dataset whose champion to register"
+    )
     parser.add_argument("--name", help="registered model name (default: the task's name)")
     args = parser.parse_args(argv)
 

@@ -27,7 +27,7 @@ import pandas as pd
 import xxhash
 from tqdm import tqdm
 
-from leukemia_mlops.data.identity import CacheIdentity, manifest_hash, write_identity
+from leukemia_mlops.data.identity import cache_identity, write_identity
 from leukemia_mlops.data.images import (
     ImageDecodeError,
     bgr_to_rgb,
@@ -158,7 +158,7 @@ def prepare_dataset(
     """Build the cache under ``out_dir`` and return the data report (see :func:`data_report`).
 
     The cache records its :class:`~leukemia_mlops.data.identity.CacheIdentity` (``source`` is
-    the config's ``data.source``).
+    the config's ``data.source``): the images, ``spec`` and ``split``.
 
     An existing ``out_dir`` is replaced only if ``prepare`` wrote it (see :mod:`owned`).
     """
@@ -177,9 +177,7 @@ def prepare_dataset(
     claim(tmp)
     try:
         manifest = _write_cache(raw_dir, table, skipped, spec, split, tmp, progress)
-        identity = CacheIdentity(
-            source, manifest_hash(manifest), len(manifest), spec.image_size, spec.window, spec.fit
-        )
+        identity = cache_identity(manifest, source, spec.image_size, spec.window, spec.fit, split)
         write_identity(tmp, identity)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

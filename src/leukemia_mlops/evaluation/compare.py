@@ -3,9 +3,11 @@
 The numbers are the ones ``evaluate`` logged (see :func:`evaluate.mlflow_metrics`), read back
 unchanged, so the table agrees with every run's ``metrics.json``. Both families are evaluated
 with one protocol, so their rows share every column. Scores of different datasets are not
-comparable: rows are grouped by the dataset the run was tested on (its MLflow ``test`` input:
-name and digest) and ranked within their group only, by a validation metric: ranking or
-choosing by test scores would turn the test set into a selection set.
+comparable: rows are grouped by the data the run was evaluated on (its MLflow ``test`` input:
+name and digest, the digest being the prepare cache's whole identity, split included, see
+:mod:`leukemia_mlops.data.identity`) and ranked within their group only, by a validation
+metric: ranking or choosing by test scores would turn the test set into a selection set, and
+validation scores of another split were measured on other images.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ KEY_METRICS = (
 WARNING_TAG = "eval_warning"
 #: A run counts as evaluated when it has this metric.
 EVALUATED = "test/f1_weighted"
+#: A run's data: its test input's name and data identity (raw data, prepare and split).
 DATASET = ("dataset", "digest")
 GROUP = (*DATASET, "family", "backbone")
 
@@ -107,7 +110,8 @@ def compare_runs(uri: str, experiment_name: str, metric: str = SELECTION_METRIC)
 
 
 def _test_dataset(run: Run) -> dict[str, str]:
-    """The name and digest of the dataset the run was tested on (empty when not logged)."""
+    """The name and digest (data identity) of the dataset the run was tested on (empty when
+    not logged)."""
     for dataset_input in run.inputs.dataset_inputs:
         if any(tag.value == "test" for tag in dataset_input.tags):
             return {"dataset": dataset_input.dataset.name, "digest": dataset_input.dataset.digest}
@@ -130,7 +134,7 @@ def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
 
 def champion(table: pd.DataFrame, digest: str | None = None) -> pd.Series:
     """The best row of one dataset of a :func:`compare_runs` table (the first of its group):
-    the dataset of ``digest``, or the only one there is."""
+    the data identity ``digest``, or the only one there is."""
     digests = list(dict.fromkeys(table["digest"]))
     if digest is None:
         if len(digests) != 1:

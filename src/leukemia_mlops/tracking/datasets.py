@@ -1,12 +1,15 @@
 """The data a run read, logged as MLflow dataset inputs (the UI's Dataset column).
 
 Each split a run reads is one input: named ``<source>-<split>`` (``synthetic-train``), its
-digest the DVC hash of ``data/raw`` that ``data.dvc`` records (the prepare cache's data hash
-without a ``data.dvc``), its source ``data.dvc`` at the git commit, its context tag
-(``training``, ``validation``, ``test``) and a profile of images and subjects per class.
-The split is in the name because MLflow keeps one input per name and digest in a run, so
-training and validation of one data version need two names. MLflow stores a dataset once
-per experiment, name and digest: its profile is the one first logged for them.
+digest the prepare cache's data identity (:attr:`CacheIdentity.digest
+<leukemia_mlops.data.identity.CacheIdentity.digest>`: the images, the prepare settings and
+the split), its source ``data.dvc`` at the git commit (the cache's manifest without a
+``data.dvc``), its context tag (``training``, ``validation``, ``test``) and a profile of
+images and subjects per class. The split is in the name because MLflow keeps one input per
+name and digest in a run, so training and validation of one cache need two names. MLflow
+stores a dataset once per experiment, name and digest, with the profile first logged for
+them: as the digest covers the split, two splits of one raw set are two datasets, each with
+its own counts.
 
 ``mlflow.search_runs`` filters on ``dataset.name``, ``dataset.digest`` and ``dataset.context``.
 
@@ -24,11 +27,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from leukemia_mlops.tracking.provenance import dvc_data_hash, git_commit
+from leukemia_mlops.tracking.provenance import git_commit
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import DatasetInput
+
+    from leukemia_mlops.data.identity import CacheIdentity
 
 #: What a training run reads, split -> MLflow context.
 TRAINING_CONTEXTS = {"train": "training", "val": "validation"}
@@ -53,31 +58,27 @@ def log_data_inputs(
     uri: str,
     run_id: str,
     manifest_file: str | Path,
-    source: str | None,
-    cache_hash: str,
+    identity: CacheIdentity,
     contexts: Mapping[str, str],
     dvc_file: str | Path = "data.dvc",
 ) -> None:
     """Log one dataset input per split in ``contexts`` (split -> context) into a run.
 
-    ``source`` and ``cache_hash`` are the prepare cache's identity; without a ``dvc_file`` the
-    cache's hash is the digest and its manifest the source. Logging twice (a resumed run)
-    adds nothing.
+    ``identity`` is the prepare cache's (the one of ``manifest_file``); without a
+    ``dvc_file`` the manifest is the source. Logging twice (a resumed run) adds nothing.
     """
     from mlflow import MlflowClient
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    versioned = Path(dvc_file).is_file()
-    digest = dvc_data_hash(dvc_file) if versioned else cache_hash
-    origin = dvc_file if versioned else manifest_file
+    origin = dvc_file if Path(dvc_file).is_file() else manifest_file
     location = json.dumps({"uri": f"{origin}@{git_commit()}"})  # the UI shows it as "Path"
     manifest = pd.read_parquet(manifest_file, columns=["split", "label", "subject"])
     inputs = [
         DatasetInput(
             Dataset(
-                name=f"{source or 'unknown'}-{split}",
-                digest=digest,
+                name=f"{identity.source or 'unknown'}-{split}",
+                digest=identity.digest,
                 source_type="local",
                 source=location,
                 profile=json.dumps(split_profile(manifest, split)),

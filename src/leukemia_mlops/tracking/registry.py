@@ -1,8 +1,9 @@
 """The MLflow model registry: promoting an evaluated run's model under an alias.
 
 Registered names say the task, not the family, so a YOLO champion and a CNN one are versions
-of the same model. Aliases are per data identity (``champion-<identity>``): registering the
-synthetic data's champion never moves the alias off the real data's model.
+of the same model. Aliases are per data identity (``champion-<identity>``, the digest of the
+prepare cache: raw data, prepare and split settings): registering the synthetic data's
+champion, or another split's, never moves the alias off the real data's model.
 """
 
 from __future__ import annotations

@@ -103,6 +103,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
             "data_md5": dvc_data_hash(),
             "data_source": str(identity.source),
             "data_hash": identity.data_hash,
+            "data_identity": identity.digest,
             "image_size": str(identity.image_size),
             **trial_tags(trial),
         },
@@ -110,9 +111,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     if rank_zero_only.rank == 0:
         _start_run(run_dir, logger, config, state)
         manifest = Path(cfg.datamodule.prepared_dir) / MANIFEST_FILE
-        log_data_inputs(
-            uri, logger.run_id, manifest, identity.source, identity.data_hash, TRAINING_CONTEXTS
-        )
+        log_data_inputs(uri, logger.run_id, manifest, identity, TRAINING_CONTEXTS)
 
     history = EpochHistory(HISTORY_KEYS)
     checkpoint = instantiate(

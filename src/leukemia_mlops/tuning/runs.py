@@ -166,8 +166,7 @@ class SweepRuns:
             self.client.tracking_uri,
             self.parent_id,
             manifest,
-            identity.source,
-            identity.data_hash,
+            identity,
             TRAINING_CONTEXTS,
         )
 

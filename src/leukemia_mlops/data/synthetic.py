@@ -53,9 +53,9 @@ class SyntheticSpec:
     The defaults are those of ``conf/data/synthetic.yaml`` (a test holds them equal).
     """
 
-    n_train_subjects: int = 24  # spread over the 3 folds, subject-disjoint
-    n_prelim_subjects: int = 14  # unseen subjects of the labelled prelim set
-    cells_per_subject: int = 30  # mean; each subject gets between 0.5x and 1.5x
+    n_train_subjects: int = 48  # spread over the 3 folds, subject-disjoint
+    n_prelim_subjects: int = 28  # unseen subjects of the labelled prelim set
+    cells_per_subject: int = 15  # mean; each subject gets between 0.5x and 1.5x
     all_fraction: float = 0.6  # share of subjects that are ALL (blast) subjects
     n_final_images: int = 12  # unlabelled final-phase test images
     image_size: int = 450

@@ -6,9 +6,9 @@ scores and writes the answer beside the label, so a blood-smear photograph or a 
 several cells is never labelled without a flag. A detector learnt composed scenes of several
 cells too, so its rule (:func:`assess_scene`) asks only for the black background.
 
-The thresholds are module constants, measured on the default synthetic training data
-(``data/raw``, 1,098 images at 450x450; ``tests/test_ood.py`` checks the false-alarm rate on
-the tiny fixture): frame 450x450 throughout, cell box between 9.7% and 63.8% of the frame,
+The thresholds are module constants, measured on the first default synthetic training data
+(1,098 images at 450x450; ``tests/test_ood.py`` checks that the rule raises no flag on the
+tiny fixture nor on today's default ``data/raw``, 1,086 images): frame 450x450 throughout, cell box between 9.7% and 63.8% of the frame,
 border median 0 and exactly one bright component in every image. Each limit leaves a wide
 margin around that range, so the rule catches what is clearly unlike, not what is unusual.
 """

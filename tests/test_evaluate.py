@@ -711,10 +711,12 @@ def test_compare_ranks_a_lower_is_better_metric_lowest_first(tiny_prepared, tmp_
     calibrated = evaluated_run(uri, "cnn", 0.80, 0.9, tiny_prepared, digest=None)
     sharper = evaluated_run(uri, "cnn", 0.90, 0.9, tiny_prepared, digest=None)
     client = MlflowClient(uri)
-    for run_id, ece in ((calibrated, 0.02), (sharper, 0.20)):
-        client.log_metric(run_id, "eval/val_selection/ece", ece)
-    for metric, best in [("eval/val_selection/ece", calibrated), (SELECTION_METRIC, sharper)]:
+    ece = "eval/val_selection/top_label_ece"
+    for run_id, value in ((calibrated, 0.02), (sharper, 0.20)):
+        client.log_metric(run_id, ece, value)
+    for metric, best in [(ece, calibrated), (SELECTION_METRIC, sharper)]:
         table = compare_runs(uri, EXPERIMENT, metric)  # one row: the group's best run
         assert table["run_id"].tolist() == [best], metric
-    assert not higher_is_better("val/loss") and not higher_is_better("eval/val_selection/ece")
+    for lower in ("val/loss", ece, "eval/val_selection/p_all_ece"):
+        assert not higher_is_better(lower), lower
     assert higher_is_better("eval/val_selection/auroc")

@@ -95,16 +95,50 @@ def test_auroc_of_perfect_and_reversed_ranking():
     assert binary_metrics(probs, 1 - labels)["auroc"] == pytest.approx(0.0)
 
 
-def test_ece_zero_when_every_bin_is_calibrated():
+def test_p_all_ece_zero_when_every_bin_is_calibrated():
     # Each probability sits in its own 1/15-wide bin with exactly that share of ALL cells.
     probs = np.repeat([0.1, 0.25, 0.5, 0.75], [10, 4, 2, 4])
     labels = np.array([1] + [0] * 9 + [1, 0, 0, 0] + [1, 0] + [1, 1, 1, 0])
-    assert binary_metrics(probs, labels)["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert binary_metrics(probs, labels)["p_all_ece"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_ece_of_overconfident_bin():
+def test_p_all_ece_of_overconfident_bin():
     probs, labels = np.full(10, 0.9), np.array([1, 0] * 5)
-    assert binary_metrics(probs, labels)["ece"] == pytest.approx(0.4)
+    assert binary_metrics(probs, labels)["p_all_ece"] == pytest.approx(0.4)
+
+
+def _numpy_top_label_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """sum_b |B_b| / n * |acc(B_b) - conf(B_b)| over equal-width bins of max(p, 1 - p), the
+    call made at 0.5 (no edge handling: the data here avoid bin edges)."""
+    confidence = np.maximum(probs, 1 - probs)
+    right = (probs > 0.5) == labels
+    bins = np.floor(confidence * n_bins).astype(int)
+    gaps = [
+        (bins == b).mean() * abs(right[bins == b].mean() - confidence[bins == b].mean())
+        for b in np.unique(bins)
+    ]
+    return float(sum(gaps))
+
+
+def test_top_label_ece_is_the_confidence_ece_not_p_all_calibration():
+    """4 cells at P(ALL) 0.9 (3 ALL), 4 at 0.1 (all HEM), 2 at 0.65 (1 ALL). P(ALL) bins:
+    (4 * 0.15 + 4 * 0.1 + 2 * 0.15) / 10 = 0.13. Confidence bins: 0.9 holds 8 cells, 7 called
+    right (0.025 off), 0.65 holds 2, 1 right (0.15 off): (8 * 0.025 + 2 * 0.15) / 10 = 0.05."""
+    probs = np.repeat([0.9, 0.1, 0.65], [4, 4, 2])
+    labels = np.array([1, 1, 1, 0, 0, 0, 0, 0, 1, 0])
+    assert _numpy_top_label_ece(probs, labels) == pytest.approx(0.05)
+    for threshold in (0.5, 0.7):  # the confusion metrics' threshold does not move it
+        result = binary_metrics(probs, labels, threshold)
+        assert result["top_label_ece"] == pytest.approx(0.05, abs=1e-6)
+        assert result["p_all_ece"] == pytest.approx(0.13, abs=1e-6)
+
+
+def test_top_label_ece_equals_a_numpy_computation():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 500)
+    probs = 1 / (1 + np.exp(-rng.normal(2.0 * (2 * labels - 1), 1.5)))
+    expected = _numpy_top_label_ece(probs, labels)
+    assert binary_metrics(probs, labels)["top_label_ece"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_single_class_gives_nan_for_undefined_metrics_without_warnings():
@@ -217,6 +251,28 @@ def test_weighted_metrics_equal_binary_metrics_on_repeated_cells():
         _assert_same_metrics({k: v[row] for k, v in batched.items()}, reference)
     unit = weighted_binary_metrics(probs, labels, np.ones((1, probs.size)), threshold=0.3)
     _assert_same_metrics({k: v[0] for k, v in unit.items()}, binary_metrics(probs, labels, 0.3))
+
+
+#: float32 bin edge 9/15, just below 0.6: a float32 network's output can sit on it.
+FLOAT32_EDGE = float(torch.linspace(0, 1, 16, dtype=torch.float32)[9])
+
+
+@pytest.mark.parametrize(
+    ("edge", "wrong", "right"),
+    [
+        (11 / 15, 0.7, 0.75),  # just below float64's edge 11/15, on float32's
+        (FLOAT32_EDGE, 0.55, 0.62),  # float32's edge, below float64's edge 9/15
+    ],
+)
+def test_weighted_top_label_ece_bins_confidences_in_float32_as_torchmetrics(edge, wrong, right):
+    """A confidence on a bin edge as torchmetrics' top-label form bins it (in float32) opens
+    the bin of the ``right`` call; binned in float64 it would join the ``wrong`` call's bin
+    below and give another ECE. Every cell is ALL, so P(ALL) ``1 - wrong`` is a wrong call."""
+    probs, labels = np.array([edge, 1 - wrong, right]), np.ones(3, dtype=int)
+    weighted = weighted_binary_metrics(probs, labels, np.ones((1, 3)))["top_label_ece"]
+    expected = (wrong + 2 * (1 - (edge + right) / 2)) / 3
+    assert binary_metrics(probs, labels)["top_label_ece"] == pytest.approx(expected, abs=1e-6)
+    np.testing.assert_allclose(weighted, [expected], atol=1e-6, rtol=0)
 
 
 def test_vectorised_bootstrap_equals_looped_bootstrap():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from leukemia_mlops.evaluation.plots import (
@@ -16,6 +17,7 @@ from leukemia_mlops.evaluation.plots import (
     roc_curve_plot,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
 LABELS = RNG.integers(0, 2, 200)
 PROBS = np.round(np.clip(RNG.normal(0.35 + 0.3 * LABELS, 0.2), 0, 1), 2)
@@ -63,14 +65,14 @@ def test_reliability_table_and_png(tmp_path):
     labels = np.append(LABELS, 1)
     table = reliability_plot(probs, labels, tmp_path / "rel.png", n_bins=10)
     _assert_png(tmp_path / "rel.png")
-    assert list(table.columns) == ["bin_center", "confidence", "accuracy", "count"]
+    assert list(table.columns) == ["bin_center", "mean_p_all", "observed_all_share", "count"]
     assert len(table) == 10
     assert table["count"].sum() == probs.size
     np.testing.assert_allclose(table["bin_center"], np.arange(0.05, 1, 0.1))
     filled = table[table["count"] > 0]
     half_width = 0.05 + 1e-12
-    assert ((filled["confidence"] - filled["bin_center"]).abs() <= half_width).all()
-    assert table.loc[table["count"] == 0, "accuracy"].isna().all()
+    assert ((filled["mean_p_all"] - filled["bin_center"]).abs() <= half_width).all()
+    assert table.loc[table["count"] == 0, "observed_all_share"].isna().all()
 
 
 def test_reliability_bins_hand_case(tmp_path):
@@ -78,8 +80,17 @@ def test_reliability_bins_hand_case(tmp_path):
     labels = np.array([0, 1, 1, 1])
     table = reliability_plot(probs, labels, tmp_path / "rel.png", n_bins=2)
     assert table["count"].tolist() == [2, 2]
-    np.testing.assert_allclose(table["confidence"], [0.125, 0.85])
-    np.testing.assert_allclose(table["accuracy"], [0.5, 1.0])
+    np.testing.assert_allclose(table["mean_p_all"], [0.125, 0.85])
+    np.testing.assert_allclose(table["observed_all_share"], [0.5, 1.0])
+
+
+def test_dvc_reliability_plot_draws_the_tables_columns(tmp_path):
+    """The top-level DVC plot of ``reliability.csv`` names columns ``reliability_plot`` writes."""
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    (spec,) = [entry["Reliability (test)"] for entry in plots if "Reliability (test)" in entry]
+    table = reliability_plot(PROBS, LABELS, tmp_path / "rel.png")
+    assert spec["x"] in table.columns
+    assert set(spec["y"].values()) <= set(table.columns)
 
 
 def test_image_grid_mixes_grey_and_colour(tmp_path):

@@ -8,6 +8,12 @@ the tests hold them equal to `binary_metrics`.
 A cell is called ALL when its probability is strictly greater than the threshold, as torchmetrics
 does. Ratios that are undefined on the data (sensitivity without ALL cells, AUROC with one class)
 are NaN rather than torchmetrics' silent 0, so they cannot pass for a real result.
+
+Two calibration errors, both L1 over 15 equal-width bins, answer different questions:
+``top_label_ece`` is the top-label (confidence) ECE papers report: each cell's confidence
+max(p, 1 - p) against whether its argmax call (ALL when p > 0.5, whatever threshold the other
+metrics use) is right. ``p_all_ece`` is the calibration error of P(ALL) itself: each bin's mean
+P(ALL) against its observed share of ALL cells.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torchmetrics.functional.classification import (
     binary_average_precision,
     binary_calibration_error,
     binary_precision,
+    multiclass_calibration_error,
     multiclass_f1_score,
     multiclass_recall,
 )
@@ -90,9 +97,23 @@ def binary_metrics(probs: ArrayLike, labels: ArrayLike, threshold: float = 0.5) 
         "specificity": recall[0],
         "precision": binary_precision(preds, y, zero_division=np.nan),
         **_ranking_metrics(p, y),
-        "ece": binary_calibration_error(p, y, n_bins=ECE_BINS, norm="l1"),
+        "top_label_ece": top_label_ece(p, y),
+        "p_all_ece": p_all_ece(p, y),
     }
     return {name: float(value) for name, value in values.items()}
+
+
+def top_label_ece(p: torch.Tensor, y: torch.Tensor, n_bins: int = ECE_BINS) -> torch.Tensor:
+    """Top-label (confidence) ECE: torchmetrics' multiclass form on the rows [1 - p, p], so the
+    call is the argmax (ALL when p > 0.5; HEM on a tie) and the confidence max(p, 1 - p)."""
+    two_class = torch.stack([1 - p, p], dim=1)
+    return multiclass_calibration_error(two_class, y, num_classes=2, n_bins=n_bins, norm="l1")
+
+
+def p_all_ece(p: torch.Tensor, y: torch.Tensor, n_bins: int = ECE_BINS) -> torch.Tensor:
+    """Calibration error of P(ALL): per bin of P(ALL), |mean P(ALL) - observed ALL share|,
+    weighted by the bin's share of cells (torchmetrics' binary form)."""
+    return binary_calibration_error(p, y, n_bins=n_bins, norm="l1")
 
 
 def _ranking_metrics(p: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor | float]:
@@ -103,12 +124,13 @@ def _ranking_metrics(p: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor
 
 
 def calibration_bin_index(probs: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
-    """Each probability's bin exactly as torchmetrics' ECE assigns it.
+    """Each probability's bin exactly as torchmetrics' ECE assigns it, in the dtype of ``probs``
+    (torchmetrics bins P(ALL) as given, float64 here, and top-label confidences in float32).
 
     Bins are [k/n, (k+1)/n); torchmetrics gives a probability of exactly 1.0 its own bin n.
     """
-    p = torch.as_tensor(probs, dtype=torch.float64)
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    p = torch.as_tensor(probs)
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=p.dtype)
     return (torch.bucketize(p, edges, right=True) - 1).numpy()
 
 
@@ -162,10 +184,13 @@ def weighted_binary_metrics(
     if w.ndim != 2 or w.shape[1] != p.size:
         raise ValueError(f"weights must have shape (B, {p.size}), got {w.shape}")
     tp, fp, fn, tn = (w @ _confusion_indicators(p > threshold, y)).T
+    confidence = np.maximum(p, 1 - p).astype(np.float32)  # as torchmetrics' top-label form
+    right = ((p > 0.5) == y).astype(np.float64)
     return {
         **metrics_from_counts(tp, fp, fn, tn),
         **_weighted_ranking_metrics(p, y, w),
-        "ece": _weighted_ece(p, y, w),
+        "top_label_ece": _weighted_ece(confidence, right, w),
+        "p_all_ece": _weighted_ece(p, y, w),
     }
 
 
@@ -189,11 +214,12 @@ def _weighted_ranking_metrics(p: np.ndarray, y: np.ndarray, w: np.ndarray) -> di
     }
 
 
-def _weighted_ece(p: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """L1 expected calibration error: sum over bins of |sum(prob) - sum(label)| / n."""
-    in_bin = np.zeros((p.size, ECE_BINS + 1))
-    in_bin[np.arange(p.size), calibration_bin_index(p)] = 1.0
-    gap = w @ (in_bin * p[:, None]) - w @ (in_bin * y[:, None])
+def _weighted_ece(scores: np.ndarray, hits: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """L1 calibration error of ``scores`` (claimed probabilities) against ``hits`` (0/1 events)
+    per weighting: the sum over bins of |sum(score) - sum(hit)| / n."""
+    in_bin = np.zeros((scores.size, ECE_BINS + 1))
+    in_bin[np.arange(scores.size), calibration_bin_index(scores)] = 1.0
+    gap = w @ (in_bin * scores[:, None]) - w @ (in_bin * hits[:, None])
     return np.abs(gap).sum(axis=1) / w.sum(axis=1)
 
 

@@ -18,7 +18,6 @@ from matplotlib.figure import Figure
 from torchmetrics.functional.classification import (
     binary_auroc,
     binary_average_precision,
-    binary_calibration_error,
     binary_confusion_matrix,
     binary_precision_recall_curve,
     binary_roc,
@@ -29,6 +28,7 @@ from leukemia_mlops.evaluation.metrics import (
     ArrayLike,
     as_labels,
     calibration_bin_index,
+    p_all_ece,
     validated_arrays,
 )
 
@@ -118,41 +118,50 @@ def pr_curve_plot(probs: ArrayLike, labels: ArrayLike, path: str | Path) -> pd.D
 
 
 def _reliability_table(p: np.ndarray, y: np.ndarray, n_bins: int) -> pd.DataFrame:
-    """Per equal-width bin: mean predicted ALL probability, observed ALL share, cell count.
+    """Per equal-width bin of P(ALL): its mean P(ALL), observed ALL share and cell count.
 
-    Bins match the ECE's except that the last is closed ([1 - 1/n, 1]) where torchmetrics
-    keeps a probability of exactly 1.0 apart. Empty bins have NaN confidence and accuracy.
+    Bins match ``p_all_ece``'s except that the last is closed ([1 - 1/n, 1]) where torchmetrics
+    keeps a probability of exactly 1.0 apart. Empty bins have NaN mean and share.
     """
     bins = np.minimum(calibration_bin_index(p, n_bins), n_bins - 1)
     count = np.bincount(bins, minlength=n_bins)
     with np.errstate(invalid="ignore"):
-        confidence = np.bincount(bins, weights=p, minlength=n_bins) / count
-        accuracy = np.bincount(bins, weights=y, minlength=n_bins) / count
+        mean_p_all = np.bincount(bins, weights=p, minlength=n_bins) / count
+        observed_all_share = np.bincount(bins, weights=y, minlength=n_bins) / count
     centers = (np.arange(n_bins) + 0.5) / n_bins
     return pd.DataFrame(
-        {"bin_center": centers, "confidence": confidence, "accuracy": accuracy, "count": count}
+        {
+            "bin_center": centers,
+            "mean_p_all": mean_p_all,
+            "observed_all_share": observed_all_share,
+            "count": count,
+        }
     )
 
 
 def reliability_plot(
     probs: ArrayLike, labels: ArrayLike, path: str | Path, n_bins: int = 15
 ) -> pd.DataFrame:
-    """Reliability diagram with a cell-count histogram; returns the per-bin table.
+    """Reliability diagram of P(ALL) with a cell-count histogram; returns the per-bin table.
 
-    `accuracy` is the observed share of ALL cells in the bin, the value a calibrated
-    `confidence` (mean probability of ALL) should equal.
+    Per bin of P(ALL), ``observed_all_share`` is the share of ALL cells, the value a
+    calibrated ``mean_p_all`` should equal; the title gives their ``p_all_ece``.
     """
-    p, y = validated_arrays(probs, labels)
-    table = _reliability_table(p, y, n_bins)
-    ece = float(binary_calibration_error(torch.from_numpy(p), torch.from_numpy(y), n_bins=n_bins))
+    p, y = _tensors(probs, labels)
+    table = _reliability_table(p.numpy(), y.numpy(), n_bins)
+    ece = float(p_all_ece(p, y, n_bins))
     figure = _figure(4.5, 5.5)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    top.bar(table["bin_center"], table["accuracy"], width=1 / n_bins, edgecolor="black")
+    top.bar(table["bin_center"], table["observed_all_share"], width=1 / n_bins, edgecolor="black")
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    top.set(ylim=(0, 1), ylabel="Observed ALL share", title=f"Reliability (ECE = {ece:.3f})")
+    top.set(
+        ylim=(0, 1),
+        ylabel="Observed ALL share",
+        title=f"Reliability of P(ALL) (p_all_ece = {ece:.3f})",
+    )
     top.legend(loc="upper left")
     bottom.bar(table["bin_center"], table["count"], width=1 / n_bins, color="grey")
-    bottom.set(xlim=(0, 1), xlabel="Predicted probability of ALL", ylabel="Cells")
+    bottom.set(xlim=(0, 1), xlabel="Predicted P(ALL)", ylabel="Cells")
     _save(figure, path)
     return table
 

@@ -37,7 +37,7 @@ params: setup ## Compose conf/ into params.yaml (the config the DVC pipeline run
 data: params ## Write the synthetic C-NMC dataset to data/raw unless data is there
 	lmo-synth
 
-repro: data ## Run the whole DVC pipeline (prepare -> sweep -> train -> evaluate)
+repro: data ## Run the whole DVC pipeline (prepare -> sweeps -> training -> evaluate)
 	dvc repro
 
 compare-seeds: setup ## Train both models with 3 seeds after make repro: spread, P(CNN > detector) (reports/seeds)

@@ -8,9 +8,9 @@ cells too, so its rule (:func:`assess_scene`) asks only for the black background
 
 The thresholds are module constants, measured on the first default synthetic training data
 (1,098 images at 450x450; ``tests/test_ood.py`` checks that the rule raises no flag on the
-tiny fixture nor on today's default ``data/raw``, 1,086 images): frame 450x450 throughout, cell box between 9.7% and 63.8% of the frame,
-border median 0 and exactly one bright component in every image. Each limit leaves a wide
-margin around that range, so the rule catches what is clearly unlike, not what is unusual.
+tiny fixture nor on today's default ``data/raw``, 1,086 images): frame 450x450 throughout,
+cell box between 9.7% and 63.8% of the frame, border median 0 and exactly one bright
+component in every image. Each limit leaves a wide margin around that range, so the rule catches what is clearly unlike, not what is unusual.
 """
 
 from __future__ import annotations

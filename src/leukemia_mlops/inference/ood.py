@@ -10,7 +10,8 @@ The thresholds are module constants, measured on the first default synthetic tra
 (1,098 images at 450x450; ``tests/test_ood.py`` checks that the rule raises no flag on the
 tiny fixture nor on today's default ``data/raw``, 1,086 images): frame 450x450 throughout,
 cell box between 9.7% and 63.8% of the frame, border median 0 and exactly one bright
-component in every image. Each limit leaves a wide margin around that range, so the rule catches what is clearly unlike, not what is unusual.
+component in every image. Each limit leaves a wide margin around that range, so the rule
+catches what is clearly unlike, not what is unusual.
 """
 
 from __future__ import annotations

@@ -33,7 +33,16 @@ from leukemia_mlops.tracking.model_logging import log_classifier
 
 # The session fixture training the tiny checkpoint, shared so that both files use one model.
 BROKEN = {"corrupt.png": "not a decodable image", "empty.bmp": "empty file", "notes.txt": ".txt"}
-COLUMNS = ["file", "prob_all", "label", "in_distribution", "ood_reason", "error"]
+COLUMNS = [
+    "file",
+    "prob_all",
+    "label",
+    "threshold",
+    "threshold_source",
+    "in_distribution",
+    "ood_reason",
+    "error",
+]
 NOTICE = "notice: no validated threshold is known for this model; calling ALL above 0.5"
 
 
@@ -167,11 +176,18 @@ def labels_of(out: Path) -> set[str]:
     return set(table.loc[table["error"] == "", "label"])
 
 
+def thresholds_of(out: Path) -> set[tuple[float, str]]:
+    """The (threshold, threshold_source) pairs of a predictions CSV's rows, unreadable included."""
+    table = pd.read_csv(out, keep_default_na=False)
+    return set(zip(table["threshold"], table["threshold_source"], strict=True))
+
+
 def test_predict_cli_threshold_flag_then_the_evaluated_checkpoints_then_half(
     tiny_checkpoint, image_folder, tmp_path, capsys
 ):
     """--threshold beats the evaluation's threshold, which counts only for the checkpoint it
-    scored; with none known predict calls at 0.5 and says so."""
+    scored; with none known predict calls at 0.5 and says so. Every row names the threshold
+    and its source: ``default``, ``validation`` (found or given with --metrics), ``given``."""
     params = tmp_path / "params.yaml"
     prepare = {"image_size": SIZE, "window": 450, "fit": "window"}
     paths = {"reports_dir": str(tmp_path / "reports"), "mlruns_dir": str(tmp_path / "mlruns")}
@@ -184,7 +200,8 @@ def test_predict_cli_threshold_flag_then_the_evaluated_checkpoints_then_half(
     evaluation.write_text(json.dumps({"threshold": 0.0, "checkpoint_sha256": "0" * 64}))
     predict_cli.main(argv)  # another checkpoint's evaluation: not this model's threshold
     printed = capsys.readouterr()
-    assert NOTICE in printed.err and "at threshold 0.5 " in printed.out
+    assert NOTICE in printed.err and "at threshold 0.5, source default " in printed.out
+    assert thresholds_of(out) == {(0.5, "default")}
 
     evaluation.write_text(
         json.dumps({"threshold": 0.0, "checkpoint_sha256": file_sha256(tiny_checkpoint)})
@@ -192,17 +209,22 @@ def test_predict_cli_threshold_flag_then_the_evaluated_checkpoints_then_half(
     predict_cli.main(argv)
     printed = capsys.readouterr()
     assert labels_of(out) == {"ALL"} and NOTICE not in printed.err
-    assert "at threshold 0 (3 could not be read, 0 unlike the training images)" in printed.out
+    summary = "at threshold 0, source validation (3 could not be read, 0 unlike the training"
+    assert f"{summary} images)" in printed.out and thresholds_of(out) == {(0.0, "validation")}
 
     predict_cli.main([*argv, "--threshold", "1.0"])
-    assert labels_of(out) == {"HEM"} and "at threshold 1 " in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert labels_of(out) == {"HEM"} and "at threshold 1, source given " in printed.out
+    assert thresholds_of(out) == {(1.0, "given")}
 
     metrics = tmp_path / "metrics.json"
     metrics.write_text(
         json.dumps({"threshold": 1.0, "checkpoint_sha256": file_sha256(tiny_checkpoint)})
     )
     predict_cli.main([*argv, "--metrics", str(metrics)])
-    assert labels_of(out) == {"HEM"} and "at threshold 1 " in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert labels_of(out) == {"HEM"} and "at threshold 1, source validation " in printed.out
+    assert thresholds_of(out) == {(1.0, "validation")}
     # Another model's report (the detector's, a retrained model's) is refused in one line.
     metrics.write_text(json.dumps({"threshold": 1.0, "checkpoint_sha256": "0" * 64}))
     with pytest.raises(SystemExit) as exit_info:
@@ -238,6 +260,7 @@ def test_an_onnx_model_carries_its_threshold(
     capsys.readouterr()
     predict_paths(path, [image_folder[0]], tmp_path / "p.csv", image_size=SIZE)
     assert labels_of(tmp_path / "p.csv") == {"ALL"} and NOTICE not in capsys.readouterr().err
+    assert thresholds_of(tmp_path / "p.csv") == {(0.0, "validation")}
 
 
 def test_an_mlflow_model_predicts_at_its_runs_evaluated_threshold(
@@ -254,6 +277,7 @@ def test_an_mlflow_model_predicts_at_its_runs_evaluated_threshold(
     capsys.readouterr()
     predict_paths(model, [image_folder[0]], tmp_path / "p.csv", tracking_uri=uri, image_size=SIZE)
     assert labels_of(tmp_path / "p.csv") == {"ALL"} and NOTICE not in capsys.readouterr().err
+    assert thresholds_of(tmp_path / "p.csv") == {(0.0, "validation")}
 
 
 def test_export_cli_reports_bad_input(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from quiet_trainer import quiet_trainer
 from test_ood import smear
+from torch import nn
 from torch.utils.data import DataLoader
 
 from leukemia_mlops.cli import export as export_cli
@@ -29,11 +31,14 @@ from leukemia_mlops.data.detection import (
     detection_transforms,
     make_sample,
 )
+from leukemia_mlops.data.naming import ALL, HEM
 from leukemia_mlops.data.prepare import MANIFEST_FILE
 from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, crop_cell
+from leukemia_mlops.evaluation.detection import CellLogit
 from leukemia_mlops.inference.export import ParityError, export_onnx
 from leukemia_mlops.inference.loading import file_sha256, load_detector, validated_threshold
-from leukemia_mlops.inference.predict import BOX_COLUMNS, predict_paths
+from leukemia_mlops.inference.predict import BOX_COLUMNS, predict_paths, read_rgb
+from leukemia_mlops.inference.scorers import TorchScorer
 from leukemia_mlops.models.detector import YoloDetector, cell_probability
 from leukemia_mlops.models.yolo import postprocess
 from leukemia_mlops.tracking.model_logging import log_classifier
@@ -81,6 +86,28 @@ def train_yolo(tiny_prepared: Path, path: Path, **hparams: Any) -> Path:
     trainer.fit(module, DataLoader(samples, batch_size=16, shuffle=True, collate_fn=collate))
     trainer.save_checkpoint(path)
     return path
+
+
+def blind_detector(path: Path) -> Path:
+    """A YOLOv3-tiny whose every box scores ALL 0.09 (objectness 0.1 x class 0.9) and HEM
+    0.005: no box above predict's 0.25 floor, yet its validated probability of any image is
+    1.0 (HEM's best is under its conf_threshold 0.01). Saved as the checkpoint ``path``."""
+    module = YoloDetector(img_size=IMG, width_mult=0.25, channels_last=False)
+    logits = {4: 0.1, 5 + ALL: 0.9, 5 + HEM: 0.05}  # objectness, then class probabilities
+    for pred in module.net.head.preds:
+        nn.init.zeros_(pred.weight)
+        bias = pred.bias.detach().view(module.net.head.num_anchors, -1)
+        for channel, p in logits.items():
+            bias[:, channel] = math.log(p / (1 - p))
+    trainer = quiet_trainer()
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def blind_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return blind_detector(tmp_path_factory.mktemp("blind") / "blind.ckpt")
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +187,7 @@ def test_predict_writes_one_row_per_box_of_each_scene(
     # Scenes are like the detector's training images, and hold several cells: no image label.
     assert table["in_distribution"].all() and boxes["in_distribution"].all()
     assert table["prob_all"].isna().all() and (table["label"] == "").all()
+    assert (table["status"] == "not a single cell").all()
 
 
 def test_predict_draws_an_overlay_per_scene(scene_predictions, scene_folder):
@@ -218,17 +246,52 @@ def test_single_cells_get_the_image_probability_at_the_detectors_validated_thres
     digest = file_sha256(yolo_checkpoint)
     evaluation.write_text(json.dumps({"threshold": 0.0, "checkpoint_sha256": digest}))
     out = tmp_path / "p.csv"
-    predict_cli.main(
-        [str(yolo_checkpoint), str(folder), "--out", str(out), "--params", str(params)]
-    )
+    options = ["--out", str(out), "--params", str(params), "--min-score", str(MIN_SCORE)]
+    predict_cli.main([str(yolo_checkpoint), str(folder), *options])
     printed = capsys.readouterr()
-    assert "notice" not in printed.err and "at threshold 0 " in printed.out
+    assert "notice" not in printed.err and "at threshold 0, source validation " in printed.out
     table = pd.read_csv(out, keep_default_na=False)
     assert table["in_distribution"].all() and (table["label"] == "ALL").all()
+    assert (table["status"] == "cell found").all() and (table["cells"] > 0).all()
+    assert (table["threshold"] == 0.0).all() and (table["threshold_source"] == "validation").all()
     for row in table.itertuples():
         expected = expected_detections(yolo_checkpoint, Path(row.file))["prob_all"]
         assert row.prob_all == pytest.approx(expected, abs=0.02)
     assert validated_threshold(yolo_checkpoint, evaluation) == 0.0
+
+
+@pytest.mark.parametrize(("min_score", "found"), [(0.25, False), (0.05, True)])
+def test_a_single_cell_gets_a_label_only_where_a_box_finds_it(
+    blind_checkpoint, tiny_raw, min_score, found, tmp_path, capsys
+):
+    """An ALL and a HEM cell, which evaluation scores 1.0 each (it ranks every cell, found or
+    not): under the floor no box finds them, so no probability and no label, never ALL at
+    1.0; above it, found, they get that probability and its label."""
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for kind in ("all", "hem"):
+        shutil.copyfile(next(tiny_raw.rglob(f"*_{kind}.bmp")), folder / f"{kind}.bmp")
+    files = sorted(folder.iterdir())
+    evaluated = TorchScorer(CellLogit(load_detector(blind_checkpoint)), device="cpu")
+    np.testing.assert_array_equal(evaluated(np.stack([read_rgb(p) for p in files])), [1, 1])
+    params, _ = detector_params(tmp_path)
+    out = tmp_path / "p.csv"
+    options = ["--out", str(out), "--params", str(params), "--min-score", str(min_score)]
+    predict_cli.main([str(blind_checkpoint), str(folder), *options, "--threshold", "0.5"])
+    table = pd.read_csv(out, keep_default_na=False, na_values={"prob_all": [""]})
+    boxes = pd.read_csv(tmp_path / "p_boxes.csv", keep_default_na=False)
+    assert table["file"].tolist() == list(map(str, files)) and table["in_distribution"].all()
+    assert (table["threshold"] == 0.5).all() and (table["threshold_source"] == "given").all()
+    printed = capsys.readouterr().out
+    if found:
+        assert (table["status"] == "cell found").all() and (table["cells"] > 0).all()
+        assert (table["prob_all"] == 1.0).all() and (table["label"] == "ALL").all()
+        assert (boxes["score"] > min_score).all() and set(boxes["class"]) == {"ALL"}
+        assert ", 0 single cells not found)" in printed
+    else:
+        assert (table["status"] == "no cell found").all() and (table["cells"] == 0).all()
+        assert table["prob_all"].isna().all() and (table["label"] == "").all()
+        assert boxes.empty and ", 0 cells found, 2 single cells not found)" in printed
 
 
 @pytest.fixture(scope="module")

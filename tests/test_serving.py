@@ -26,7 +26,13 @@ from conftest import TINY_SIZE
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from servers import free_port
-from test_predict_yolo import MIN_SCORE, composed_scenes, detector_params, train_yolo
+from test_predict_yolo import (
+    MIN_SCORE,
+    blind_detector,
+    composed_scenes,
+    detector_params,
+    train_yolo,
+)
 from torch import nn
 
 from leukemia_mlops.cli import predict as predict_cli
@@ -156,6 +162,8 @@ def test_served_model_answers_images_as_predict_does(server, predicted, logged, 
     np.testing.assert_allclose(answer["prob_all"], predicted["prob_all"], rtol=1e-6)
     expected = np.where(predicted["prob_all"] > logged[2], "ALL", "HEM")
     assert list(answer["label"]) == list(expected)
+    assert list(answer["threshold"]) == [logged[2]] * 2
+    assert list(answer["threshold_source"]) == ["validation"] * 2
     assert list(answer["in_distribution"]) == list(predicted["in_distribution"])
 
 
@@ -223,8 +231,34 @@ def test_served_detector_answers_as_predict_does(
     assert answer["prob_all"][0] == cell and np.isnan(answer["prob_all"][1])
     assert list(answer["label"]) == ["ALL" if cell > threshold else "HEM", ""]
     assert answer["label"][0] != table["label"][0]  # at 0.5: the threshold must count
+    assert list(answer["threshold"]) == [threshold] * 2
+    assert list(answer["threshold_source"]) == ["validation"] * 2
+    assert list(answer["status"]) == list(table["status"]) == ["cell found", "not a single cell"]
     assert list(answer["in_distribution"]) == list(table["in_distribution"])
     assert list(answer["n_cells"]) == list(table["cells"]) and answer["n_cells"][1] > 0
     for row, path in enumerate(detector_files):
         expected = boxes.loc[boxes["file"] == str(path), BOX_FIELDS].to_dict("records")
         assert json.loads(answer["boxes"][row]) == expected
+
+
+def test_a_served_detector_gives_no_label_to_a_cell_no_box_finds(
+    store, two_images, tmp_path, monkeypatch
+):
+    """A detector logged without a validated threshold, none of whose boxes reaches the 0.25
+    floor: the ALL cell is not found (no probability, no label, though its validated
+    probability is 1.0), and the row says it was to be called at the default 0.5."""
+    _, uri, _, _ = store
+    detector = load_detector(blind_detector(tmp_path / "blind.ckpt"))
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.get_experiment_by_name("serving").experiment_id).info.run_id
+    served = ServedModel.of(detector, TINY_SIZE, 450, "window")
+    log_image_model(uri, run_id, detector.net, served)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/{IMAGE_MODEL}")
+    assert loaded.metadata.metadata["threshold_source"] == "default"
+    answer = loaded.predict(pd.DataFrame({"path": [str(two_images[0])]})).iloc[0]
+    assert answer["status"] == "no cell found" and answer["n_cells"] == 0
+    assert np.isnan(answer["prob_all"]) and answer["label"] == ""
+    assert json.loads(answer["boxes"]) == [] and answer["in_distribution"]
+    assert (answer["threshold"], answer["threshold_source"]) == (0.5, "default")

@@ -7,9 +7,11 @@ does, with the settings the model declares, else those of ``params.yaml``; a det
 each whole image, letterboxed. ALL is called above --threshold, else above the model's
 validated threshold (a checkpoint's from the pipeline's evaluation of it,
 ``paths.reports_dir/eval/<key>/metrics.json``, an ONNX file's from its metadata, an MLflow
-model's from its run), else above 0.5, with a notice. Every row says whether its image is like
-the training images (``in_distribution``, with the reason). A detector also writes one row per
-detected cell (--boxes) and, with --overlays, each image with its boxes drawn.
+model's from its run), else above 0.5, with a notice; every row names that threshold and its
+source (``given``, ``validation``, ``default``). Every row says whether its image is like the
+training images (``in_distribution``, with the reason). A detector also writes one row per
+detected cell (--boxes, scoring above --min-score) and, with --overlays, each image with its
+boxes drawn; a single-cell image gets a label only where a box found its cell (``status``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from leukemia_mlops.cli.args import run_cli
 from leukemia_mlops.errors import InputError, MissingInputError
+
+if TYPE_CHECKING:
+    from leukemia_mlops.inference.predict import Threshold
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,16 +50,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     detector.add_argument("--overlays", help="folder for each image with its boxes drawn (PNG)")
     detector.add_argument(
-        "--min-score", type=float, default=0.25, help="smallest score of a box written or drawn"
+        "--min-score",
+        type=float,
+        default=0.25,
+        help="a box scoring above this is a cell found: written, drawn, and needed for a label",
     )
     return parser
 
 
-def _explicit_threshold(args: argparse.Namespace) -> float | None:
-    """--threshold, else that of the --metrics file (which must have evaluated this very
-    checkpoint), else None (the model's own then)."""
+def _explicit_threshold(args: argparse.Namespace) -> Threshold | None:
+    """--threshold (``given``), else that of the --metrics file (``validation``; it must have
+    evaluated this very checkpoint), else None (the model's own then)."""
+    from leukemia_mlops.inference.predict import GIVEN, VALIDATION, Threshold
+
     if args.threshold is not None:
-        return args.threshold
+        return Threshold(args.threshold, GIVEN)
     if args.metrics is None:
         return None
     from leukemia_mlops.inference.loading import CHECKPOINT_DIGEST_KEY, file_sha256
@@ -72,7 +83,7 @@ def _explicit_threshold(args: argparse.Namespace) -> float | None:
             f"{args.metrics} is the evaluation of another model, not of {args.model} (its "
             f"{CHECKPOINT_DIGEST_KEY} differs): give that model's report, or --threshold"
         )
-    return float(threshold)
+    return Threshold(float(threshold), VALIDATION)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -82,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from leukemia_mlops.config import load_params
         from leukemia_mlops.inference.detection import YoloScorer
         from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, is_mlflow_uri, load_scorer
-        from leukemia_mlops.inference.predict import decision_threshold, predict_paths
+        from leukemia_mlops.inference.predict import (
+            NO_CELL_FOUND,
+            decision_threshold,
+            predict_paths,
+        )
         from leukemia_mlops.tracking.run_files import evaluation_reports, store_uri
         from leukemia_mlops.tracking.store import tracking_uri
 
@@ -115,10 +130,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         failed = int((table["error"] != "").sum())
         foreign = int((~table["in_distribution"] & (table["error"] == "")).sum())
-        cells = f", {int(table['cells'].sum())} cells found" if detector else ""
+        cells = ""
+        if detector:
+            missed = int((table["status"] == NO_CELL_FOUND).sum())
+            cells = f", {int(table['cells'].sum())} cells found, {missed} single cells not found"
         print(
-            f"{len(table)} files scored into {args.out} at threshold {threshold:.4g} "
-            f"({failed} could not be read, {foreign} unlike the training images{cells})"
+            f"{len(table)} files scored into {args.out} at threshold {threshold.value:.4g}, "
+            f"source {threshold.source} ({failed} could not be read, "
+            f"{foreign} unlike the training images{cells})"
         )
 
     run_cli(body)

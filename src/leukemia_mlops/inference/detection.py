@@ -47,7 +47,14 @@ def select_boxes(decoded: Tensor, min_score: float, iou_threshold: float) -> Fou
 
 
 def cell_probabilities(decoded: Tensor, conf_threshold: float) -> np.ndarray:
-    """P(ALL) per image, as the detector is validated (in float64)."""
+    """P(ALL) per image, as the detector is validated and evaluated (in float64): every image
+    gets one, ``s_ALL / (s_ALL + s_HEM)`` over boxes scoring above ``conf_threshold``, 0.5
+    where none does (see ``models.detector.decoded_cell_probability``).
+
+    Weak boxes count: one class's best box just above ``conf_threshold`` and none of the other
+    gives 1.0 (or 0.0). ``predict`` therefore gives it only to a cell a box found (scoring
+    above its ``min_score``); evaluation, which ranks every cell, takes it as it is.
+    """
     return decoded_cell_probability(decoded.double(), conf_threshold).numpy()
 
 
@@ -74,7 +81,8 @@ class YoloScorer:
     """``network`` (float ``[B, 3, S, S]`` -> decoded ``[B, N, 5 + C]`` array) with its
     input side ``img_size`` and the thresholds it was trained with.
 
-    As a :class:`~.scorers.Scorer` it gives P(ALL) of single-cell images of any square size.
+    As a :class:`~.scorers.Scorer` it gives P(ALL) of single-cell images of any square size,
+    for every image, found or not (:func:`cell_probabilities`).
     """
 
     def __init__(

@@ -1,7 +1,8 @@
 """Batch prediction of image files: decoded as ``prepare`` does, scored, streamed to CSVs.
 
 A classifier gives one row per file; a detector also one row per detected cell and, on
-request, each image with its boxes drawn.
+request, each image with its boxes drawn. Every row names the threshold it was labelled at
+and where that came from (:class:`Threshold`).
 """
 
 from __future__ import annotations
@@ -40,13 +41,30 @@ from leukemia_mlops.models.detector import CLASS_NAMES
 IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 #: The decision threshold of a model with no validated one (the sigmoid's midpoint).
 FALLBACK_THRESHOLD = 0.5
+#: Where a threshold came from: set by the caller (``predict --threshold``), chosen on
+#: validation by the evaluate stage (a checkpoint's ``metrics.json``, found or given with
+#: ``--metrics``; an ONNX file's metadata; an MLflow model's run), or the fallback 0.5.
+GIVEN, VALIDATION, DEFAULT = "given", "validation", "default"
 #: ``ood_reason`` of a file that could not be scored (its ``error`` says why).
 NOT_SCORED = "not scored"
-#: A detection must score above this to be a box row (and drawn): training's overlays use it.
+#: A detection must score above this to be a cell found (a box row, drawn, and for a single
+#: cell the condition of its label): training's overlays use it.
 DRAW_SCORE = 0.25
 
 #: Columns of a detector's boxes CSV: one row per detected cell.
 BOX_COLUMNS = ["file", "x1", "y1", "x2", "y2", "class", "score", "in_distribution", "ood_reason"]
+#: ``status`` of a detector's file row: a single-cell image whose cell a box found (it alone
+#: gets prob_all and a label), a single-cell image where no box did, any other image (boxes
+#: only), or a file not scored (as its ``ood_reason``).
+CELL_FOUND, NO_CELL_FOUND, NOT_SINGLE_CELL = "cell found", "no cell found", "not a single cell"
+
+
+class Threshold(NamedTuple):
+    """A decision threshold (ALL above it) and its source: :data:`GIVEN`, :data:`VALIDATION`
+    or :data:`DEFAULT`."""
+
+    value: float
+    source: str
 
 
 class Item(NamedTuple):
@@ -143,15 +161,18 @@ def _check_preprocessing(scorer: Scorer, spec: PrepareSpec) -> None:
 
 
 def decision_threshold(
-    model_source: str | Path | Scorer,
-    threshold: float | None = None,
+    model_source: str | Path | Scorer | YoloScorer,
+    threshold: float | Threshold | None = None,
     evaluation: str | Path | Sequence[Path] | None = None,
     tracking_uri: str | None = None,
-) -> float:
-    """``threshold`` if given, else the model's validated one (see :func:`validated_threshold`;
-    ``evaluation``: the metrics.json of a checkpoint's evaluation), else 0.5 with a notice."""
-    if threshold is not None:
+) -> Threshold:
+    """``threshold`` if given (a bare number is :data:`GIVEN`), else the model's validated one
+    (see :func:`validated_threshold`; ``evaluation``: the metrics.json of a checkpoint's
+    evaluation), else 0.5 (:data:`DEFAULT`) with a notice."""
+    if isinstance(threshold, Threshold):
         return threshold
+    if threshold is not None:
+        return Threshold(float(threshold), GIVEN)
     is_source = isinstance(model_source, str | Path)
     known = validated_threshold(model_source, evaluation, tracking_uri) if is_source else None
     if known is None:
@@ -160,8 +181,8 @@ def decision_threshold(
             f"calling ALL above {FALLBACK_THRESHOLD}",
             file=sys.stderr,
         )
-        return FALLBACK_THRESHOLD
-    return known
+        return Threshold(FALLBACK_THRESHOLD, DEFAULT)
+    return Threshold(known, VALIDATION)
 
 
 def predict_paths(
@@ -173,7 +194,7 @@ def predict_paths(
     window: int = PrepareSpec.window,
     fit: str = PrepareSpec.fit,
     batch_size: int = 64,
-    threshold: float | None = None,
+    threshold: float | Threshold | None = None,
     evaluation: str | Path | Sequence[Path] | None = None,
     tracking_uri: str | None = None,
     workers: int = 1,
@@ -189,20 +210,28 @@ def predict_paths(
     only a few batches are held in memory. Decoding apart from the model also keeps this
     process's heap from fragmenting: its peak memory stays flat over any number of files.
     ``threshold`` defaults as :func:`decision_threshold` says. Columns: file, prob_all,
-    label (ALL when prob_all > threshold, else HEM), in_distribution and ood_reason (whether
-    the image is like the training images, and why not; see :mod:`~.inference.ood`), error
-    (why a file could not be scored, else empty).
+    label (ALL when prob_all > threshold, else HEM), threshold and threshold_source (the
+    :class:`Threshold` every row was labelled at), in_distribution and ood_reason (whether the
+    image is like the training images, and why not; see :mod:`~.inference.ood`), error (why a
+    file could not be scored, else empty).
 
     A detector also writes ``boxes_csv`` (default: ``<out_csv stem>_boxes.csv``), one row per
     detected cell scoring above ``min_score`` (:data:`BOX_COLUMNS`, xyxy in the file's
     pixels), and with ``overlays`` a PNG per image with its boxes drawn. Its ``out_csv`` rows
-    have a ``cells`` count; prob_all and label are given for single-cell images only.
+    add the ``cells`` count and a ``status``. One rule says whether a cell was found: a box
+    scores above ``min_score``, i.e. the file has a boxes row. Only a single-cell image whose
+    cell was found gets prob_all and a label (``cell found``); that prob_all is the one the
+    detector is validated and evaluated with (:func:`~.detection.cell_probabilities`), so the
+    validated threshold applies to it (with ``min_score`` at or above the detector's
+    ``conf_threshold``, as by default, it rests on the box found). A single-cell image no box
+    finds gets neither (``no cell found``): never a label from boxes below the floor.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
         raise ConfigError(f"workers must be >= 0, got {workers}")
-    for name, value in (("threshold", threshold), ("min_score", min_score)):
+    given = threshold.value if isinstance(threshold, Threshold) else threshold
+    for name, value in (("threshold", given), ("min_score", min_score)):
         if value is not None and not 0 <= value <= 1:
             raise ConfigError(f"{name} must be in [0, 1], got {value}")
     spec = PrepareSpec(image_size=image_size, window=window, fit=fit, workers=1)
@@ -278,7 +307,7 @@ def _release_freed_memory() -> None:
 
 def _score_batch(
     scorer: Scorer,
-    threshold: float,
+    threshold: Threshold,
     out_csv: Path,
     paths: list[Path],
     images: torch.Tensor,
@@ -293,14 +322,16 @@ def _score_batch(
 
 
 def _image_rows(
-    paths: list[Path], items: list[Item], probs: np.ndarray, threshold: float
+    paths: list[Path], items: list[Item], probs: np.ndarray, threshold: Threshold
 ) -> pd.DataFrame:
-    labels = np.where(probs > threshold, "ALL", "HEM")
+    labels = np.where(probs > threshold.value, "ALL", "HEM")
     return pd.DataFrame(
         {
             "file": [str(p) for p in paths],
             "prob_all": probs,
             "label": np.where(np.isnan(probs), "", labels),
+            "threshold": threshold.value,
+            "threshold_source": threshold.source,
             "in_distribution": np.array([item.in_distribution for item in items], dtype=bool),
             "ood_reason": [item.reason for item in items],
             "error": [item.error for item in items],
@@ -310,7 +341,7 @@ def _image_rows(
 
 def _detect_batch(
     scorer: YoloScorer,
-    threshold: float,
+    threshold: Threshold,
     min_score: float,
     out_csv: Path,
     boxes_csv: Path,
@@ -319,29 +350,31 @@ def _detect_batch(
     images: torch.Tensor,
     items: list[Item],
 ) -> dict[Path, pd.DataFrame]:
-    """A detector's rows for one batch: per file (P(ALL) for single cells, the cell count),
-    per box, and the overlays."""
+    """A detector's rows for one batch: per file (the cell count, its status and, for a single
+    cell found, P(ALL)), per box, and the overlays."""
     ok = [i for i, item in enumerate(items) if not item.error]
     probs = np.full(len(paths), np.nan)
     counts = np.zeros(len(paths), np.int64)
+    status = [NOT_SCORED if item.error else NOT_SINGLE_CELL for item in items]
     boxes = []
     if ok:
         decoded = scorer.decoded(images.numpy())  # one row per file in ``ok``
-        single = [row for row, i in enumerate(ok) if items[i].single_cell]
-        if single:
-            probs[[ok[row] for row in single]] = cell_probabilities(
-                decoded[single], scorer.conf_threshold
-            )
-        for i, det in zip(ok, decoded, strict=True):
+        cell_probs = cell_probabilities(decoded, scorer.conf_threshold)
+        for i, det, prob in zip(ok, decoded, cell_probs, strict=True):
             found = select_boxes(det, min_score, scorer.iou_threshold)
             boxes_there = to_original(found.boxes, items[i].frame, *items[i].size)
             found = Found(boxes_there, found.scores, found.labels)
             counts[i] = len(found.scores)
+            if items[i].single_cell:
+                status[i] = CELL_FOUND if counts[i] else NO_CELL_FOUND
+            if status[i] == CELL_FOUND:  # the one rule: found, so P(ALL) and a label
+                probs[i] = prob
             boxes.append(_box_rows(paths[i], items[i], found))
             if paths[i] in drawings:
                 _write_overlay(paths[i], found, drawings[paths[i]])
     rows = _image_rows(paths, items, probs, threshold)
-    rows.insert(3, "cells", counts)
+    rows.insert(5, "cells", counts)
+    rows.insert(6, "status", status)
     box_rows = pd.concat(boxes, ignore_index=True) if boxes else pd.DataFrame(columns=BOX_COLUMNS)
     return {out_csv: rows, boxes_csv: box_rows}
 

@@ -1,4 +1,5 @@
-"""The served model: cell images in, ``prob_all``, ``label`` and ``in_distribution`` out.
+"""The served model: cell images in; ``prob_all``, ``label`` (with the threshold it was called at
+and that threshold's source) and ``in_distribution`` out.
 
 An MLflow pyfunc model logged from code (:func:`log_image_model` logs this very file, which
 ends with ``set_model``), so serving it unpickles nothing: the code is this file and the
@@ -9,7 +10,8 @@ in ``model_config``.
 Each request row gives an image as base64 file bytes (column ``image``) or a file path on the
 server (column ``path``). Images go through :func:`~.inference.predict.predict_paths`, the
 code of ``predict``, so a served answer equals ``predict``'s for the same file: a detector's
-also holds the file's cell count and its boxes, as ``predict``'s boxes table gives them.
+also holds the file's status, cell count and boxes, as ``predict`` gives them (a single-cell
+image no box finds gets no probability and no label, status ``no cell found``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ from torch import nn
 from leukemia_mlops.errors import InputError
 from leukemia_mlops.inference.detection import THRESHOLD_KEYS, YoloScorer
 from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, detector_scorer
-from leukemia_mlops.inference.predict import DRAW_SCORE, FALLBACK_THRESHOLD, predict_paths
+from leukemia_mlops.inference.predict import (
+    DEFAULT,
+    DRAW_SCORE,
+    FALLBACK_THRESHOLD,
+    VALIDATION,
+    Threshold,
+    predict_paths,
+)
 from leukemia_mlops.inference.scorers import Scorer, TorchNetwork, TorchScorer
 from leukemia_mlops.models.backbones import build_classifier
 from leukemia_mlops.models.classifier import CellClassifier
@@ -50,13 +59,15 @@ IMAGE_COLUMN, PATH_COLUMN = "image", "path"
 OUTPUT_COLUMNS = {
     "prob_all": "double",
     "label": "string",
+    "threshold": "double",
+    "threshold_source": "string",
     "in_distribution": "boolean",
     "ood_reason": "string",
     "error": "string",
 }
-#: A detector's response adds the file's cell count and its boxes (a JSON list of objects with
-#: the :data:`BOX_FIELDS` of ``predict``'s boxes table).
-DETECTOR_COLUMNS = {"n_cells": "long", "boxes": "string"}
+#: A detector's response adds the file's status (``predict``'s), cell count and boxes (a JSON
+#: list of objects with the :data:`BOX_FIELDS` of ``predict``'s boxes table).
+DETECTOR_COLUMNS = {"status": "string", "n_cells": "long", "boxes": "string"}
 BOX_FIELDS = ["x1", "y1", "x2", "y2", "class", "score"]
 #: The detector hyperparameters that rebuild its network and decode its output.
 DETECTOR_HPARAMS = ("variant", "img_size", "num_classes", "anchors", "width_mult", *THRESHOLD_KEYS)
@@ -103,8 +114,7 @@ class ImageModel(PythonModel):
             context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True
         )
         self.settings = {key: config[key] for key in PREPROCESSING_KEYS}
-        known = config.get("threshold")
-        self.threshold = FALLBACK_THRESHOLD if known is None else float(known)
+        self.threshold = served_threshold(config.get("threshold"))
         self.min_score = float(config["min_score"])
         self.scorer = _scorer(config["family"], config["network"], state, self.settings)
 
@@ -129,6 +139,13 @@ class ImageModel(PythonModel):
             return _with_boxes(table, pd.read_csv(boxes_csv, keep_default_na=False))
 
 
+def served_threshold(known: float | None) -> Threshold:
+    """The served model's threshold: the validated one it was logged with, else 0.5."""
+    if known is None:
+        return Threshold(FALLBACK_THRESHOLD, DEFAULT)
+    return Threshold(float(known), VALIDATION)
+
+
 def _scorer(
     family: str, network: dict[str, Any], state: dict[str, torch.Tensor], settings: dict[str, Any]
 ) -> Scorer | YoloScorer:
@@ -143,15 +160,18 @@ def _scorer(
 
 
 def _with_boxes(table: pd.DataFrame, boxes: pd.DataFrame) -> pd.DataFrame:
-    """A detector's answer: ``table``'s columns, its ``cells`` as ``n_cells`` and each file's
-    rows of ``boxes`` (which lists them file after file, ``cells`` rows each) as JSON."""
+    """A detector's answer: ``table``'s columns, its ``status``, its ``cells`` as ``n_cells``
+    and each file's rows of ``boxes`` (which lists them file after file, ``cells`` rows each)
+    as JSON."""
     records = boxes[BOX_FIELDS].to_dict("records")
     ends = np.cumsum(table["cells"].to_numpy())
     per_file = [
         json.dumps(records[end - count : end])
         for count, end in zip(table["cells"], ends, strict=True)
     ]
-    return table[list(OUTPUT_COLUMNS)].assign(n_cells=table["cells"], boxes=per_file)
+    return table[list(OUTPUT_COLUMNS)].assign(
+        status=table["status"], n_cells=table["cells"], boxes=per_file
+    )
 
 
 def request_files(rows: pd.DataFrame, scratch: Path) -> list[Path]:
@@ -197,7 +217,7 @@ def log_image_model(uri: str, run_id: str, net: nn.Module, served: ServedModel) 
     )
     columns = {**OUTPUT_COLUMNS, **(DETECTOR_COLUMNS if served.family == "yolo" else {})}
     outputs = Schema([ColSpec(kind, name) for name, kind in columns.items()])
-    source = "fallback 0.5" if served.threshold is None else "validation"
+    source = served_threshold(served.threshold).source
     mlflow.set_tracking_uri(uri)
     with (
         tempfile.TemporaryDirectory(prefix="lmo-weights-") as scratch,

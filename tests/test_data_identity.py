@@ -15,7 +15,7 @@ from conftest import TINY_SIZE
 from mlflow import MlflowClient
 
 from leukemia_mlops.config import compose
-from leukemia_mlops.data.identity import IDENTITY_FILE, read_identity
+from leukemia_mlops.data.identity import IDENTITY_FILE, cache_identity, read_identity
 from leukemia_mlops.data.prepare import MANIFEST_FILE, PrepareSpec, prepare_dataset
 from leukemia_mlops.data.splits import SplitSpec
 from leukemia_mlops.errors import ConfigError, InputError
@@ -78,6 +78,12 @@ def test_two_splits_of_one_raw_set_are_two_identities(tiny_prepared, fold_prepar
     assert subjects.data_hash == fold.data_hash  # the same images...
     assert (subjects.split, fold.split) == (asdict(SplitSpec()), asdict(FOLD_SPEC))
     assert subjects.digest != fold.digest  # ...split two ways
+    # The assignment itself counts too: the same settings, other images in val.
+    manifest = pd.read_parquet(fold_prepared / MANIFEST_FILE)
+    settings = ("synthetic", TINY_SIZE, fold.window, fold.fit, FOLD_SPEC)
+    assert cache_identity(manifest, *settings) == fold
+    moved = manifest.assign(split=manifest["split"].replace({"val": "train"}))
+    assert cache_identity(moved, *settings).digest != fold.digest
 
     # A config asking for the other split is refused, as one asking for another image size.
     size = f"data.prepare.image_size={TINY_SIZE}"

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from leukemia_mlops.cli import compare_seeds
-from leukemia_mlops.cli.sweep import SweepReports
 from leukemia_mlops.config import write_params
 from leukemia_mlops.evaluation.paired import NO_DIFFERENCE
 from leukemia_mlops.evaluation.seeds import expected_max
+from leukemia_mlops.tuning.reports import SweepReports
 
 pytestmark = pytest.mark.slow
 

@@ -64,12 +64,12 @@ def train_and_compare(
     """Train and evaluate both pipeline models with ``seed``; their rows and paired result."""
     from omegaconf import OmegaConf, open_dict
 
-    from leukemia_mlops.cli.sweep import SweepReports
     from leukemia_mlops.cli.train import with_best_params, with_model
     from leukemia_mlops.evaluation.evaluate import compare_models, evaluate_model
     from leukemia_mlops.inference.loading import checkpoint_family
     from leukemia_mlops.tracking.run_files import PIPELINE_MODELS, RunFiles, store_uri
     from leukemia_mlops.training.run import run_training
+    from leukemia_mlops.tuning.reports import SweepReports
 
     rows, dirs, reports = [], {}, {}
     for key in PIPELINE_MODELS:
@@ -140,9 +140,9 @@ def expected_best(args: Any, key: str) -> dict[str, Any]:
     import optuna
     import yaml
 
-    from leukemia_mlops.cli.sweep import SweepReports
     from leukemia_mlops.config import load_params
     from leukemia_mlops.evaluation.seeds import expected_max
+    from leukemia_mlops.tuning.reports import SweepReports
 
     reports_dir = Path(load_params(args.params, args.overrides).paths.reports_dir)
     best = yaml.safe_load(SweepReports(reports_dir, key).best_params.read_text()) or {}

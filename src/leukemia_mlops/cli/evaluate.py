@@ -156,8 +156,8 @@ def _tuning(cfg: DictConfig, names: dict[str, str]) -> dict:
     import json
     from pathlib import Path
 
-    from leukemia_mlops.cli.sweep import SweepReports
     from leukemia_mlops.evaluation.paired import tuning_comparison
+    from leukemia_mlops.tuning.reports import SweepReports
 
     budgets = {}
     for key, name in names.items():

@@ -149,8 +149,12 @@ def job(status: JobStatus, value: object) -> JobReturn:
         (job(JobStatus.COMPLETED, None), TrialState.FAIL, None),
     ],
 )
-def test_job_returns_become_trial_states(result, state, value):
+def test_job_returns_become_trial_states(result, state, value, capsys):
     assert trial_outcome(result)[:2] == (state, value)
+    failed = state == TrialState.FAIL and result.status == JobStatus.FAILED
+    assert (
+        "Error executing job" in capsys.readouterr().err
+    ) == failed  # a pruned trial is no error
 
 
 def test_trial_tags_nest_a_training_run_under_its_parent():

@@ -270,11 +270,12 @@ def _heartbeats(
 
 def trial_outcome(job: JobReturn) -> tuple[TrialState, float | None, BaseException | None]:
     """How a job ended, as the trial's state, objective and error."""
+    if isinstance(job._return_value, optuna.TrialPruned):  # not Hydra's "Error executing job"
+        return TrialState.PRUNED, None, job._return_value
     try:
         value = job.return_value  # a failed job's property re-raises the job's exception
     except Exception as error:
-        pruned = isinstance(error, optuna.TrialPruned)
-        return (TrialState.PRUNED if pruned else TrialState.FAIL), None, error
+        return TrialState.FAIL, None, error
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         return TrialState.FAIL, None, ValueError(f"objective {value!r} is not a finite number")
     return TrialState.COMPLETE, float(value), None

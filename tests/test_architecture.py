@@ -10,7 +10,7 @@ from import_closure import REPO, _named_modules, module_file
 SRC = REPO / "src"
 # Lowest first. A package may import its own layer's shared modules and any lower layer.
 LAYERS = [
-    {"errors", "redaction", "owned", "config"},
+    {"errors", "redaction", "owned", "config", "files"},
     {"data", "tracking"},
     {"models"},
     {"tuning"},

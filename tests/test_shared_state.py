@@ -27,7 +27,7 @@ from optuna.distributions import FloatDistribution
 from leukemia_mlops.owned import remove_tree
 from leukemia_mlops.tracking.run_files import CHECKPOINTS
 from leukemia_mlops.tracking.store import ensure_experiment, local_store_uri
-from leukemia_mlops.tuning.runs import SweepRuns, _not_found, trial_tags, write_shared
+from leukemia_mlops.tuning.runs import SweepRuns, _not_found, trial_tags
 from leukemia_mlops.tuning.storage import open_storage
 
 WORKERS = 4
@@ -249,18 +249,6 @@ def http_error(status: int) -> requests.HTTPError:
 def test_a_server_that_no_longer_holds_the_checkpoints_has_nothing_to_delete(error, gone):
     # Gone already is debug-level news; anything else a server says is a warning.
     assert _not_found(error) is gone
-
-
-def test_a_shared_sweep_file_is_replaced_whole(tmp_path):
-    # A worker reading (or copying into the store) the summary another worker rewrites reads
-    # one whole version: the file is replaced, never truncated under it.
-    path = tmp_path / "optuna_results.yaml"
-    write_shared(path, "trials: 1\n" * 100)
-    with path.open() as reader:
-        write_shared(path, "trials: 2\n")
-        assert reader.read() == "trials: 1\n" * 100
-    assert path.read_text() == "trials: 2\n"
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
 
 
 def _logs(folder: Path) -> str:

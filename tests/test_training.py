@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
+from quiet_trainer import quiet_trainer
 
 from leukemia_mlops.cli.sweep import write_base_config
 from leukemia_mlops.config import compose
@@ -20,7 +21,7 @@ from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.backbones import HEADS, WeightsError, build_classifier
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.tracking.store import tracking_uri
-from leukemia_mlops.training.callbacks import TIMING_COLUMNS
+from leukemia_mlops.training.callbacks import TIMING_COLUMNS, BackboneWarmup
 from leukemia_mlops.training.mixed_precision import (
     choose_precision,
     cpu_flags_have_bf16,
@@ -124,6 +125,27 @@ def test_a_sweep_trial_is_the_first_epochs_of_the_run_it_tunes(tiny_config, tmp_
     assert list(trial["epoch"]) == [0, 1]
     pd.testing.assert_frame_equal(trial, run.iloc[:2])
     assert short["train/loss"].iloc[1] != run["train/loss"].iloc[1]  # a 2-epoch schedule
+
+
+class BatchNormModes(pl.Callback):
+    """Whether the backbone's batch-norm layers trained in each epoch's batches."""
+
+    def __init__(self):
+        self.training: dict[int, set[bool]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *_):
+        layers = [m for m in pl_module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        self.training.setdefault(trainer.current_epoch, set()).update(m.training for m in layers)
+
+
+def test_the_warm_up_trains_the_head_on_the_features_validation_sees(tiny_prepared):
+    """During the warm-up the frozen backbone normalises with its running statistics, as in
+    validation; after it, with batch statistics again."""
+    module = CellClassifier(backbone="resnet18", channels_last=False)
+    modes = BatchNormModes()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[BackboneWarmup(1), modes])
+    trainer.fit(module, datamodule=CellDataModule(str(tiny_prepared), 16, num_workers=0))
+    assert modes.training == {0: {False}, 1: {True}}
 
 
 def test_a_checkpoint_does_not_depend_on_its_run_directory(tiny_config, tmp_path):
@@ -244,11 +266,11 @@ def test_gpu_trainers_bring_gpu_input_settings(trainer):
 
 def test_auto_loader_workers_share_the_cpus_among_the_ranks(tiny_prepared):
     cpus = len(os.sched_getaffinity(0))
-    datamodule = CellDataModule(str(tiny_prepared), 4, num_workers="auto")
-    assert datamodule.workers() == max(cpus - 1, 0)
-    datamodule.trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
-    assert datamodule.workers() == max(cpus // 2 - 1, 0)
-    assert CellDataModule(str(tiny_prepared), 4, num_workers=3).workers() == 3
+    loaders = CellDataModule(str(tiny_prepared), 4, num_workers="auto").loaders
+    assert loaders.workers(None) == max(cpus - 1, 0)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    assert loaders.workers(trainer) == max(cpus // 2 - 1, 0)
+    assert CellDataModule(str(tiny_prepared), 4, num_workers=3).loaders.workers(None) == 3
     with pytest.raises(ConfigError, match="num_workers"):
         CellDataModule(str(tiny_prepared), 4, num_workers="many")
 

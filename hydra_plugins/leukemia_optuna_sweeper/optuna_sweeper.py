@@ -88,9 +88,10 @@ class LeukemiaOptunaSweeper(Sweeper):
 
         from leukemia_mlops.data.identity import read_identity
         from leukemia_mlops.errors import InputError
+        from leukemia_mlops.files import write_text
         from leukemia_mlops.redaction import redact
         from leukemia_mlops.tracking.store import tracking_uri
-        from leukemia_mlops.tuning.runs import RESULTS_FILE, SweepRuns, study_summary, write_shared
+        from leukemia_mlops.tuning.runs import RESULTS_FILE, SweepRuns, study_summary
         from leukemia_mlops.tuning.search_space import swept_values
         from leukemia_mlops.tuning.storage import storage_url
         from leukemia_mlops.tuning.study import (
@@ -118,7 +119,7 @@ class LeukemiaOptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         # The storage URL's password (and any other) stays out of the saved config.
-        write_shared(sweep_dir / "multirun.yaml", redact(OmegaConf.to_yaml(self.config)))
+        write_text(sweep_dir / "multirun.yaml", redact(OmegaConf.to_yaml(self.config)))
 
         keep = self.settings.keep_models
 
@@ -139,7 +140,7 @@ class LeukemiaOptunaSweeper(Sweeper):
                     self.hydra_context.config_loader, self.config, space, summary["best_overrides"]
                 )
             path = sweep_dir / RESULTS_FILE
-            write_shared(path, yaml.safe_dump(summary, sort_keys=False))
+            write_text(path, yaml.safe_dump(summary, sort_keys=False))
             runs.summarize(study, path, status)
             runs.keep_best(study, keep, sweep_dir, campaign_over=True)
 

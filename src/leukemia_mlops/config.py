@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from leukemia_mlops.errors import ConfigError, MissingInputError
+from leukemia_mlops.files import write_text
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_DIR / "conf"
@@ -50,7 +51,7 @@ def write_params(cfg: DictConfig, path: str | Path = PARAMS_FILE) -> bool:
     text = to_params_yaml(cfg)
     if path.exists() and path.read_text() == text:
         return False
-    path.write_text(text)
+    write_text(path, text)
     return True
 
 

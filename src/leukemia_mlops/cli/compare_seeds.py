@@ -16,7 +16,6 @@ the number of sweep trials (Dodge et al.) of its sweep's study. Runs go to
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from leukemia_mlops.cli.args import run_cli, stage_parser
+from leukemia_mlops.files import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ def train_and_compare(
 
     from leukemia_mlops.cli.train import with_best_params, with_model
     from leukemia_mlops.evaluation.evaluate import compare_models, evaluate_model
-    from leukemia_mlops.inference.loading import checkpoint_family
     from leukemia_mlops.tracking.run_files import PIPELINE_MODELS, RunFiles, store_uri
     from leukemia_mlops.training.run import run_training
     from leukemia_mlops.tuning.reports import SweepReports
@@ -89,7 +88,6 @@ def train_and_compare(
             cfg.paths.prepared_dir,
             dirs[key],
             spec,
-            family=checkpoint_family(run.best_checkpoint),
             mlflow_run_id=run.mlflow_run_id(),
             mlflow_uri=store_uri(cfg),
         )
@@ -158,9 +156,8 @@ def write_reports(out: Path, runs: Any, summary: dict[str, Any]) -> None:
     """``runs.csv``, ``seeds.json`` and the Markdown tables of ``seeds.md``."""
     import pandas as pd
 
-    out.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(out / "runs.csv", index=False)
-    (out / "seeds.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_text(out / "runs.csv", runs.to_csv(index=False))
+    write_json(out / "seeds.json", summary, sort_keys=False, default=float)
     curves = {
         key: pd.Series(curve["by_trials"], dtype=float)
         for key, curve in summary["expected_best_val_auroc"].items()
@@ -177,7 +174,7 @@ def write_reports(out: Path, runs: Any, summary: dict[str, Any]) -> None:
         "## Expected best validation AUROC by sweep trials (a trial: the run's first epochs)",
         pd.DataFrame(curves).rename_axis("trials").to_markdown(floatfmt=".3f"),
     ]
-    (out / "seeds.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "seeds.md", "\n".join(lines) + "\n")
     log.info("wrote %s", out / "seeds.md")
 
 

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
-        from leukemia_mlops.data.prepare import write_json
         from leukemia_mlops.errors import MissingInputError
         from leukemia_mlops.evaluation.evaluate import (
             EvaluateSpec,
@@ -39,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             log_comparison,
         )
         from leukemia_mlops.evaluation.headline import headline
+        from leukemia_mlops.files import write_json
         from leukemia_mlops.inference.loading import checkpoint_family
         from leukemia_mlops.tracking.run_files import (
             PIPELINE_MODELS,
@@ -139,12 +139,12 @@ def _plot_learning_curves(cfg: DictConfig, trained: dict[str, RunFiles]) -> None
     import pandas as pd
 
     from leukemia_mlops.evaluation.plots import learning_curves_plot
-    from leukemia_mlops.tracking.run_files import learning_curves_file, training_report
+    from leukemia_mlops.tracking.run_files import learning_curves_file, training_history_report
 
     histories = {
         key: pd.read_csv(path)
         for key in trained
-        if (path := training_report(cfg, key, "_history.csv")).is_file()
+        if (path := training_history_report(cfg, key)).is_file()
     }
     if histories:
         learning_curves_plot(histories, learning_curves_file(cfg))

@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         cfg = stage_config(__doc__, argv)
-        from leukemia_mlops.data.prepare import PrepareSpec, prepare_dataset, write_json
+        from leukemia_mlops.data.prepare import PrepareSpec, prepare_dataset
         from leukemia_mlops.data.splits import SplitSpec
+        from leukemia_mlops.files import write_json
 
         report = prepare_dataset(
             cfg.paths.raw_dir,

@@ -38,6 +38,7 @@ from leukemia_mlops.cli.args import run_cli, stage_parser
 from leukemia_mlops.cli.train import with_model
 from leukemia_mlops.config import CONF_DIR, DVC_FILE, load_params, stage_deps
 from leukemia_mlops.errors import ConfigError
+from leukemia_mlops.files import write_text
 from leukemia_mlops.tracking.provenance import config_hash, paths_digest
 from leukemia_mlops.tuning.reports import SweepReports
 from leukemia_mlops.tuning.runs import RESULTS_FILE
@@ -109,8 +110,7 @@ def write_base_config(cfg: DictConfig, model_key: str, path: Path) -> None:
         "epochs": cfg.sweep.max_epochs,
     }
     base["callbacks"]["extra"] = extra
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(base, sort_keys=False))
+    write_text(path, yaml.safe_dump(base, sort_keys=False))
 
 
 def trial_budget(cfg: DictConfig, space: str) -> dict[str, Any]:

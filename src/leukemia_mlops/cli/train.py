@@ -34,8 +34,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-        from leukemia_mlops.tracking.run_files import model_run, training_report
-        from leukemia_mlops.training.run import atomic_write_text, run_training
+        from leukemia_mlops.files import write_text
+        from leukemia_mlops.tracking.run_files import model_run, training_reports
+        from leukemia_mlops.training.run import run_training
 
         cfg = load_params(args.params, args.overrides)
         cfg = with_model(cfg, args.model_key, args.params)
@@ -46,9 +47,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         best = run_training(cfg, run_dir.root)
         if rank_zero_only.rank != 0:  # under DDP the reports are rank 0's alone
             return
-        Path(cfg.paths.reports_dir).mkdir(parents=True, exist_ok=True)
-        for source, suffix in ((run_dir.metrics, ".json"), (run_dir.history, "_history.csv")):
-            atomic_write_text(training_report(cfg, args.model_key, suffix), source.read_text())
+        for source, copy in training_reports(cfg, args.model_key).items():
+            write_text(copy, source.read_text())
         log.info("best val AUROC of %s: %.4f", args.model_key, best)
 
     run_cli(body)

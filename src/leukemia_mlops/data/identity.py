@@ -21,6 +21,7 @@ import xxhash
 
 from leukemia_mlops.data.splits import SplitSpec
 from leukemia_mlops.errors import ConfigError, InputError
+from leukemia_mlops.files import write_json
 
 IDENTITY_FILE = "identity.json"
 
@@ -93,7 +94,7 @@ def cache_identity(
 
 def write_identity(cache_dir: str | Path, identity: CacheIdentity) -> None:
     """Record ``identity`` in the cache folder."""
-    (Path(cache_dir) / IDENTITY_FILE).write_text(json.dumps(asdict(identity), indent=2) + "\n")
+    write_json(Path(cache_dir) / IDENTITY_FILE, asdict(identity), sort_keys=False)
 
 
 def read_identity(cache_dir: str | Path) -> CacheIdentity:

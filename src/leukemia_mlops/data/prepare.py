@@ -13,7 +13,6 @@ the previous cache or none, never a half one):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -283,13 +282,3 @@ def data_report(
     report["prepare"] = asdict(spec)
     report["split_spec"] = asdict(split)
     return report
-
-
-def write_json(path: str | Path, payload: dict, *, sort_keys: bool = True) -> None:
-    """Write JSON through a temporary file so readers never see half a file; keys sorted
-    unless ``sort_keys`` is false (the payload's own order)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n")
-    os.replace(tmp, path)

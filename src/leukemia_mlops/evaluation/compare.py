@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from leukemia_mlops.errors import InputError
+from leukemia_mlops.files import write_text
 from leukemia_mlops.redaction import redact
 
 if TYPE_CHECKING:
@@ -152,8 +153,7 @@ def champion(table: pd.DataFrame, digest: str | None = None) -> pd.Series:
 def write_comparison(table: pd.DataFrame, out_md: str | Path) -> tuple[Path, Path]:
     """The table as Markdown at ``out_md`` and as CSV beside it (same name, ``.csv``)."""
     out_md = Path(out_md)
-    out_md.parent.mkdir(parents=True, exist_ok=True)
     out_csv = out_md.with_suffix(".csv")
-    out_md.write_text(table.to_markdown(index=False, floatfmt=".4f") + "\n")
-    table.to_csv(out_csv, index=False)
+    write_text(out_md, table.to_markdown(index=False, floatfmt=".4f") + "\n")
+    write_text(out_csv, table.to_csv(index=False))
     return out_md, out_csv

@@ -11,10 +11,11 @@ and the sweep's best trial, so its scores are reported as selection metrics (``v
 never as the estimate; the test split is the estimate. Test metrics carry stratified
 subject-bootstrap intervals, because the test set samples subjects, not independent cells.
 
-``out_dir`` receives ``metrics.json`` (NaN as null), ``predictions.csv``, ``subjects.csv``,
-the report figures as PNG with their DVC plot tables (``roc.csv``, ``pr.csv``,
-``reliability.csv``), and the gallery ``gallery.png``: Grad-CAM of test cells (CNN) or the
-predicted boxes over test scenes (YOLO), so that every report has the same files.
+``out_dir`` receives the files :class:`~leukemia_mlops.tracking.run_files.EvalFiles` names:
+``metrics.json`` (NaN as null), ``predictions.csv``, ``subjects.csv``, the report figures as
+PNG with their DVC plot tables (``roc.csv``, ``pr.csv``, ``reliability.csv``), and the gallery
+``gallery.png``: Grad-CAM of test cells (CNN) or the predicted boxes over test scenes (YOLO),
+so that every report has the same files.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from leukemia_mlops.data.datamodule import CellDataset
 from leukemia_mlops.data.identity import read_identity
-from leukemia_mlops.data.prepare import MANIFEST_FILE, write_json
+from leukemia_mlops.data.prepare import MANIFEST_FILE
 from leukemia_mlops.data.scenes import SceneSpec
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 from leukemia_mlops.evaluation.bootstrap import (
@@ -70,6 +71,7 @@ from leukemia_mlops.evaluation.plots import (
     roc_curve_plot,
 )
 from leukemia_mlops.evaluation.ranking_guard import inverted_ranking
+from leukemia_mlops.files import write_json, write_text
 from leukemia_mlops.inference.loading import (
     CHECKPOINT_DIGEST_KEY,
     file_sha256,
@@ -81,6 +83,7 @@ from leukemia_mlops.inference.serving import ServedModel, log_image_model
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.tracking.datasets import EVALUATION_CONTEXTS, log_data_inputs
+from leukemia_mlops.tracking.run_files import EvalFiles
 from leukemia_mlops.tracking.store import tracking_uri
 
 log = logging.getLogger(__name__)
@@ -216,12 +219,6 @@ def bootstrap_report(test: Scored, spec: EvaluateSpec) -> dict[str, Any]:
     }
 
 
-PREDICTIONS_FILE = "predictions.csv"
-#: What the model saw, one picture per report: Grad-CAM of test cells (classifier) or the
-#: detections over test scenes (detector).
-GALLERY_FILE = "gallery.png"
-
-
 def evaluate_model(
     checkpoint: str | Path,
     prepared_dir: str | Path,
@@ -273,6 +270,7 @@ def evaluate_model(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    files = EvalFiles(out_dir)
     if isinstance(model, YoloDetector):
         scenes = subject_scenes(
             prepared_dir,
@@ -283,15 +281,15 @@ def evaluate_model(
         )
         metrics["detection"] = detection_report(model, scenes, spec, out_dir)
     else:
-        _write_gallery(scorer, test, metrics["threshold"], out_dir / GALLERY_FILE)
+        _write_gallery(scorer, test, metrics["threshold"], files.gallery)
     metrics = _json_ready(metrics)
     metrics["warnings"] = inverted_ranking(metrics)
     for warning in metrics["warnings"]:
         log.warning("%s: %s", checkpoint, warning)
-    predictions.to_csv(out_dir / PREDICTIONS_FILE, index=False)
-    subjects.to_csv(out_dir / "subjects.csv", index=False)
-    _write_plots(test, metrics["threshold"], out_dir)
-    write_json(out_dir / "metrics.json", metrics)
+    write_text(files.predictions, predictions.to_csv(index=False))
+    write_text(files.subjects, subjects.to_csv(index=False))
+    _write_plots(test, metrics["threshold"], files)
+    write_json(files.metrics, metrics)
     if mlflow_run_id:
         uri = mlflow_uri or tracking_uri(None)
         # The speed goes to MLflow only: a report file must not change with the machine's load.
@@ -309,7 +307,7 @@ def compare_models(
     ``metrics.json``), first minus second, on the test cells both ``predictions.csv`` hold."""
     (name_a, dir_a), (name_b, dir_b) = out_dirs.items()
     cells = aligned_test_cells(
-        pd.read_csv(dir_a / PREDICTIONS_FILE), pd.read_csv(dir_b / PREDICTIONS_FILE)
+        pd.read_csv(EvalFiles(dir_a).predictions), pd.read_csv(EvalFiles(dir_b).predictions)
     )
     a = Scores(name_a, cells["prob_a"].to_numpy(), reports[name_a]["threshold"])
     b = Scores(name_b, cells["prob_b"].to_numpy(), reports[name_b]["threshold"])
@@ -359,7 +357,7 @@ def detection_report(
     """Box mAP of the test scenes with subject intervals; draws the scenes' detections as the
     report's gallery."""
     intervals = detect_scenes(detector, scenes, spec.batch_size, spec.bootstrap())
-    write_overlays(detector, scenes, out_dir / GALLERY_FILE)
+    write_overlays(detector, scenes, EvalFiles(out_dir).gallery)
     return {
         **interval_columns(intervals),
         "scenes": len(scenes.samples),
@@ -399,14 +397,14 @@ def _predictions(scored: list[Scored], threshold: float, suffix: str) -> pd.Data
     )
 
 
-def _write_plots(test: Scored, threshold: float, out_dir: Path) -> None:
+def _write_plots(test: Scored, threshold: float, files: EvalFiles) -> None:
     """Test-split figures; their tables lose NaN rows (empty bins, PR's closing point) for DVC."""
     labels = test.data.labels
     preds = (test.probs > threshold).astype(np.int64)
-    confusion_matrix_plot(labels, preds, out_dir / "confusion_matrix.png")
+    confusion_matrix_plot(labels, preds, files.confusion_matrix)
     for name, plot in PLOTS.items():
-        table = plot(test.probs, labels, out_dir / f"{name}.png")
-        table.dropna().to_csv(out_dir / f"{name}.csv", index=False)
+        table = plot(test.probs, labels, files.plot(name, ".png"))
+        write_text(files.plot(name, ".csv"), table.dropna().to_csv(index=False))
 
 
 def gallery_rows(

@@ -1,11 +1,19 @@
 """Where a run's files live: the run directory, the evaluation reports and the MLflow store.
 
 The pipeline trains the model of each config key in :data:`PIPELINE_MODELS` (either family)
-into the run directory ``<paths.models_dir>/<key>``, which holds ``checkpoints/{best,last}.ckpt``,
-``run.json`` (the MLflow run id, the config hash and the status), ``config.yaml`` and, once
-finished, ``metrics.json`` and ``history.csv``. The evaluate stage writes each one's report to
-``<paths.reports_dir>/eval/<key>`` and their headline to ``<paths.reports_dir>/metrics.json``.
-Train, evaluate, export and predict find them here.
+into the run directory ``<paths.models_dir>/<key>`` (:class:`RunFiles`). The evaluate stage
+writes each one's report to ``<paths.reports_dir>/eval/<key>`` (:class:`EvalFiles`) and their
+headline to ``<paths.reports_dir>/metrics.json``. Train, evaluate, export and predict find
+them here; no other module spells a run or report file's name.
+
+Three files are called ``metrics.json`` (DVC tracks them under these names):
+
+- ``models/<key>/metrics.json`` (:attr:`RunFiles.metrics`): the training run's best and last
+  validation metrics, copied by the train stage to ``reports/train_<key>.json``;
+- ``reports/eval/<key>/metrics.json`` (:attr:`EvalFiles.metrics`): the evaluation report, the
+  validated threshold and the test metrics with their intervals, which predict reads;
+- ``reports/metrics.json`` (:func:`headline_file`): the pipeline's headline that
+  ``dvc metrics show`` prints.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from leukemia_mlops.tracking.store import tracking_uri
 PIPELINE_MODELS = ("model", "detector")
 #: A run's folder of checkpoints: in its run directory and among its MLflow artifacts.
 CHECKPOINTS = "checkpoints"
+#: The name of each of the three metrics files (see above).
+METRICS_FILE = "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,8 @@ class RunFiles:
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.json"
+        """The training run's best and last validation metrics, once finished."""
+        return self.root / METRICS_FILE
 
     @property
     def history(self) -> Path:
@@ -70,6 +81,42 @@ class RunFiles:
         return self.read_state().get("mlflow_run_id")
 
 
+@dataclass(frozen=True)
+class EvalFiles:
+    """The files of one model's evaluation report folder."""
+
+    root: Path
+
+    @property
+    def metrics(self) -> Path:
+        """The evaluation report: the validated threshold, test metrics and their intervals."""
+        return self.root / METRICS_FILE
+
+    @property
+    def predictions(self) -> Path:
+        """One row per val and test cell: its label, probability and call."""
+        return self.root / "predictions.csv"
+
+    @property
+    def subjects(self) -> Path:
+        """One row per test subject: its label, cells, blast share and majority diagnosis."""
+        return self.root / "subjects.csv"
+
+    @property
+    def gallery(self) -> Path:
+        """What the model saw: Grad-CAM of test cells or a detector's test scenes."""
+        return self.root / "gallery.png"
+
+    @property
+    def confusion_matrix(self) -> Path:
+        return self.root / "confusion_matrix.png"
+
+    def plot(self, name: str, suffix: str) -> Path:
+        """The test split's plot ``name`` (``roc``, ``pr``, ...): its figure (``.png``) or its
+        table (``.csv``)."""
+        return self.root / f"{name}{suffix}"
+
+
 def model_run(cfg: DictConfig, key: str) -> RunFiles:
     """The run directory the pipeline trains the model configured under ``key`` into."""
     return RunFiles(Path(cfg.paths.models_dir) / key)
@@ -82,18 +129,27 @@ def eval_dir(cfg: DictConfig, key: str) -> Path:
 
 def evaluation_reports(cfg: DictConfig) -> list[Path]:
     """The evaluate stage's ``metrics.json`` of every pipeline model (existing or not)."""
-    return [eval_dir(cfg, key) / "metrics.json" for key in PIPELINE_MODELS]
+    return [EvalFiles(eval_dir(cfg, key)).metrics for key in PIPELINE_MODELS]
 
 
 def headline_file(cfg: DictConfig) -> Path:
     """The pipeline's DVC metrics file: the headline numbers of every evaluated model."""
-    return Path(cfg.paths.reports_dir) / "metrics.json"
+    return Path(cfg.paths.reports_dir) / METRICS_FILE
 
 
-def training_report(cfg: DictConfig, key: str, suffix: str) -> Path:
-    """The train stage's copy of a run's ``metrics.json`` (suffix ``.json``) or ``history.csv``
-    (suffix ``_history.csv``) for the model configured under ``key``."""
-    return Path(cfg.paths.reports_dir) / f"train_{key}{suffix}"
+def training_history_report(cfg: DictConfig, key: str) -> Path:
+    """The train stage's copy of the ``history.csv`` of the model configured under ``key``."""
+    return Path(cfg.paths.reports_dir) / f"train_{key}_history.csv"
+
+
+def training_reports(cfg: DictConfig, key: str) -> dict[Path, Path]:
+    """The train stage's copies of the run files of the model configured under ``key``: its
+    ``metrics.json`` as ``train_<key>.json`` and its history; run file -> copy."""
+    run = model_run(cfg, key)
+    return {
+        run.metrics: Path(cfg.paths.reports_dir) / f"train_{key}.json",
+        run.history: training_history_report(cfg, key),
+    }
 
 
 def learning_curves_file(cfg: DictConfig) -> Path:
@@ -104,6 +160,13 @@ def learning_curves_file(cfg: DictConfig) -> Path:
 def comparison_file(cfg: DictConfig) -> Path:
     """The evaluate stage's paired comparison of the two pipeline models."""
     return Path(cfg.paths.reports_dir) / "model_vs_detector.json"
+
+
+def sweep_reports(reports_dir: Path, key: str) -> tuple[Path, Path]:
+    """The sweep stage's best parameters (``best_params.yaml``, ``best_<key>_params.yaml``) and
+    summary (``sweep[_<key>].json``) for the model configured under ``key``."""
+    infix = "" if key == "model" else f"_{key}"
+    return reports_dir / f"best{infix}_params.yaml", reports_dir / f"sweep{infix}.json"
 
 
 def store_uri(cfg: DictConfig) -> str:

@@ -27,8 +27,12 @@ class BackboneWarmup(pl.Callback):
     after the thaw and the replicas would drift apart. Every parameter therefore stays in DDP's
     reducer; during the warm-up the optimizer just never sees the backbone's gradients, so the
     backbone gets no update, no weight decay and no optimizer state, whatever the learning-rate
-    schedule says. Its batch-norm layers keep their running statistics during the warm-up (and
-    normalise with batch statistics), as Lightning's ``BaseFinetuning.freeze`` does.
+    schedule says. Its batch-norm layers run in eval mode during the warm-up, so the frozen
+    backbone is one fixed function: it normalises with its running statistics in training as in
+    validation, and the head is validated on the features it learnt from. (Lightning's
+    ``BaseFinetuning.freeze`` normalises with batch statistics in training instead; on a backbone
+    trained from scratch, whose running statistics are still their initial values, validation
+    then saw other features, and the warm-up epoch ranked cells backwards: val AUROC 0.25.)
     Both follow from the epoch alone, so a resumed run is frozen or thawed as it should be.
     """
 
@@ -41,10 +45,10 @@ class BackboneWarmup(pl.Callback):
         return trainer.current_epoch < self.warmup_epochs
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        keep_statistics = self._warming_up(trainer)
+        frozen = self._warming_up(trainer)
         for module in pl_module.backbone.modules():
             if isinstance(module, _BatchNorm):
-                module.track_running_stats = not keep_statistics
+                module.train(not frozen)  # validation restores each module's mode after it
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer

@@ -20,6 +20,8 @@ import optuna
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from leukemia_mlops.files import write_json, write_text
+
 OUTCOME_FILE = "outcome.json"
 CONFIG_FILE = "launch_config.yaml"
 
@@ -34,9 +36,8 @@ def launches_processes(trainer: DictConfig | dict[str, Any]) -> bool:
 def train_in_child(cfg: DictConfig, run_dir: str | Path) -> float:
     """Run :func:`run_training` in a child process; returns its best score or re-raises pruning."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / CONFIG_FILE
-    config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(config, OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
     command = [sys.executable, "-m", "leukemia_mlops.training.launch", str(config), str(run_dir)]
     finished = subprocess.run(command, check=False)
@@ -62,9 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     except optuna.TrialPruned as pruned:
         outcome = {"pruned": True, "message": str(pruned)}
     if rank_zero_only.rank == 0:
-        path = Path(run_dir) / OUTCOME_FILE
-        path.with_suffix(".tmp").write_text(json.dumps(outcome))
-        path.with_suffix(".tmp").replace(path)
+        write_json(Path(run_dir) / OUTCOME_FILE, outcome)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import MANIFEST_FILE
 from leukemia_mlops.errors import ConfigError, ProjectError
+from leukemia_mlops.files import write_json, write_text
 from leukemia_mlops.models.base import FineTunedModule
 from leukemia_mlops.models.metrics import MONITOR
 from leukemia_mlops.owned import remove_owned
@@ -212,13 +213,6 @@ def _check_trainer_keys(trainer: dict[str, Any]) -> None:
             raise ConfigError(f"trainer.{key} must be a whole number, got {value!r}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file, so that no reader ever sees it half-written."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 @contextmanager
 def _handed_to_launched_ranks(state: dict[str, Any], resume: bool) -> Iterator[None]:
     """Hand rank 0's run state to the ranks that Lightning's DDP launcher starts meanwhile."""
@@ -278,10 +272,10 @@ def _start_run(run_dir: Path, logger: ResumableMLFlowLogger, config: dict, state
     logger.log_hyperparams(flatten(config))
     files = RunFiles(run_dir)
     config_file = files.config
-    atomic_write_text(config_file, redact(OmegaConf.to_yaml(OmegaConf.create(config))))
+    write_text(config_file, redact(OmegaConf.to_yaml(OmegaConf.create(config))))
     logger.experiment.log_artifact(logger.run_id, str(config_file))
     state.update(mlflow_run_id=logger.run_id, status="running")
-    atomic_write_text(files.state, json.dumps(state, indent=2))
+    write_json(files.state, state, sort_keys=False)
 
 
 class _TrainedRun(NamedTuple):
@@ -304,14 +298,14 @@ def _finish_run(
     """Write metrics and curves, and log the best checkpoint and model to the MLflow run."""
     files = RunFiles(run_dir)
     history, checkpoint = run.history, run.checkpoint
-    atomic_write_text(files.history, history.table().to_csv(index=False))
+    write_text(files.history, history.table().to_csv(index=False))
     best_row = max(history.rows, key=lambda r: r.get(MONITOR, float("-inf")), default={})
     metrics = {
         "best_epoch": best_row.get("epoch", -1),
         **{k.replace("/", "_"): v for k, v in best_row.items() if k != "epoch"},
     }
     metrics["precision"] = precision
-    atomic_write_text(files.metrics, json.dumps(metrics, indent=2, sort_keys=True))
+    write_json(files.metrics, metrics)
     log.info("finished %s: %s", run_dir, metrics_line(metrics))
     if checkpoint.best_model_path:
         logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, CHECKPOINTS)
@@ -323,7 +317,7 @@ def _finish_run(
     )
     state = files.read_state()
     state["status"] = "finished"
-    atomic_write_text(files.state, json.dumps(state, indent=2))
+    write_json(files.state, state, sort_keys=False)
 
 
 def metrics_line(metrics: dict[str, Any]) -> str:

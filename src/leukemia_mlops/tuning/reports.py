@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,8 @@ from typing import Any
 import yaml
 
 from leukemia_mlops.errors import InputError
+from leukemia_mlops.files import write_json, write_text
+from leukemia_mlops.tracking.run_files import sweep_reports
 
 
 class SweepReports:
@@ -17,9 +18,7 @@ class SweepReports:
     (``best_params.yaml``, ``best_<key>_params.yaml``) and the summary (``sweep[_<key>].json``)."""
 
     def __init__(self, reports_dir: Path, model_key: str):
-        infix = "" if model_key == "model" else f"_{model_key}"
-        self.best_params = reports_dir / f"best{infix}_params.yaml"
-        self.summary = reports_dir / f"sweep{infix}.json"
+        self.best_params, self.summary = sweep_reports(reports_dir, model_key)
 
     def write(self, results: Mapping[str, Any], budget: Mapping[str, Any]) -> None:
         """Both reports from the sweeper's results and the budget of the campaign."""
@@ -51,6 +50,5 @@ class SweepReports:
         self._write({"tuned": False, "params": {}}, {"tuned": False})
 
     def _write(self, best: dict[str, Any], metrics: dict[str, Any]) -> None:
-        self.best_params.parent.mkdir(parents=True, exist_ok=True)
-        self.best_params.write_text(yaml.safe_dump(best, sort_keys=False))
-        self.summary.write_text(json.dumps(metrics, indent=2))
+        write_text(self.best_params, yaml.safe_dump(best, sort_keys=False))
+        write_json(self.summary, metrics, sort_keys=False)

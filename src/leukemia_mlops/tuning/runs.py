@@ -13,9 +13,7 @@ one. Only the best ``keep_models`` trials keep their checkpoints in the store
 from __future__ import annotations
 
 import logging
-import os
 import re
-import socket
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -82,18 +80,6 @@ def drop_scratch(sweep_dir: Path, numbers: list[int]) -> None:
     (workers sharing the sweep directory delete them together: see :func:`remove_tree`)."""
     for number in numbers:
         remove_tree(sweep_dir / f"trial_{number}" / CHECKPOINTS)
-
-
-def write_shared(path: Path, text: str) -> None:
-    """Write a file of the sweep directory whole, through a temporary file of this worker's.
-
-    Workers of one study share the directory and write its files (the saved config, the
-    study summary) as they start and end, often together: a plain write lets one truncate
-    the file while another writes it or copies it into the store.
-    """
-    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:

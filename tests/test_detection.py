@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from leukemia_mlops.data.detection import DetectionDataModule, detection_transforms, make_sample
 from leukemia_mlops.data.images import CELL_THRESHOLD, cell_box
 from leukemia_mlops.data.scenes import Cell, SceneSpec, compose_scene, crop_cell
+from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.backbones import WeightsError
 from leukemia_mlops.models.detector import YoloDetector, cell_probability
 from leukemia_mlops.models.yolo import save_darknet_weights
@@ -191,3 +192,51 @@ def test_one_epoch_yolo_run_logs_detection_and_cell_metrics(tiny_config, tmp_pat
     mlflow.set_tracking_uri(client.tracking_uri)
     served = mlflow.pytorch.load_model(model.model_uri)
     assert served(torch.zeros(1, 3, 64, 64)).shape == (1, 3 * (4 * 4 + 2 * 2), 7)
+
+
+def _first_training_batch(tiny_prepared, seed: int) -> torch.Tensor:
+    dm = DetectionDataModule(
+        str(tiny_prepared), img_size=64, num_workers=0, batch_size=4, train_scenes=4, seed=seed
+    )
+    dm.setup()
+    images, _ = next(iter(dm.train_dataloader()))
+    return images
+
+
+def test_datamodule_seed_gives_the_training_scenes_and_order(tiny_prepared):
+    same = _first_training_batch(tiny_prepared, 1), _first_training_batch(tiny_prepared, 1)
+    assert torch.equal(*same)
+    assert not torch.equal(same[0], _first_training_batch(tiny_prepared, 2))
+
+
+def test_detection_reads_its_loader_keys_from_the_datamodule_section(tiny_config, caplog):
+    cfg = tiny_config("model=yolov3_tiny", "seed=1", "datamodule.seed=7")
+    dm = DetectionDataModule.from_config(cfg)
+    assert (dm.seed, dm.loaders.seed) == (7, 7)
+    assert dm.balance == "loss"
+    assert "datamodule.balance=loss" in caplog.text  # the default trains, with a word
+
+
+def test_balance_sampler_draws_single_cells_class_balanced(tiny_prepared):
+    dm = DetectionDataModule(
+        str(tiny_prepared), img_size=64, num_workers=0, train_scenes=4, balance="sampler"
+    )
+    dm.setup()
+    probabilities = dm.train_dataloader().sampler.probabilities
+    labels = dm.datasets["train"].datasets[1].source.labels
+    assert np.bincount(labels).min() < np.bincount(labels).max()  # the split is imbalanced
+    scenes, cells = probabilities[:4], probabilities[4:]
+    assert cells[labels == 0].sum() == pytest.approx(cells[labels == 1].sum())
+    assert scenes.sum() == pytest.approx(4 / (4 + len(labels)))  # scenes keep their share
+    plain = DetectionDataModule(str(tiny_prepared), img_size=64, num_workers=0, train_scenes=4)
+    plain.setup()
+    assert plain.train_dataloader().sampler.probabilities is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("augment_on", "device"), ("augment_on", "gpu"), ("balance", "weighted")],
+)
+def test_detection_refuses_datamodule_settings_it_cannot_honour(tiny_prepared, key, value):
+    with pytest.raises(ConfigError, match=f"datamodule.{key}"):
+        DetectionDataModule(str(tiny_prepared), **{key: value})

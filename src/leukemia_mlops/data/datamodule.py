@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +125,78 @@ def whole_batch(batch: SeededBatch) -> SeededBatch:
     return batch
 
 
-class CellDataModule(pl.LightningDataModule):
-    """Train/val/test loaders; class imbalance handled by a weighted sampler or the loss.
+class SeededLoaders:
+    """The DataLoaders of a datamodule, whatever its datasets.
 
-    The training order and augmentations come from ``seed`` and the epoch alone (see
-    :class:`SeededSampler`), so they do not depend on the number of workers or on a resume.
+    The training order and augmentation seeds come from ``seed`` and the epoch alone (see
+    :class:`SeededSampler`), so they do not depend on the number of workers or on a resume;
+    evaluation splits are scored once per cell, under DDP too.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int | str,
+        pin_memory: bool,
+        seed: int,
+        collate_fn: Callable[[Any], Any] | None = None,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"datamodule.batch_size must be >= 1, got {batch_size}")
+        if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ConfigError(f"datamodule.num_workers must be >= 0 or auto, got {num_workers!r}")
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.seed, self.collate_fn = seed, collate_fn
+        self.first_epoch = 0  # of the first training loader: past 0 when resumed
+
+    def train(
+        self, dataset: Dataset, trainer: pl.Trainer | None, weights: np.ndarray | None = None
+    ) -> DataLoader:
+        """Seeded ``(index, seed)`` items: shuffled, or drawn in proportion to ``weights``."""
+        sampler = SeededSampler(len(dataset), self.seed, weights)
+        # Lightning calls set_epoch only after a resumed run's first loader has started.
+        sampler.set_epoch(self.first_epoch)
+        # A last batch of one breaks batch-norm; drop the remainder when there is a full batch.
+        drop_last = len(sampler) > self.batch_size
+        return self.loader(dataset, trainer, sampler=sampler, drop_last=drop_last)
+
+    def evaluation(self, dataset: Dataset, trainer: pl.Trainer | None) -> DataLoader:
+        """Every item exactly once, in order: under DDP the ranks share the split unpadded."""
+        return self.loader(dataset, trainer, sampler=unpadded_shard(len(dataset)))
+
+    def state_dict(self, trainer: pl.Trainer) -> dict[str, int]:
+        """Saved in checkpoints: the epoch a run resumed from this one starts with."""
+        finished = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        return {"next_epoch": trainer.current_epoch + int(finished)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.first_epoch = int(state_dict.get("next_epoch", 0))
+
+    def workers(self, trainer: pl.Trainer | None) -> int:
+        """Loader processes per rank; ``auto``: this node's CPUs shared among its ranks, one
+        CPU of each share left to the rank itself."""
+        if self.num_workers != "auto":
+            return self.num_workers
+        ranks = trainer.num_devices if trainer is not None else 1
+        return max(len(os.sched_getaffinity(0)) // ranks - 1, 0)
+
+    def loader(self, dataset: Dataset, trainer: pl.Trainer | None, **kwargs: Any) -> DataLoader:
+        workers = self.workers(trainer)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers > 0,
+            collate_fn=self.collate_fn,
+            **kwargs,
+        )
+
+
+class CellDataModule(pl.LightningDataModule):
+    """Train/val/test loaders (:class:`SeededLoaders`); class imbalance handled by a weighted
+    sampler or the loss.
+
     ``augment_on``: ``cpu`` augments each item in the loader workers (albumentations);
     ``device`` ships unaugmented uint8 batches and augments them on the training device
     (:class:`BatchAugment`, the same distribution), which frees the CPUs to feed a GPU.
@@ -149,19 +217,14 @@ class CellDataModule(pl.LightningDataModule):
         super().__init__()
         if balance not in BALANCE_MODES:
             raise ConfigError(f"datamodule.balance must be one of {BALANCE_MODES}, got {balance!r}")
-        if batch_size < 1:
-            raise ConfigError(f"datamodule.batch_size must be >= 1, got {batch_size}")
-        if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
-            raise ConfigError(f"datamodule.num_workers must be >= 0 or auto, got {num_workers!r}")
         if augment_on not in AUGMENT_PLACES:
             raise ConfigError(
                 f"datamodule.augment_on must be one of {AUGMENT_PLACES}, got {augment_on!r}"
             )
+        collate = whole_batch if augment_on == "device" else None
+        self.loaders = SeededLoaders(batch_size, num_workers, pin_memory, seed, collate)
         self.prepared_dir = Path(prepared_dir)
-        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
-        self.balance, self.seed = balance, seed
-        self.first_epoch = 0  # of the first training loader: past 0 when resumed
-        self.augment_on = augment_on
+        self.balance, self.augment_on = balance, augment_on
         self.transform = train_transforms(augment_strength, flips)
         self.batch_augment = BatchAugment(augment_strength, flips)
         self.datasets: dict[str, CellDataset | CellBatchDataset] = {}
@@ -206,48 +269,16 @@ class CellDataModule(pl.LightningDataModule):
         if self.balance == "sampler":
             counts = np.bincount(dataset.labels, minlength=2).astype(np.float64)
             weights = 1.0 / counts[dataset.labels]
-        sampler = SeededSampler(len(dataset), self.seed, weights)
-        # Lightning calls set_epoch only after a resumed run's first loader has started.
-        sampler.set_epoch(self.first_epoch)
-        # A last batch of one breaks batch-norm; drop the remainder when there is a full batch.
-        drop_last = len(sampler) > self.batch_size
-        return self._loader(dataset, sampler=sampler, drop_last=drop_last)
+        return self.loaders.train(dataset, self.trainer, weights)
 
     def state_dict(self) -> dict[str, int]:
-        """Saved in checkpoints: the epoch a run resumed from this one starts with."""
-        finished = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        return {"next_epoch": self.trainer.current_epoch + int(finished)}
+        return self.loaders.state_dict(self.trainer)
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.first_epoch = int(state_dict.get("next_epoch", 0))
+        self.loaders.load_state_dict(state_dict)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.datasets["val"])
+        return self.loaders.evaluation(self.datasets["val"], self.trainer)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.datasets["test"])
-
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        """Every cell scored exactly once: under DDP the ranks share the split unpadded."""
-        return self._loader(dataset, sampler=unpadded_shard(len(dataset)))
-
-    def workers(self) -> int:
-        """Loader processes per rank; ``auto``: this node's CPUs shared among its ranks, one
-        CPU of each share left to the rank itself."""
-        if self.num_workers != "auto":
-            return self.num_workers
-        ranks = self.trainer.num_devices if self.trainer is not None else 1
-        return max(len(os.sched_getaffinity(0)) // ranks - 1, 0)
-
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        workers = self.workers()
-        if isinstance(dataset, CellBatchDataset):
-            kwargs.setdefault("collate_fn", whole_batch)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=workers > 0,
-            **kwargs,
-        )
+        return self.loaders.evaluation(self.datasets["test"], self.trainer)

@@ -9,6 +9,7 @@ CNNs. Images are letterboxed to the model's input size, then (for training) augm
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,17 @@ import albumentations as A
 import cv2
 import numpy as np
 import pandas as pd
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from leukemia_mlops.data.augment import dihedral_flips, jitter
-from leukemia_mlops.data.datamodule import CachedSplit, CellDataModule, seed_transform
+from leukemia_mlops.data.datamodule import (
+    BALANCE_MODES,
+    CachedSplit,
+    SeededLoaders,
+    seed_transform,
+)
 from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE
 from leukemia_mlops.data.sampling import SeededIndex
@@ -32,6 +39,8 @@ Target = dict[str, torch.Tensor]
 Sample = tuple[torch.Tensor, Target]
 SCENE = -1  # image_label of a scene: it holds cells of both classes
 BOX_COLUMNS = ["box_x0", "box_y0", "box_x1", "box_y1"]
+
+log = logging.getLogger(__name__)
 
 
 def cache_boxes(manifest: pd.DataFrame, size: int, window: int) -> np.ndarray:
@@ -181,10 +190,16 @@ class ConcatItems(ConcatDataset):
         return self.datasets[which][(index - start, seed)]
 
 
-class DetectionDataModule(CellDataModule):
+class DetectionDataModule(pl.LightningDataModule):
     """Train: composed scenes plus every single cell; val: single cells plus fixed scenes
-    (for mAP); test: single cells. The loaders are the CNN's; ``datamodule.balance`` does not
-    apply (scenes mix both classes and the YOLO loss has no class weights)."""
+    (for mAP). The loaders are the CNN's (:class:`SeededLoaders`).
+
+    ``seed`` gives the training order, each epoch's scenes and their augmentation, and the
+    fixed validation scenes. ``balance``: ``none`` shuffles; ``sampler`` draws single cells
+    class-balanced (scenes mix both classes and keep their share); ``loss`` trains unweighted,
+    with a warning, as the YOLO loss has no class weights. Boxes are augmented with their
+    image, on the CPU: ``augment_on`` must be ``cpu``.
+    """
 
     def __init__(
         self,
@@ -192,7 +207,7 @@ class DetectionDataModule(CellDataModule):
         img_size: int = 128,
         window: int = 450,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: int | str = 2,
         pin_memory: bool = False,
         augment_strength: float = 1.0,
         flips: bool = True,
@@ -203,19 +218,35 @@ class DetectionDataModule(CellDataModule):
         spacing: float = 0.25,
         noise: int = 4,
         seed: int = 0,
+        balance: str = "none",
+        augment_on: str = "cpu",
     ):
-        super().__init__(prepared_dir, batch_size, num_workers, pin_memory, "none")
+        super().__init__()
         if train_scenes < 0 or val_scenes < 0:
             raise ConfigError(
                 f"model.scenes train_scenes and val_scenes must be >= 0, "
                 f"got {train_scenes}, {val_scenes}"
             )
-        self.window = window
+        if balance not in BALANCE_MODES:
+            raise ConfigError(f"datamodule.balance must be one of {BALANCE_MODES}, got {balance!r}")
+        if augment_on != "cpu":
+            raise ConfigError(
+                f"datamodule.augment_on must be cpu for the YOLO detector (its boxes are "
+                f"augmented with the image in the loader workers), got {augment_on!r}"
+            )
+        if balance == "loss":
+            log.warning(
+                "datamodule.balance=loss: the YOLO loss has no class weights, "
+                "the detector trains unweighted"
+            )
+        self.loaders = SeededLoaders(batch_size, num_workers, pin_memory, seed, collate)
+        self.prepared_dir = Path(prepared_dir)
+        self.window, self.seed, self.balance = window, seed, balance
         self.transform = detection_transforms(img_size, augment_strength, flips)
         self.eval_transform = detection_transforms(img_size)
         self.spec = SceneSpec(min_cells, max_cells, spacing, noise)
         self.scene_counts = {"train": train_scenes, "val": val_scenes}
-        self.seed = seed
+        self.datasets: dict[str, Dataset] = {}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DetectionDataModule:
@@ -225,12 +256,20 @@ class DetectionDataModule(CellDataModule):
         identity = read_identity(loader["prepared_dir"])
         if identity.fit != "window":
             raise ConfigError("YOLO training needs data.prepare.fit=window (cells at true scale)")
-        keys = ("batch_size", "num_workers", "pin_memory", "augment_strength", "flips")
+        keys = (
+            "batch_size",
+            "num_workers",
+            "pin_memory",
+            "augment_strength",
+            "flips",
+            "seed",
+            "balance",
+            "augment_on",
+        )
         return cls(
             loader["prepared_dir"],
             img_size=config["model"]["img_size"],
             window=identity.window,
-            seed=config["seed"],
             **{key: loader[key] for key in keys},
             **config["model"]["scenes"],
         )
@@ -240,9 +279,7 @@ class DetectionDataModule(CellDataModule):
             return
         if not (self.prepared_dir / MANIFEST_FILE).is_file():
             raise MissingInputError(f"no prepared data in {self.prepared_dir}: run `lmo-prepare`")
-        sources = {
-            s: CachedBoxedSplit(self.prepared_dir, s, self.window) for s in ("train", "val", "test")
-        }
+        sources = {s: CachedBoxedSplit(self.prepared_dir, s, self.window) for s in ("train", "val")}
         for split in ("train", "val"):
             if len(sources[split]) == 0:
                 raise InputError(f"the {split} split is empty: check data.split")
@@ -257,7 +294,6 @@ class DetectionDataModule(CellDataModule):
             "val": ConcatDataset(
                 [CellBoxDataset(sources["val"], self.eval_transform), self.val_scenes]
             ),
-            "test": CellBoxDataset(sources["test"], self.eval_transform),
         }
 
     def overlay_batch(self, count: int) -> tuple[torch.Tensor, list[Target]]:
@@ -266,5 +302,23 @@ class DetectionDataModule(CellDataModule):
         dataset = self.val_scenes if len(self.val_scenes) else self.datasets["val"]
         return collate([dataset[i] for i in range(min(count, len(dataset)))])
 
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return super()._loader(dataset, collate_fn=collate, **kwargs)
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.datasets["train"]
+        weights = None
+        if self.balance == "sampler":
+            scenes, cells = dataset.datasets
+            labels = cells.source.labels
+            counts = np.bincount(labels, minlength=2).astype(np.float64)
+            # Each class's cells weigh half the cells' share; every scene weighs one.
+            cell_weights = len(labels) / (2 * counts[labels])
+            weights = np.concatenate([np.ones(len(scenes)), cell_weights])
+        return self.loaders.train(dataset, self.trainer, weights)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.loaders.state_dict(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.loaders.load_state_dict(state_dict)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loaders.evaluation(self.datasets["val"], self.trainer)

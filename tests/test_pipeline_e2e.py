@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -20,7 +21,8 @@ from test_dvc_pipeline import DVC, REPO, run
 
 from leukemia_mlops.data.synthetic import generate_cnmc
 from leukemia_mlops.evaluation.paired import NO_DIFFERENCE
-from leukemia_mlops.inference.loading import checkpoint_family
+from leukemia_mlops.inference.loading import checkpoint_class
+from leukemia_mlops.models.detector import YoloDetector
 
 # conf/local/default.yaml of the test project: the user's standing choices (here: tiny runs).
 TINY_LOCAL = """# @package _global_
@@ -36,6 +38,10 @@ sweep: {n_trials: 1, max_epochs: 1}
 """
 
 
+#: Who commits in the test project (a CI machine may have no git identity).
+GIT_IDENTITY = (
+    "export GIT_AUTHOR_NAME=t GIT_AUTHOR_EMAIL=t@t GIT_COMMITTER_NAME=t GIT_COMMITTER_EMAIL=t@t"
+)
 PIPELINE_TIMEOUT = 1200  # seconds for one dvc command that trains (2 cores, shared in CI)
 
 
@@ -49,6 +55,7 @@ def project(tmp_path: Path) -> Path:
     root = tmp_path / "project"
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copy(REPO / ".gitignore", root)  # what the repository does not track
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(REPO / "src", root / "src", ignore=ignore)
     shutil.copytree(REPO / "hydra_plugins", root / "hydra_plugins", ignore=ignore)
@@ -65,8 +72,7 @@ def project(tmp_path: Path) -> Path:
     )
     (root / "data/raw.dvc").unlink()
     lmo("leukemia_mlops.cli.params", "--config-dir", "conf", cwd=root)
-    run("git", "add", "-A", cwd=root)
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny", cwd=root)
+    commit(root, "tiny")
     return root
 
 
@@ -137,19 +143,41 @@ def test_repro_then_noop_then_an_experiment_then_new_data(project):
     for stage in ("sweep", "train", "evaluate"):
         assert f"Running stage '{stage}'" in detector
     assert "Running stage 'train_detector'" not in detector
-    assert checkpoint_family(project / "models/model/checkpoints/best.ckpt") == "yolo"
+    assert checkpoint_class(project / "models/model/checkpoints/best.ckpt") is YoloDetector
     evaluated = json.loads((project / "reports/eval/model/metrics.json").read_text())
     assert "map_50" in evaluated["detection"]
     assert len(studies(project)) == 4
 
-    # New data: a new campaign of sweep.n_trials trials, the old studies left as they were.
+    # New data, as README's real-data steps switch to it, committed with README's own line:
+    # a new campaign of sweep.n_trials trials per family, the old studies left as they were,
+    # and a commit that holds every git-tracked output the new data changed.
+    commit(project, "a clone of the synthetic results")
+    synthetic_headline = (project / "reports/metrics.json").read_text()
     before = studies(project)
-    extra = next((project / "data/raw").rglob("*_hem.bmp"))
-    shutil.copy(extra, extra.with_name(extra.name.replace("_hem", "9_hem")))
+    shutil.rmtree(project / "data/raw")
+    generate_cnmc(project / "data/raw", replace(TINY_SPEC, seed=TINY_SPEC.seed + 1))
     run(DVC, "commit", "-f", "-q", "data.dvc", cwd=project)
-    rerun = run(DVC, "repro", "sweep", cwd=project, timeout=PIPELINE_TIMEOUT)
-    assert "Running stage 'prepare'" in rerun and "Running stage 'sweep'" in rerun
+    rerun = run(DVC, "repro", cwd=project, timeout=PIPELINE_TIMEOUT)
+    assert "Running stage 'prepare'" in rerun and "Running stage 'evaluate'" in rerun
     after = studies(project)
     assert {k: after[k] for k in before} == before
-    [new] = set(after) - set(before)
-    assert after[new] == 1
+    assert sorted(after[new] for new in set(after) - set(before)) == [1, 1]
+    identity = (
+        "export GIT_AUTHOR_NAME=t GIT_AUTHOR_EMAIL=t@t GIT_COMMITTER_NAME=t GIT_COMMITTER_EMAIL=t@t"
+    )
+    run("bash", "-c", f"{identity}; {readme_commit_line()}", cwd=project)
+    assert run("git", "status", "--porcelain", cwd=project) == ""
+    committed = run("git", "show", "HEAD:reports/metrics.json", cwd=project)
+    assert committed == (project / "reports/metrics.json").read_text() != synthetic_headline
+
+
+def readme_commit_line() -> str:
+    """README's command that commits the switch to the real data."""
+    readme = (REPO / "README.md").read_text()
+    [line] = (line for line in readme.splitlines() if line.startswith("git add conf/local"))
+    return line
+
+
+def commit(root: Path, message: str) -> None:
+    run("git", "add", "-A", cwd=root)
+    run("bash", "-c", f"{GIT_IDENTITY}; git commit -qm '{message}'", cwd=root)

@@ -51,8 +51,10 @@ def test_manifest_columns_and_boxes(tiny_prepared):
         "split",
     }
     assert expected <= set(manifest.columns)
-    assert (manifest["box_x1"] > manifest["box_x0"]).all()
-    assert (manifest["box_x1"] <= manifest["width"]).all()
+    for start, end, extent in (("box_x0", "box_x1", "width"), ("box_y0", "box_y1", "height")):
+        assert (manifest[start] >= 0).all()
+        assert (manifest[end] > manifest[start]).all()
+        assert (manifest[end] <= manifest[extent]).all()
     assert manifest["content_hash"].str.len().eq(32).all()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,19 @@ def test_imports_point_down(source, target, path):
         f"{path.relative_to(REPO)}: {source} (layer {LAYER[source]}) imports "
         f"{target} (layer {LAYER[target]})"
     )
+
+
+#: What asks a model its family by name or by type instead of asking its class (ARCHITECTURE.md,
+#: "Where a new family goes"): only ``models/`` may know the families apart.
+FAMILY_TESTS = re.compile(r'family ==|isinstance\([^)]*(YoloDetector|CellClassifier)|"variant" in')
+
+
+def test_only_models_tell_the_families_apart():
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in sorted((SRC / "leukemia_mlops").rglob("*.py"))
+        if "models" not in path.relative_to(SRC / "leukemia_mlops").parts[:1]
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if FAMILY_TESTS.search(line)
+    ]
+    assert not found, "ask the module class (models/base.py), not the family:\n" + "\n".join(found)

@@ -55,7 +55,7 @@ from leukemia_mlops.evaluation.gradcam import gradcam, last_conv_block
 from leukemia_mlops.evaluation.metrics import binary_metrics
 from leukemia_mlops.evaluation.paired import NO_DIFFERENCE
 from leukemia_mlops.evaluation.ranking_guard import INVERTED
-from leukemia_mlops.inference.loading import load_classifier, load_detector
+from leukemia_mlops.inference.loading import load_module
 from leukemia_mlops.inference.predict import predict_paths
 from leukemia_mlops.inference.scorers import TorchScorer, dihedral_views, to_network_input
 from leukemia_mlops.models.backbones import build_classifier
@@ -160,7 +160,6 @@ def yolo_evaluated(evaluated, yolo_prepared, yolo_checkpoint, tmp_path_factory) 
         yolo_prepared,
         out_dir,
         evaluate_spec(n_resamples=50, tta=True, min_subjects=2, scenes_per_subject=2),
-        family="yolo",
         mlflow_run_id=run_id,
         mlflow_uri=evaluated.uri,
     )
@@ -311,7 +310,7 @@ def test_the_detectors_cell_probability_is_its_validation_score(
 ):
     """``prob_all`` of a YOLO model is :func:`cell_probability` of its raw outputs, the
     number its training validates (and picks checkpoints) with."""
-    detector = load_detector(yolo_checkpoint).eval()
+    detector = load_module(yolo_checkpoint).eval()
     manifest = pd.read_parquet(yolo_prepared / MANIFEST_FILE)
     rows = manifest.index[manifest["split"] == "test"]
     cache = np.load(yolo_prepared / IMAGES_FILE, mmap_mode="r")
@@ -545,7 +544,7 @@ def test_gallery_shows_confident_right_then_wrong_calls():
 def test_registered_champion_serves_the_evaluated_model(
     evaluated, tiny_checkpoint, tiny_raw, tiny_prepared, tmp_path
 ):
-    net = load_classifier(tiny_checkpoint).net
+    net = load_module(tiny_checkpoint).net
     log_classifier(evaluated.uri, evaluated.run_id, net, TINY_SIZE)
     version = register_best(evaluated.uri, evaluated.run_id, "synthetic0digest")
 

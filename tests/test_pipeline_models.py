@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 from leukemia_mlops.cli.sweep import search_space
 from leukemia_mlops.config import compose, stage_outs, write_params
-from leukemia_mlops.inference.loading import checkpoint_family
+from leukemia_mlops.inference.loading import checkpoint_class
+from leukemia_mlops.models.detector import YoloDetector
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def test_the_train_stage_trains_a_yolo_model_as_a_hydra_run_does(tiny_config, tm
     )
     done = train_stage(params, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert checkpoint_family(tmp_path / "models/model/checkpoints/best.ckpt") == "yolo"
+    assert checkpoint_class(tmp_path / "models/model/checkpoints/best.ckpt") is YoloDetector
     metrics = json.loads((tmp_path / "reports/train_model.json").read_text())
     assert {"val_map_50", "val_f1_weighted"} <= set(metrics)
 

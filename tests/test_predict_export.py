@@ -24,7 +24,7 @@ from leukemia_mlops.inference.export import ParityError, export_onnx
 from leukemia_mlops.inference.loading import (
     ONNX_THRESHOLD_KEY,
     file_sha256,
-    load_classifier,
+    load_module,
     validated_threshold,
 )
 from leukemia_mlops.inference.predict import predict_paths
@@ -125,7 +125,7 @@ def test_predict_streams_a_folder_and_lists_unreadable_files(
     scored = table[table["error"] == ""]
     assert scored["in_distribution"].all() and (scored["ood_reason"] == "").all()
     cache = np.load(tiny_prepared / IMAGES_FILE, mmap_mode="r")
-    expected = TorchScorer(load_classifier(tiny_checkpoint).net, device="cpu")(
+    expected = TorchScorer(load_module(tiny_checkpoint).net, device="cpu")(
         np.asarray(cache[[rows[f] for f in scored["file"]]])
     )
     np.testing.assert_allclose(scored["prob_all"], expected, rtol=0, atol=1e-6)
@@ -269,7 +269,7 @@ def test_an_mlflow_model_predicts_at_its_runs_evaluated_threshold(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("t")).info.run_id
-    log_classifier(uri, run_id, load_classifier(tiny_checkpoint).net, SIZE)
+    log_classifier(uri, run_id, load_module(tiny_checkpoint).net, SIZE)
     model = f"runs:/{run_id}/model"
     assert validated_threshold(model, tracking_uri=uri) is None
     (tmp_path / "eval").mkdir()

@@ -34,11 +34,11 @@ from leukemia_mlops.data.detection import (
 from leukemia_mlops.data.naming import ALL, HEM
 from leukemia_mlops.data.prepare import MANIFEST_FILE
 from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, crop_cell
-from leukemia_mlops.evaluation.detection import CellLogit
 from leukemia_mlops.inference.export import ParityError, export_onnx
-from leukemia_mlops.inference.loading import file_sha256, load_detector, validated_threshold
+from leukemia_mlops.inference.loading import file_sha256, load_module, validated_threshold
 from leukemia_mlops.inference.predict import BOX_COLUMNS, predict_paths, read_rgb
 from leukemia_mlops.inference.scorers import TorchScorer
+from leukemia_mlops.models.base import class_path
 from leukemia_mlops.models.detector import YoloDetector, cell_probability
 from leukemia_mlops.models.yolo import postprocess
 from leukemia_mlops.tracking.model_logging import log_classifier
@@ -131,7 +131,7 @@ def expected_detections(checkpoint: Path, image_file: Path) -> dict[str, np.ndar
     side = rgb.shape[0]
     assert rgb.shape[1] == side
     resized = cv2.resize(rgb, (IMG, IMG), interpolation=cv2.INTER_AREA)
-    detector = load_detector(checkpoint).eval()
+    detector = load_module(checkpoint).eval()
     batch = torch.from_numpy(resized.copy()).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         outputs = detector(batch)
@@ -272,7 +272,7 @@ def test_a_single_cell_gets_a_label_only_where_a_box_finds_it(
     for kind in ("all", "hem"):
         shutil.copyfile(next(tiny_raw.rglob(f"*_{kind}.bmp")), folder / f"{kind}.bmp")
     files = sorted(folder.iterdir())
-    evaluated = TorchScorer(CellLogit(load_detector(blind_checkpoint)), device="cpu")
+    evaluated = TorchScorer(load_module(blind_checkpoint).cell_logit_network(), device="cpu")
     np.testing.assert_array_equal(evaluated(np.stack([read_rgb(p) for p in files])), [1, 1])
     params, _ = detector_params(tmp_path)
     out = tmp_path / "p.csv"
@@ -302,7 +302,7 @@ def yolo_onnx(yolo_checkpoint, tiny_prepared, tmp_path_factory) -> tuple[Path, d
 
 def test_the_onnx_detector_matches_pytorch(yolo_onnx, yolo_checkpoint, tmp_path):
     path, report = yolo_onnx
-    assert report["family"] == "yolo" and report["image_size"] == IMG
+    assert report["module"] == class_path(YoloDetector) and report["image_size"] == IMG
     assert report["parity_source"] == "prepare cache" and report["parity_images"] == 32
     assert report["max_abs_diff"] <= report["tolerance"] == 1e-4
     assert validated_threshold(path) == 0.25
@@ -345,7 +345,7 @@ def test_export_cli_picks_the_detector_family_and_its_evaluation(
     export_cli.main(["--checkpoint", str(checkpoint), "--params", str(params)])
     report = json.loads(capsys.readouterr().out)
     out = Path("exports/detector.onnx")  # outside the run directory, a DVC output
-    assert report["path"] == str(out) and report["family"] == "yolo"
+    assert report["path"] == str(out) and report["module"] == class_path(YoloDetector)
     assert validated_threshold(out) == 0.3
 
 
@@ -408,7 +408,7 @@ def test_an_mlflow_detector_predicts_like_its_checkpoint(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("t")).info.run_id
-    detector = load_detector(yolo_checkpoint)
+    detector = load_module(yolo_checkpoint)
     for key in ("conf_threshold", "iou_threshold"):  # as training logs its flattened config
         client.log_param(run_id, f"model.{key}", detector.hparams[key])
     log_classifier(uri, run_id, detector.predictor(), IMG)

@@ -36,7 +36,7 @@ from test_predict_yolo import (
 from torch import nn
 
 from leukemia_mlops.cli import predict as predict_cli
-from leukemia_mlops.inference.loading import load_detector
+from leukemia_mlops.inference.loading import load_module
 from leukemia_mlops.inference.serving import (
     BOX_FIELDS,
     IMAGE_MODEL,
@@ -44,6 +44,8 @@ from leukemia_mlops.inference.serving import (
     log_image_model,
 )
 from leukemia_mlops.models.backbones import build_classifier
+from leukemia_mlops.models.base import class_path
+from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.tracking.model_logging import log_classifier
 
 pytestmark = pytest.mark.slow
@@ -96,7 +98,9 @@ def logged(store, predicted) -> tuple[str, str, float]:
     probs = predicted["prob_all"].to_numpy()
     assert probs[0] != probs[1], "the two images must score differently to test the threshold"
     threshold = float(probs.mean())
-    served = ServedModel("cnn", {"backbone": BACKBONE}, TINY_SIZE, 450, "window", threshold)
+    served = ServedModel(
+        class_path(CellClassifier), {"backbone": BACKBONE}, TINY_SIZE, 450, "window", threshold
+    )
     log_image_model(uri, run_id, net, served)
     return uri, f"runs:/{run_id}/{IMAGE_MODEL}", threshold
 
@@ -105,6 +109,14 @@ def logged(store, predicted) -> tuple[str, str, float]:
 def server(logged, tmp_path) -> Iterator[str]:
     """``mlflow models serve`` of the image model with pickle refused; yields its URL."""
     uri, model, _ = logged
+    with serving(uri, model, tmp_path / "serve.log") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(uri: str, model: str, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``mlflow models serve`` of ``model`` (in the store ``uri``, pickle refused, ``env``
+    added to its environment), logging to ``log``; yields its URL."""
     port = free_port()
     env = {
         **os.environ,
@@ -112,10 +124,10 @@ def server(logged, tmp_path) -> Iterator[str]:
         "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
         # The server runs ``uvicorn`` by name: the venv's programs come first, as activated.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **(env or {}),
     }
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model]
     command += ["--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
-    log = tmp_path / "serve.log"
     with log.open("wb") as stream:
         process = subprocess.Popen(
             command, stdout=stream, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -143,7 +155,7 @@ def _wait_for_ping(url: str, process: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"mlflow models serve did not answer /ping: {log.read_text()[-3000:]}")
 
 
-def _post(url: str, payload: dict) -> list[dict]:
+def post(url: str, payload: dict) -> list[dict]:
     request = urllib.request.Request(
         f"{url}/invocations",
         data=json.dumps(payload).encode(),
@@ -158,7 +170,7 @@ def test_served_model_answers_images_as_predict_does(server, predicted, logged, 
     threshold's labels (one each side) and the in-distribution flag."""
     encoded = base64.b64encode(two_images[0].read_bytes()).decode()
     split = {"columns": ["image", "path"], "data": [[encoded, None], [None, str(two_images[1])]]}
-    answer = pd.DataFrame(_post(server, {"dataframe_split": split}))
+    answer = pd.DataFrame(post(server, {"dataframe_split": split}))
     np.testing.assert_allclose(answer["prob_all"], predicted["prob_all"], rtol=1e-6)
     expected = np.where(predicted["prob_all"] > logged[2], "ALL", "HEM")
     assert list(answer["label"]) == list(expected)
@@ -214,7 +226,7 @@ def test_served_detector_answers_as_predict_does(
     threshold = float(cell + (cell > 0.5)) / 2  # calls the cell the other way than 0.5 does
     client = MlflowClient(uri)
     run_id = client.create_run(client.get_experiment_by_name("serving").experiment_id).info.run_id
-    detector = load_detector(checkpoint)
+    detector = load_module(checkpoint)
     log_image_model(
         uri,
         run_id,
@@ -248,7 +260,7 @@ def test_a_served_detector_gives_no_label_to_a_cell_no_box_finds(
     floor: the ALL cell is not found (no probability, no label, though its validated
     probability is 1.0), and the row says it was to be called at the default 0.5."""
     _, uri, _, _ = store
-    detector = load_detector(blind_detector(tmp_path / "blind.ckpt"))
+    detector = load_module(blind_detector(tmp_path / "blind.ckpt"))
     client = MlflowClient(uri)
     run_id = client.create_run(client.get_experiment_by_name("serving").experiment_id).info.run_id
     served = ServedModel.of(detector, TINY_SIZE, 450, "window")

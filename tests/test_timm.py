@@ -17,7 +17,7 @@ from torch import nn
 
 from leukemia_mlops.config import compose
 from leukemia_mlops.errors import ConfigError
-from leukemia_mlops.inference.loading import load_classifier
+from leukemia_mlops.inference.loading import load_module
 from leukemia_mlops.models.backbones import WeightsError, _missing_timm_weights, build_classifier
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.tracking.store import tracking_uri
@@ -172,7 +172,7 @@ def test_a_timm_model_trains_one_epoch(tiny_config, tmp_path):
     cfg = tiny_config("model=timm", "model.name=mobilenetv4_conv_small_050", "trainer.max_epochs=1")
     history = _trained(cfg, tmp_path / "run")
     assert list(history["epoch"]) == [0]
-    module = load_classifier(tmp_path / "run/checkpoints/best.ckpt")
+    module = load_module(tmp_path / "run/checkpoints/best.ckpt")
     assert module.hparams.backbone == "timm/mobilenetv4_conv_small_050"
     with torch.no_grad():
         assert torch.isfinite(module.eval()(torch.rand(2, 3, 48, 48))).all()

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
     from leukemia_mlops.data.scenes import SceneSpec
+    from leukemia_mlops.models.base import FineTunedModule
     from leukemia_mlops.tracking.run_files import RunFiles
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         from leukemia_mlops.evaluation.headline import headline
         from leukemia_mlops.files import write_json
-        from leukemia_mlops.inference.loading import checkpoint_family
+        from leukemia_mlops.inference.loading import checkpoint_class
         from leukemia_mlops.tracking.run_files import (
             PIPELINE_MODELS,
             comparison_file,
@@ -58,18 +59,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise MissingInputError(f"no such checkpoint: {missing} (train a model first)")
         for key in (k for k in runs if k not in trained):
             log.warning("no %s trained (%s): not evaluated", key, runs[key].best_checkpoint)
-        reports, families = {}, {}
+        reports, classes = {}, {}
         for key, run in trained.items():
             run_id = run.mlflow_run_id()
             if run_id is None:
                 log.warning("no MLflow run recorded in %s: %s is not logged", run.state, key)
-            families[key] = checkpoint_family(run.best_checkpoint)
+            classes[key] = checkpoint_class(run.best_checkpoint)
             metrics = evaluate_model(
                 run.best_checkpoint,
                 cfg.paths.prepared_dir,
                 eval_dir(cfg, key),
                 spec,
-                family=families[key],
                 scene_spec=_scene_spec(run),
                 mlflow_run_id=run_id,
                 mlflow_uri=store_uri(cfg),
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             reports[key] = metrics
         comparison = None
         if len(reports) == len(PIPELINE_MODELS):
-            names = {key: _display_name(key, families[key]) for key in PIPELINE_MODELS}
+            names = {key: _display_name(key, classes[key]) for key in PIPELINE_MODELS}
             comparison = compare_models(
                 {names[key]: eval_dir(cfg, key) for key in PIPELINE_MODELS},
                 {names[key]: reports[key] for key in PIPELINE_MODELS},
@@ -168,9 +168,10 @@ def _tuning(cfg: DictConfig, names: dict[str, str]) -> dict:
     return tuning
 
 
-def _display_name(key: str, family: str) -> str:
-    """How the verdict names a pipeline model: ``model`` by its family when it is a CNN."""
-    return "CNN" if key == "model" and family == "cnn" else key
+def _display_name(key: str, module_class: type[FineTunedModule]) -> str:
+    """How the verdict names a pipeline model: ``model`` by its class's ``comparison_name``
+    (a CNN's), if it has one."""
+    return (module_class.comparison_name if key == "model" else None) or key
 
 
 def _log_comparison(comparison: dict) -> None:

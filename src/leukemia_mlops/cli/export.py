@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from leukemia_mlops.config import load_params
         from leukemia_mlops.errors import MissingInputError
         from leukemia_mlops.inference.export import export_onnx
-        from leukemia_mlops.inference.loading import checkpoint_family, evaluation_threshold
+        from leukemia_mlops.inference.loading import evaluation_threshold
         from leukemia_mlops.tracking.run_files import evaluation_reports, model_run
 
         cfg: DictConfig | None = None
@@ -61,17 +61,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.checkpoint is None or args.out is None:
             raise MissingInputError(f"{args.params} not found: give --checkpoint and --out")
         checkpoint = Path(args.checkpoint or model_run(cfg, "model").best_checkpoint)
-        family = checkpoint_family(checkpoint)
         out = args.out or default_export_path(checkpoint)
-        image_size, prepared_dir, metrics = args.image_size, args.prepared_dir, args.metrics
+        prepared_dir, metrics, default_size = args.prepared_dir, args.metrics, None
         if cfg is not None:
-            if image_size is None and family == "cnn":
-                image_size = cfg.data.prepare.image_size
+            default_size = cfg.data.prepare.image_size
             if prepared_dir is None and Path(cfg.paths.prepared_dir).is_dir():
                 prepared_dir = cfg.paths.prepared_dir
             metrics = metrics or evaluation_reports(cfg)
         threshold = None if metrics is None else evaluation_threshold(metrics, checkpoint)
-        report = export_onnx(checkpoint, out, image_size, prepared_dir, threshold=threshold)
+        report = export_onnx(
+            checkpoint,
+            out,
+            args.image_size,
+            prepared_dir,
+            threshold=threshold,
+            default_size=default_size,
+        )
         print(json.dumps(report, indent=2))
 
     run_cli(body)

@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import Tensor
 
 from leukemia_mlops.data.detection import (
     SCENE,
@@ -39,7 +38,7 @@ from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, c
 from leukemia_mlops.errors import InputError
 from leukemia_mlops.evaluation.bootstrap import Interval, subject_intervals
 from leukemia_mlops.evaluation.plots import image_grid
-from leukemia_mlops.models.detector import CLASS_NAMES, YoloDetector, cell_probability
+from leukemia_mlops.models.detector import CLASS_NAMES, YoloDetector
 from leukemia_mlops.models.yolo import postprocess
 
 # The thresholds torchmetrics hands pycocotools: float32 steps, so a recall of exactly 0.2 sits
@@ -50,27 +49,6 @@ MAX_DETECTIONS = 100  # per scene and class, as COCO's maxDets
 NUM_CLASSES = 2
 OVERLAY_SCENES = 6
 MAP_KEYS = ("map", "map_50")
-
-
-class CellLogit(nn.Module):
-    """A detector as an image-level classifier: float images ``[B, 3, S, S]`` in [0, 1] to the
-    logit of :func:`cell_probability`, so a ``TorchScorer`` (its sigmoid, its TTA mean of
-    probabilities) scores it exactly as it scores a CNN. Images of another side than the
-    detector's are resized to it (the cache side equals it in the pipeline)."""
-
-    def __init__(self, detector: YoloDetector):
-        super().__init__()
-        self.net = detector.net
-        self.img_size = int(detector.hparams.img_size)
-        self.conf_threshold = float(detector.hparams.conf_threshold)
-
-    def forward(self, images: Tensor) -> Tensor:
-        if images.shape[-2:] != (self.img_size, self.img_size):
-            size = (self.img_size, self.img_size)
-            images = F.interpolate(images, size, mode="bilinear", antialias=True)
-        outputs = self.net(images)
-        probs = cell_probability(outputs, self.net.anchors, self.net.strides, self.conf_threshold)
-        return torch.logit(probs.double()).float()
 
 
 @dataclass(frozen=True)

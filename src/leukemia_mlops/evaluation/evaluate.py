@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,7 +45,6 @@ from leukemia_mlops.evaluation.bootstrap import (
 )
 from leukemia_mlops.evaluation.compare import THROUGHPUT_METRIC, WARNING_TAG
 from leukemia_mlops.evaluation.detection import (
-    CellLogit,
     TestScenes,
     detect_scenes,
     subject_scenes,
@@ -75,12 +75,11 @@ from leukemia_mlops.files import write_json, write_text
 from leukemia_mlops.inference.loading import (
     CHECKPOINT_DIGEST_KEY,
     file_sha256,
-    load_classifier,
-    load_detector,
+    load_module,
 )
 from leukemia_mlops.inference.scorers import Scorer, TorchScorer
 from leukemia_mlops.inference.serving import ServedModel, log_image_model
-from leukemia_mlops.models.classifier import CellClassifier
+from leukemia_mlops.models.base import CELL_LOGIT, DETECTIONS, FineTunedModule
 from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.tracking.datasets import EVALUATION_CONTEXTS, log_data_inputs
 from leukemia_mlops.tracking.run_files import EvalFiles
@@ -225,25 +224,26 @@ def evaluate_model(
     out_dir: str | Path,
     spec: EvaluateSpec,
     *,
-    family: str = "cnn",
     scene_spec: SceneSpec | None = None,
     device: str | None = None,
     mlflow_run_id: str | None = None,
     mlflow_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` of ``family`` (``cnn``, ``yolo``) on the val and test splits;
+    """Evaluate ``checkpoint`` (of the module class it names) on the val and test splits;
     returns what ``metrics.json`` holds.
 
     ``spec.tta`` adds a ``tta`` section: the same report for probabilities averaged over the 8
-    dihedral views. A detector also gets a ``detection`` section, its test scenes laid out by
-    ``scene_spec`` (default: the composer's defaults). With ``mlflow_run_id`` the metrics and
+    dihedral views. The class's :data:`REPORT_SECTIONS` draw the gallery and add their
+    sections: a detector's ``detection``, its test scenes laid out by ``scene_spec`` (default:
+    the composer's defaults). With ``mlflow_run_id`` the metrics and
     every file of ``out_dir`` are logged into that run (``mlflow_uri`` defaults to
     :func:`tracking_uri`).
     """
     data = _eval_splits(Path(prepared_dir))
-    model = load_model(checkpoint, family)
-    net = CellLogit(model) if isinstance(model, YoloDetector) else model.net
-    scorer = TorchScorer(net, device=device, mixed_precision=spec.mixed_precision)
+    model = load_module(checkpoint)
+    scorer = TorchScorer(
+        model.cell_logit_network(), device=device, mixed_precision=spec.mixed_precision
+    )
     model.to(scorer.device)
     started = time.perf_counter()
     val, test = (score_split(scorer, *item, spec.batch_size) for item in data.items())
@@ -271,17 +271,10 @@ def evaluate_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = EvalFiles(out_dir)
-    if isinstance(model, YoloDetector):
-        scenes = subject_scenes(
-            prepared_dir,
-            model.hparams.img_size,
-            scene_spec or SceneSpec(),
-            spec.scenes_per_subject,
-            spec.seed,
-        )
-        metrics["detection"] = detection_report(model, scenes, spec, out_dir)
-    else:
-        _write_gallery(scorer, test, metrics["threshold"], files.gallery)
+    report = Report(
+        model, scorer, test, metrics["threshold"], Path(prepared_dir), scene_spec, spec, files
+    )
+    metrics.update(REPORT_SECTIONS[model.served_output](report))
     metrics = _json_ready(metrics)
     metrics["warnings"] = inverted_ranking(metrics)
     for warning in metrics["warnings"]:
@@ -332,7 +325,7 @@ def scoring_record(scorer: TorchScorer) -> dict[str, Any]:
 def _log_served_model(
     uri: str,
     run_id: str,
-    model: CellClassifier | YoloDetector,
+    model: FineTunedModule,
     prepared_dir: str | Path,
     threshold: float,
 ) -> None:
@@ -342,13 +335,45 @@ def _log_served_model(
     log_image_model(uri, run_id, model.net.cpu(), served)
 
 
-def load_model(checkpoint: str | Path, family: str) -> CellClassifier | YoloDetector:
-    """The trained module of ``family`` in ``checkpoint``."""
-    if family == "cnn":
-        return load_classifier(checkpoint)
-    if family == "yolo":
-        return load_detector(checkpoint)
-    raise ConfigError(f"model family must be 'cnn' or 'yolo', got {family!r}")
+@dataclass(frozen=True)
+class Report:
+    """What a family's report sections read: the trained module, the scorer of its cells, the
+    scored test split and the validated threshold, the cache, the test scenes' layout (None:
+    the composer's defaults), the evaluate settings and the report's files."""
+
+    model: FineTunedModule
+    scorer: TorchScorer
+    test: Scored
+    threshold: float
+    prepared_dir: Path
+    scene_spec: SceneSpec | None
+    spec: EvaluateSpec
+    files: EvalFiles
+
+
+def cell_sections(report: Report) -> dict[str, Any]:
+    """A cell classifier's report: no section besides the protocol's; Grad-CAM as the gallery."""
+    _write_gallery(report.scorer, report.test, report.threshold, report.files.gallery)
+    return {}
+
+
+def detection_sections(report: Report) -> dict[str, Any]:
+    """A detector's report: box mAP on test scenes (``detection``), drawn as the gallery."""
+    scenes = subject_scenes(
+        report.prepared_dir,
+        report.model.hparams.img_size,
+        report.scene_spec or SceneSpec(),
+        report.spec.scenes_per_subject,
+        report.spec.seed,
+    )
+    return {"detection": detection_report(report.model, scenes, report.spec, report.files.root)}
+
+
+#: A report's family-dependent gallery and sections, by the class's ``served_output``.
+REPORT_SECTIONS: dict[str, Callable[[Report], dict[str, Any]]] = {
+    CELL_LOGIT: cell_sections,
+    DETECTIONS: detection_sections,
+}
 
 
 def detection_report(

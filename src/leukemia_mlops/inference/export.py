@@ -26,12 +26,7 @@ from leukemia_mlops.data.prepare import IMAGES_FILE
 from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, crop_cell
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 from leukemia_mlops.inference.detection import THRESHOLD_KEYS, Letterbox
-from leukemia_mlops.inference.loading import (
-    ONNX_THRESHOLD_KEY,
-    checkpoint_family,
-    load_classifier,
-    load_detector,
-)
+from leukemia_mlops.inference.loading import ONNX_THRESHOLD_KEY, load_module
 from leukemia_mlops.inference.scorers import (
     OnnxNetwork,
     OnnxScorer,
@@ -39,6 +34,7 @@ from leukemia_mlops.inference.scorers import (
     TorchScorer,
     to_network_input,
 )
+from leukemia_mlops.models.base import CELL_LOGIT, DETECTIONS, FineTunedModule, class_path
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -93,14 +89,16 @@ def export_onnx(
     n_images: int = 32,
     tolerance: float = PARITY_TOLERANCE,
     threshold: float | None = None,
+    default_size: int | None = None,
 ) -> dict[str, Any]:
     """Export the checkpoint's network to ONNX (any batch size) and check it against PyTorch.
 
-    A classifier's graph maps ``images`` to ``logit_all``; a detector's (the family is read
-    from the checkpoint) maps them to decoded ``detections`` ``[N, boxes, 5 + C]``, with its
-    thresholds in the metadata (NMS runs outside, see ``inference.detection``).
-    ``image_size`` is the classifier's input side; a detector declares its own (None, or the
-    same). The check runs ``n_images`` real images through both runtimes (in one batch of
+    The checkpoint names its module class, whose ``served_output`` picks what is exported
+    (:data:`EXPORT_TARGETS`). A classifier's graph maps ``images`` to ``logit_all``; a
+    detector's maps them to decoded ``detections`` ``[N, boxes, 5 + C]``, with its thresholds
+    in the metadata (NMS runs outside, see ``inference.detection``). ``image_size`` is the
+    classifier's input side (None: ``default_size``); a detector declares its own (None, or
+    the same). The check runs ``n_images`` real images through both runtimes (in one batch of
     another size than the export's example, so the dynamic batch axis is exercised too): a
     value differing by more than ``tolerance`` (probabilities, and for a detector box
     coordinates as fractions of the input side) removes the file and raises
@@ -110,10 +108,9 @@ def export_onnx(
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
     if prepared_dir is not None and not Path(prepared_dir).is_dir():
         raise MissingInputError(f"no prepare cache at {prepared_dir} for the parity check")
-    if checkpoint_family(checkpoint) == "yolo":
-        target = _detector_target(checkpoint, image_size, prepared_dir, n_images)
-    else:
-        target = _classifier_target(checkpoint, image_size, prepared_dir, n_images)
+    module = load_module(checkpoint)
+    make_target = EXPORT_TARGETS[module.served_output]
+    target = make_target(module, image_size, default_size, prepared_dir, n_images)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {**target.metadata, ONNX_THRESHOLD_KEY: threshold}
@@ -127,7 +124,7 @@ def export_onnx(
         )
     return {
         "path": str(out_path),
-        "family": target.family,
+        "module": class_path(type(module)),
         "image_size": target.size,
         "opset": OPSET,
         "parity_images": len(target.images),
@@ -143,7 +140,6 @@ class _Target:
     """What to export and how to check it: the network, its input side and output name, the
     parity images, PyTorch's values on them, and how to compute those from the ONNX file."""
 
-    family: str
     net: nn.Module
     size: int
     output: str
@@ -154,14 +150,18 @@ class _Target:
 
 
 def _classifier_target(
-    checkpoint: str | Path, image_size: int | None, prepared_dir: str | Path | None, count: int
+    module: FineTunedModule,
+    image_size: int | None,
+    default_size: int | None,
+    prepared_dir: str | Path | None,
+    count: int,
 ) -> _Target:
+    image_size = default_size if image_size is None else image_size
     if image_size is None or image_size < 1:
         raise ConfigError(f"image size must be positive, got {image_size}")
-    scorer = TorchScorer(load_classifier(checkpoint).net, device="cpu")
+    scorer = TorchScorer(module.serving_network(), device="cpu")
     images = parity_images(prepared_dir, image_size, count)
     return _Target(
-        "cnn",
         scorer.net,
         image_size,
         OUTPUT_NAME,
@@ -173,13 +173,17 @@ def _classifier_target(
 
 
 def _detector_target(
-    checkpoint: str | Path, image_size: int | None, prepared_dir: str | Path | None, count: int
+    detector: FineTunedModule,
+    image_size: int | None,
+    default_size: int | None,
+    prepared_dir: str | Path | None,
+    count: int,
 ) -> _Target:
-    detector = load_detector(checkpoint)
+    """A detector's graph at its own input side (``default_size`` does not apply)."""
     size = int(detector.hparams.img_size)
     if image_size not in (None, size):
-        raise ConfigError(f"{checkpoint} is a detector of {size} px inputs, not {image_size}")
-    network = TorchNetwork(detector.predictor(), device="cpu")
+        raise ConfigError(f"the model is a detector of {size} px inputs, not {image_size}")
+    network = TorchNetwork(detector.serving_network(), device="cpu")
     images = detector_parity_images(prepared_dir, size, count)
     batch = to_network_input(images)
 
@@ -189,7 +193,6 @@ def _detector_target(
 
     settings = {key: detector.hparams[key] for key in THRESHOLD_KEYS}
     return _Target(
-        "yolo",
         network.net,
         size,
         DETECTIONS_NAME,
@@ -198,6 +201,13 @@ def _detector_target(
         lambda path: comparable(OnnxNetwork(path)(batch)),
         settings,
     )
+
+
+#: What is exported and checked, by the module class's ``served_output``.
+EXPORT_TARGETS: dict[str, Callable[..., _Target]] = {
+    CELL_LOGIT: _classifier_target,
+    DETECTIONS: _detector_target,
+}
 
 
 def _write_onnx(

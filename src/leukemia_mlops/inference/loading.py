@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,11 +25,8 @@ from leukemia_mlops.inference.scorers import (
     TorchNetwork,
     TorchScorer,
 )
-from leukemia_mlops.models.base import FineTunedModule
-from leukemia_mlops.models.classifier import CellClassifier
-from leukemia_mlops.models.detector import YoloDetector
-
-M = TypeVar("M", bound=FineTunedModule)
+from leukemia_mlops.models import family
+from leukemia_mlops.models.base import CELL_LOGIT, DETECTIONS, FineTunedModule
 
 #: Preprocessing settings a model may declare; they must match what images are prepared with.
 PREPROCESSING_KEYS = ("image_size", "window", "fit")
@@ -40,42 +39,51 @@ MLFLOW_THRESHOLD_METRIC = "eval/threshold"
 CHECKPOINT_DIGEST_KEY = "checkpoint_sha256"
 
 
-def checkpoint_family(checkpoint: str | Path) -> str:
-    """``yolo`` for a ``YoloDetector`` checkpoint, else ``cnn`` (by its hyperparameters, read
-    safely without the weights; a file that is no Lightning checkpoint is an InputError)."""
+#: What torch raises reading a file that is no checkpoint, memory-mapped (which needs torch's
+#: zip format): not a zip archive, a corrupt one, content it refuses to unpickle.
+NOT_A_CHECKPOINT = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile)
+#: How ``load_state_dict`` refuses weights that do not fit the module they are loaded into.
+_WEIGHTS_DO_NOT_FIT = "Error(s) in loading state_dict"
+
+
+def read_checkpoint(checkpoint: str | Path, what: str) -> dict[str, Any]:
+    """A Lightning checkpoint's content, read safely and without its weights (memory-mapped);
+    a file that is none is an InputError saying it is not ``what``. Only torch's errors of a
+    file it cannot read are caught: any other exception is a bug and keeps its traceback."""
     path = _existing(checkpoint, "checkpoint")
     try:
-        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(
-            "hyper_parameters", {}
-        )
-    except Exception as err:  # pickle and zip errors alike mean "not our checkpoint"
-        first_line = next(iter(str(err).splitlines()), "")
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except NOT_A_CHECKPOINT as err:
         raise InputError(
-            f"{path} is not a CellClassifier checkpoint, nor a YoloDetector one "
-            f"({type(err).__name__}: {first_line})"
+            f"{path} is not {what} ({type(err).__name__}: {_first_line(err)})"
         ) from None
-    return "yolo" if "variant" in hparams else "cnn"
+    if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
+        raise InputError(f"{path} is not {what} (no Lightning state_dict in it)")
+    return content
 
 
-def load_classifier(checkpoint: str | Path) -> CellClassifier:
-    """A trained classifier from a Lightning checkpoint, read safely (``weights_only``)."""
-    return _load_module(CellClassifier, checkpoint)
+def _first_line(err: BaseException) -> str:
+    return next(iter(str(err).splitlines()), "")
 
 
-def load_detector(checkpoint: str | Path) -> YoloDetector:
-    """A trained detector from a Lightning checkpoint, read safely; its initial weights are in
-    the checkpoint already (their file may be gone by now)."""
-    return _load_module(YoloDetector, checkpoint, weights="none")
+def checkpoint_class(checkpoint: str | Path) -> type[FineTunedModule]:
+    """The module class a checkpoint names (see :func:`~.models.family.checkpoint_class`), read
+    safely without the weights; a file that is no such checkpoint is an InputError."""
+    read_checkpoint(checkpoint, "a model checkpoint")
+    return family.checkpoint_class(checkpoint)
 
 
-def _load_module(cls: type[M], checkpoint: str | Path, **overrides: Any) -> M:
-    path = _existing(checkpoint, "checkpoint")
+def load_module(checkpoint: str | Path) -> FineTunedModule:
+    """The trained module of a Lightning checkpoint, of the class it names, read safely
+    (``weights_only``; see :meth:`~.models.base.FineTunedModule.load_trained`)."""
+    cls = checkpoint_class(checkpoint)
     try:
-        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
-    except Exception as err:  # pickle, zip and key errors alike mean "not our checkpoint"
-        first_line = next(iter(str(err).splitlines()), "")
+        return cls.load_trained(str(checkpoint))
+    except RuntimeError as err:  # its weights do not fit the module its settings build
+        if not str(err).startswith(_WEIGHTS_DO_NOT_FIT):
+            raise
         raise InputError(
-            f"{path} is not a {cls.__name__} checkpoint ({type(err).__name__}: {first_line})"
+            f"{checkpoint} is not a {cls.__name__} checkpoint ({_first_line(err)})"
         ) from None
 
 
@@ -104,13 +112,37 @@ def load_scorer(source: str | Path, tracking_uri: str | None = None) -> Scorer |
             return OnnxScorer(path)
         return detector_scorer(network, {**network.metadata, "img_size": network.input_size}, path)
     if path.suffix == ".ckpt":
-        if checkpoint_family(path) == "yolo":
-            detector = load_detector(path)
-            return detector_scorer(TorchNetwork(detector.predictor()), detector.hparams, path)
-        module = load_classifier(path)
-        declared = {k: module.hparams[k] for k in PREPROCESSING_KEYS if k in module.hparams}
-        return TorchScorer(module.net, preprocessing=declared)
+        return module_scorer(load_module(path), path)
     raise InputError(f"model must be a .ckpt or .onnx file or a runs:/ or models:/ URI: {text}")
+
+
+def module_scorer(
+    module: FineTunedModule, source: str | Path, preprocessing: dict[str, Any] | None = None
+) -> Scorer | YoloScorer:
+    """The scorer of a trained module's served network, as its class's output needs
+    (:data:`MODULE_SCORERS`); ``preprocessing`` adds to what a cell classifier declares."""
+    return MODULE_SCORERS[module.served_output](module, source, preprocessing or {})
+
+
+def _cell_logit_scorer(
+    module: FineTunedModule, source: str | Path, preprocessing: dict[str, Any]
+) -> TorchScorer:
+    declared = {k: module.hparams[k] for k in PREPROCESSING_KEYS if k in module.hparams}
+    return TorchScorer(module.serving_network(), preprocessing={**declared, **preprocessing})
+
+
+def _detections_scorer(
+    module: FineTunedModule, source: str | Path, preprocessing: dict[str, Any]
+) -> YoloScorer:
+    """Letterboxed inputs of any size (``preprocessing`` does not apply)."""
+    return detector_scorer(TorchNetwork(module.serving_network()), module.hparams, source)
+
+
+#: How a module's served network becomes a scorer, by its class's ``served_output``.
+MODULE_SCORERS: dict[str, Callable[..., Scorer | YoloScorer]] = {
+    CELL_LOGIT: _cell_logit_scorer,
+    DETECTIONS: _detections_scorer,
+}
 
 
 def detector_scorer(

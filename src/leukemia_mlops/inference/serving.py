@@ -4,8 +4,8 @@ and that threshold's source) and ``in_distribution`` out.
 An MLflow pyfunc model logged from code (:func:`log_image_model` logs this very file, which
 ends with ``set_model``), so serving it unpickles nothing: the code is this file and the
 installed package, the weights a ``state_dict`` read with ``torch.load(weights_only=True)``,
-the settings (family, network hyperparameters, preprocessing, decision threshold) plain JSON
-in ``model_config``.
+the settings (module class, network hyperparameters, preprocessing, decision threshold) plain
+JSON in ``model_config``.
 
 Each request row gives an image as base64 file bytes (column ``image``) or a file path on the
 server (column ``path``). Images go through :func:`~.inference.predict.predict_paths`, the
@@ -33,8 +33,8 @@ from mlflow.pyfunc.model import PythonModelContext
 from torch import nn
 
 from leukemia_mlops.errors import InputError
-from leukemia_mlops.inference.detection import THRESHOLD_KEYS, YoloScorer
-from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, detector_scorer
+from leukemia_mlops.inference.detection import YoloScorer
+from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, module_scorer
 from leukemia_mlops.inference.predict import (
     DEFAULT,
     DRAW_SCORE,
@@ -43,10 +43,9 @@ from leukemia_mlops.inference.predict import (
     Threshold,
     predict_paths,
 )
-from leukemia_mlops.inference.scorers import Scorer, TorchNetwork, TorchScorer
-from leukemia_mlops.models.backbones import build_classifier
-from leukemia_mlops.models.classifier import CellClassifier
-from leukemia_mlops.models.detector import YoloDetector
+from leukemia_mlops.inference.scorers import Scorer
+from leukemia_mlops.models.base import CELL_LOGIT, DETECTIONS, FineTunedModule, class_path
+from leukemia_mlops.models.family import module_class
 from leukemia_mlops.tracking.model_logging import torch_requirements
 
 #: Name of the served model in its run (``runs:/<id>/image_model``), beside ``model``.
@@ -68,19 +67,19 @@ OUTPUT_COLUMNS = {
 #: A detector's response adds the file's status (``predict``'s), cell count and boxes (a JSON
 #: list of objects with the :data:`BOX_FIELDS` of ``predict``'s boxes table).
 DETECTOR_COLUMNS = {"status": "string", "n_cells": "long", "boxes": "string"}
+#: The response columns a family adds, by its class's ``served_output``.
+SERVED_COLUMNS = {CELL_LOGIT: {}, DETECTIONS: DETECTOR_COLUMNS}
 BOX_FIELDS = ["x1", "y1", "x2", "y2", "class", "score"]
-#: The detector hyperparameters that rebuild its network and decode its output.
-DETECTOR_HPARAMS = ("variant", "img_size", "num_classes", "anchors", "width_mult", *THRESHOLD_KEYS)
 
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What the served model needs besides the weights: its family (``cnn``, ``yolo``), the
-    hyperparameters that rebuild its network, the prepare settings to decode images with,
-    the threshold chosen on validation (None: 0.5) and, for a detector, the smallest score
-    of a box it answers (``predict``'s ``--min-score``)."""
+    """What the served model needs besides the weights: its module class (a ``_target_``),
+    the settings that rebuild its network (``network_settings``), the prepare settings to
+    decode images with, the threshold chosen on validation (None: 0.5) and, for a detector,
+    the smallest score of a box it answers (``predict``'s ``--min-score``)."""
 
-    family: str
+    module: str
     network: dict[str, Any]
     image_size: int
     window: int
@@ -91,7 +90,7 @@ class ServedModel:
     @classmethod
     def of(
         cls,
-        model: CellClassifier | YoloDetector,
+        model: FineTunedModule,
         image_size: int,
         window: int,
         fit: str,
@@ -100,9 +99,7 @@ class ServedModel:
     ) -> ServedModel:
         """The settings of a trained module, served with ``model.net``'s weights."""
         settings = (image_size, window, fit, threshold, min_score)
-        if isinstance(model, YoloDetector):
-            return cls("yolo", {key: model.hparams[key] for key in DETECTOR_HPARAMS}, *settings)
-        return cls("cnn", {"backbone": model.hparams.backbone}, *settings)
+        return cls(class_path(type(model)), model.network_settings(), *settings)
 
 
 class ImageModel(PythonModel):
@@ -116,7 +113,7 @@ class ImageModel(PythonModel):
         self.settings = {key: config[key] for key in PREPROCESSING_KEYS}
         self.threshold = served_threshold(config.get("threshold"))
         self.min_score = float(config["min_score"])
-        self.scorer = _scorer(config["family"], config["network"], state, self.settings)
+        self.scorer = _scorer(config["module"], config["network"], state, self.settings)
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
@@ -147,16 +144,12 @@ def served_threshold(known: float | None) -> Threshold:
 
 
 def _scorer(
-    family: str, network: dict[str, Any], state: dict[str, torch.Tensor], settings: dict[str, Any]
+    module: str, network: dict[str, Any], state: dict[str, torch.Tensor], settings: dict[str, Any]
 ) -> Scorer | YoloScorer:
     """The scorer ``predict`` makes of a checkpoint, from the network rebuilt and its weights."""
-    if family == "yolo":
-        detector = YoloDetector(**network, channels_last=False)
-        detector.net.load_state_dict(state)
-        return detector_scorer(TorchNetwork(detector.predictor()), network, IMAGE_MODEL)
-    net = build_classifier(network["backbone"], "none")
-    net.load_state_dict(state)
-    return TorchScorer(net, preprocessing=settings)
+    rebuilt = module_class(module).from_network_settings(network)
+    rebuilt.net.load_state_dict(state)
+    return module_scorer(rebuilt, IMAGE_MODEL, settings)
 
 
 def _with_boxes(table: pd.DataFrame, boxes: pd.DataFrame) -> pd.DataFrame:
@@ -215,7 +208,7 @@ def log_image_model(uri: str, run_id: str, net: nn.Module, served: ServedModel) 
     inputs = Schema(
         [ColSpec("string", name, required=False) for name in (IMAGE_COLUMN, PATH_COLUMN)]
     )
-    columns = {**OUTPUT_COLUMNS, **(DETECTOR_COLUMNS if served.family == "yolo" else {})}
+    columns = {**OUTPUT_COLUMNS, **SERVED_COLUMNS[module_class(served.module).served_output]}
     outputs = Schema([ColSpec(kind, name) for name, kind in columns.items()])
     source = served_threshold(served.threshold).source
     mlflow.set_tracking_uri(uri)

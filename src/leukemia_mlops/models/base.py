@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -19,6 +19,13 @@ SCHEDULERS = ("cosine", "onecycle", "none")
 COMPILE_SETTINGS = (False, True, "auto")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
+#: What a family's served network outputs; inference, export, serving and evaluation keep their
+#: family-dependent code in registries keyed by it: the logit of ALL per single-cell image
+#: ``[B]`` (a cell classifier), or decoded boxes ``[B, N, 5 + C]`` (a detector, whose boxes
+#: ``predict`` and the served model write, and whose report adds box mAP on test scenes).
+CELL_LOGIT, DETECTIONS = "cell_logit", "detections"
+#: The hyperparameter of a checkpoint that names its module class (as Hydra's ``_target_``).
+CLASS_KEY = "_target_"
 
 
 def checked_optimizer(
@@ -33,6 +40,11 @@ def checked_optimizer(
     if float(optimizer.get("lr", 0)) <= 0:
         raise ConfigError(f"model.optimizer.lr must be > 0, got {optimizer.get('lr')}")
     return optimizer
+
+
+def class_path(cls: type) -> str:
+    """The importable name of a class, as a ``_target_``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def compiles_on(setting: bool | str, mode: str, device: torch.device) -> bool:
@@ -56,6 +68,10 @@ class FineTunedModule(pl.LightningModule):
     """
 
     net: nn.Module
+    #: What :meth:`serving_network` outputs: :data:`CELL_LOGIT` or :data:`DETECTIONS`.
+    served_output: ClassVar[str] = CELL_LOGIT
+    #: How the paired comparison names the pipeline's ``model`` of this family (None: ``model``).
+    comparison_name: ClassVar[str | None] = None
 
     # What a training run needs of a model family, so that ``model._target_`` alone picks it.
     @classmethod
@@ -85,6 +101,26 @@ class FineTunedModule(pl.LightningModule):
     def serving_network(self) -> nn.Module:
         """The network the MLflow model serves: float images in [0, 1] -> its outputs."""
         return self.net
+
+    def cell_logit_network(self) -> nn.Module:
+        """The network evaluation scores single cells with: float images ``[B, 3, S, S]`` in
+        [0, 1] -> the logit of ALL ``[B]`` (the served network by default)."""
+        return self.serving_network()
+
+    def network_settings(self) -> dict[str, Any]:
+        """Plain values that rebuild :attr:`net` (see :meth:`from_network_settings`), as the
+        served model's JSON config holds them (every hyperparameter by default)."""
+        return dict(self.hparams)
+
+    @classmethod
+    def from_network_settings(cls, settings: Mapping[str, Any]) -> FineTunedModule:
+        """An untrained module whose ``net`` takes the weights of the one with ``settings``."""
+        return cls(**settings)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Name the class in the checkpoint's hyperparameters (``_target_``), so that loading,
+        evaluation, serving and export ask it without reading the weights."""
+        checkpoint.setdefault("hyper_parameters", {})[CLASS_KEY] = class_path(type(self))
 
     def validation_overlays(self, datamodule: pl.LightningDataModule) -> list[np.ndarray]:
         """Pictures of the model's predictions on validation data (none by default)."""

@@ -22,6 +22,8 @@ class CellClassifier(FineTunedModule):
     ``instantiate``) so that checkpoints load with ``torch.load(weights_only=True)``.
     """
 
+    comparison_name = "CNN"
+
     def __init__(
         self,
         backbone: str = "resnet18",
@@ -60,6 +62,13 @@ class CellClassifier(FineTunedModule):
     @property
     def architecture(self) -> str:
         return self.hparams.backbone
+
+    def network_settings(self) -> dict[str, Any]:
+        return {"backbone": self.hparams.backbone}
+
+    @classmethod
+    def from_network_settings(cls, settings: Mapping[str, Any]) -> CellClassifier:
+        return cls(**settings, channels_last=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)

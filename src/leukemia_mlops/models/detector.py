@@ -15,6 +15,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.utils import draw_bounding_boxes
 
@@ -22,7 +23,7 @@ from leukemia_mlops.data.detection import DetectionDataModule, Target
 from leukemia_mlops.data.naming import ALL, HEM
 from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.models.backbones import WeightsError, load_backbone_weights
-from leukemia_mlops.models.base import FineTunedModule, checked_optimizer
+from leukemia_mlops.models.base import DETECTIONS, FineTunedModule, checked_optimizer
 from leukemia_mlops.models.metrics import ClassificationMetrics
 from leukemia_mlops.models.yolo import (
     YoloConfig,
@@ -38,6 +39,16 @@ TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 CLASS_NAMES = {ALL: "ALL", HEM: "HEM"}
 CLASS_COLORS = {ALL: "red", HEM: "lime"}
 OVERLAYS = 4  # validation scenes drawn with the predictions of a trained detector
+#: The hyperparameters that rebuild the network and decode its output (the served model's).
+NETWORK_HPARAMS = (
+    "variant",
+    "img_size",
+    "num_classes",
+    "anchors",
+    "width_mult",
+    "conf_threshold",
+    "iou_threshold",
+)
 
 
 def load_weights(net: YoloV3, weights: str) -> None:
@@ -92,6 +103,27 @@ class DecodedYolo(nn.Module):
         return decode(self.net(images), self.net.anchors, self.net.strides)
 
 
+class CellLogit(nn.Module):
+    """A detector as an image-level classifier: float images ``[B, 3, S, S]`` in [0, 1] to the
+    logit of :func:`cell_probability`, so a scorer (its sigmoid, its TTA mean of
+    probabilities) scores it exactly as it scores a CNN. Images of another side than the
+    detector's are resized to it (the cache side equals it in the pipeline)."""
+
+    def __init__(self, detector: YoloDetector):
+        super().__init__()
+        self.net = detector.net
+        self.img_size = int(detector.hparams.img_size)
+        self.conf_threshold = float(detector.hparams.conf_threshold)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[-2:] != (self.img_size, self.img_size):
+            size = (self.img_size, self.img_size)
+            images = F.interpolate(images, size, mode="bilinear", antialias=True)
+        outputs = self.net(images)
+        probs = cell_probability(outputs, self.net.anchors, self.net.strides, self.conf_threshold)
+        return torch.logit(probs.double()).float()
+
+
 class YoloDetector(FineTunedModule):
     """YOLOv3 cell detector over uint8 batches ``(images, targets)`` (see ``data.detection``).
 
@@ -100,6 +132,8 @@ class YoloDetector(FineTunedModule):
     :class:`YoloConfig`'s loss keys. Hyperparameters are plain values (the optimizer is a
     ``_target_`` mapping) so that checkpoints load with ``torch.load(weights_only=True)``.
     """
+
+    served_output = DETECTIONS
 
     def __init__(
         self,
@@ -165,6 +199,16 @@ class YoloDetector(FineTunedModule):
 
     def serving_network(self) -> DecodedYolo:
         return self.predictor()
+
+    def cell_logit_network(self) -> CellLogit:
+        return CellLogit(self)
+
+    def network_settings(self) -> dict[str, Any]:
+        return {key: self.hparams[key] for key in NETWORK_HPARAMS}
+
+    @classmethod
+    def from_network_settings(cls, settings: Mapping[str, Any]) -> YoloDetector:
+        return cls(**settings, channels_last=False)
 
     def validation_overlays(self, datamodule: pl.LightningDataModule) -> list[np.ndarray]:
         return self.draw_predictions(*datamodule.overlay_batch(OVERLAYS))

@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import TorchElasticEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -41,6 +41,7 @@ from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import MANIFEST_FILE
 from leukemia_mlops.errors import ConfigError, ProjectError
 from leukemia_mlops.files import write_json, write_text
+from leukemia_mlops.models import family
 from leukemia_mlops.models.base import FineTunedModule
 from leukemia_mlops.models.metrics import MONITOR
 from leukemia_mlops.owned import remove_owned
@@ -161,13 +162,7 @@ def build_data_and_module(
     cfg: DictConfig, config: dict[str, Any]
 ) -> tuple[pl.LightningDataModule, FineTunedModule]:
     """The datamodule and the module of ``model._target_`` (a :class:`FineTunedModule`)."""
-    target = cfg.model.get("_target_")
-    try:
-        module_class = get_class(target)
-    except Exception:  # Hydra raises a bare Exception for a class it cannot import
-        raise ConfigError(f"model._target_ is not a model class: {target!r}") from None
-    if not (isinstance(module_class, type) and issubclass(module_class, FineTunedModule)):
-        raise ConfigError(f"model._target_ {target!r} is not a FineTunedModule")
+    module_class = family.module_class(cfg.model.get("_target_"))
     datamodule = module_class.datamodule_from_config(config)
     arguments = {k: v for k, v in config["model"].items() if k not in NOT_MODEL_ARGUMENTS}
     try:

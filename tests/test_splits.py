@@ -35,6 +35,27 @@ def test_every_method_keeps_subjects_in_one_split(table, spec):
     assert (split[table["label"] == -1] == "unlabelled").all()
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_subject_hold_outs_keep_each_class_in_proportion(seed):
+    """30 HEM and 70 ALL subjects: every split holds 30% HEM subjects and cells, exactly."""
+    subjects = [(f"h{i}", 0) for i in range(30)] + [(f"a{i}", 1) for i in range(70)]
+    rows = [(name, label) for name, label in subjects for _ in range(3)]
+    table = pd.DataFrame(rows, columns=["subject", "label"]).assign(source_split="train", fold=0)
+    spec = SplitSpec(
+        test="subjects", val="subjects", test_fraction=0.2, val_fraction=0.2, seed=seed
+    )
+    split = assign_splits(table, spec)
+    per_split = table.assign(split=split).groupby("split")
+    assert per_split["subject"].nunique().to_dict() == {"test": 20, "train": 60, "val": 20}
+    hem_subjects = per_split.apply(lambda rows: rows.loc[rows["label"] == 0, "subject"].nunique())
+    assert (hem_subjects / per_split["subject"].nunique()).to_dict() == pytest.approx(
+        {"test": 0.3, "train": 0.3, "val": 0.3}
+    )
+    assert (1 - per_split["label"].mean()).to_dict() == pytest.approx(
+        {"test": 0.3, "train": 0.3, "val": 0.3}
+    )
+
+
 def test_prelim_is_the_default_test_set_and_folds_give_validation(table):
     split = assign_splits(table, SplitSpec(val="fold", val_fold=1))
     assert (split[table["source_split"] == "prelim"] == "test").all()

@@ -246,16 +246,37 @@ def _owner(func: ast.Attribute) -> str:
     return value.id if isinstance(value, ast.Name) else getattr(value, "attr", "")
 
 
-def unsafe_loads(path: Path) -> list[str]:
-    """Calls in ``path`` that could unpickle without ``weights_only=True``."""
+TRAINER_LOADS = ("fit", "validate", "test", "predict")  # each restores ``ckpt_path=``
+
+
+def _imported(tree: ast.AST) -> dict[str, tuple[str, str]]:
+    """Names bound by ``from package.module import name [as alias]``: alias -> (module, name)."""
+    return {
+        alias.asname or alias.name: (node.module.rsplit(".", 1)[-1], alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+    }
+
+
+def unsafe_loads(path: Path, root: Path = ROOT) -> list[str]:
+    """Calls in ``path`` that could unpickle without ``weights_only=True``, called as
+    ``module.load(...)`` or as a name imported from the module (``from torch import load``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    imported = _imported(tree)
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
             continue
-        name, owner = node.func.attr, _owner(node.func)
-        where = f"{path.relative_to(ROOT)}:{node.lineno}"
+        if isinstance(node.func, ast.Attribute):
+            name, owner = node.func.attr, _owner(node.func)
+        elif isinstance(node.func, ast.Name) and node.func.id in imported:
+            owner, name = imported[node.func.id]
+        else:
+            continue
+        where = f"{path.relative_to(root)}:{node.lineno}"
         checked = (name == "load" and owner == "torch") or name == "load_from_checkpoint"
-        resume = name == "fit" and _keyword(node, "ckpt_path") is not None
+        resume = name in TRAINER_LOADS and _keyword(node, "ckpt_path") is not None
         if (checked or resume) and _keyword(node, "weights_only") is not True:
             found.append(f"{where} {owner}.{name} without weights_only=True")
         if (owner, name) in FORBIDDEN:
@@ -265,6 +286,27 @@ def unsafe_loads(path: Path) -> list[str]:
         if name == "load" and owner == "yaml":
             found.append(f"{where} yaml.load (use yaml.safe_load)")
     return found
+
+
+def test_the_loader_scan_sees_imported_names_and_every_trainer_restore(tmp_path):
+    code = tmp_path / "code.py"
+    code.write_text(
+        "from torch import load\n"
+        "from torch import load as tload\n"
+        "from pickle import loads\n"
+        "load(a)\n"
+        "tload(a)\n"
+        "loads(b)\n"
+        "load(a, weights_only=True)\n"
+        "trainer.fit(m, ckpt_path=c)\n"
+        "trainer.validate(m, ckpt_path=c)\n"
+        "trainer.test(m, ckpt_path=c)\n"
+        "trainer.predict(m, ckpt_path=c)\n"
+        "trainer.test(m, ckpt_path=c, weights_only=True)\n"
+        "trainer.test(m)\n"
+    )
+    lines = [hit.split()[0].split(":")[1] for hit in unsafe_loads(code, tmp_path)]
+    assert lines == ["4", "5", "6", "8", "9", "10", "11"]
 
 
 def test_every_checkpoint_loader_in_the_code_is_weights_only():

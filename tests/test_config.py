@@ -1,8 +1,10 @@
 """One source of truth: params.yaml is conf/ composed and resolved."""
 
+import inspect
 import shutil
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -18,11 +20,17 @@ from leukemia_mlops.config import (
     to_params_yaml,
     write_params,
 )
+from leukemia_mlops.data.datamodule import CellDataModule
+from leukemia_mlops.data.detection import DetectionDataModule
 from leukemia_mlops.data.prepare import PrepareSpec
+from leukemia_mlops.data.scenes import SceneSpec
 from leukemia_mlops.data.splits import SplitSpec
 from leukemia_mlops.data.synthetic import SyntheticSpec
 from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.evaluation.evaluate import EvaluateSpec
+from leukemia_mlops.models.classifier import CellClassifier
+from leukemia_mlops.models.detector import YoloDetector
+from leukemia_mlops.models.yolo.build import YoloConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +103,50 @@ def test_code_defaults_are_the_defaults_of_conf(spec, key):
         for f in fields(spec)
         if f.default not in (MISSING, "???") and f.name in node  # "???": conf/ must set it
     }
+    assert {name: node[name] for name in restated} == restated
+
+
+def _constructor_defaults(target: Any) -> dict[str, Any]:
+    """The keyword defaults of a dataclass or a constructor, but ``None``: no value, the
+    documented fallback (COCO anchors, the variant's loss, the built-in optimizer)."""
+    if is_dataclass(target):
+        pairs = [(f.name, f.default) for f in fields(target) if f.default is not MISSING]
+    else:
+        parameters = inspect.signature(target).parameters.values()
+        pairs = [(p.name, p.default) for p in parameters if p.default is not p.empty]
+    return {name: default for name, default in pairs if default is not None}
+
+
+def _own_values(cfg: Any, key: str) -> dict[str, Any]:
+    """A config section's values that conf/ sets there, not by interpolating another key
+    (``datamodule.seed: ${seed}``: the run's seed, which no constructor can restate)."""
+    node = OmegaConf.select(cfg, key)
+    return {
+        name: OmegaConf.to_container(node, resolve=True)[name]
+        for name in node
+        if not OmegaConf.is_interpolation(node, name)
+    }
+
+
+@pytest.mark.parametrize(
+    ("target", "model", "keys"),
+    [
+        (SceneSpec, "yolov3_tiny", ["model.scenes"]),
+        (YoloConfig, "yolov3_tiny", ["model.loss"]),
+        (YoloConfig, "yolov3", ["model"]),
+        (CellDataModule, "resnet18", ["datamodule"]),
+        (DetectionDataModule, "yolov3_tiny", ["datamodule", "model", "model.scenes"]),
+        (CellClassifier, "resnet18", ["model"]),
+        (YoloDetector, "yolov3_tiny", ["model"]),
+    ],
+)
+def test_constructor_defaults_are_the_defaults_of_conf(target, model, keys):
+    """Defaults that exist only in code (specs and the modules Hydra instantiates) agree
+    with the conf/ sections they are built from."""
+    cfg = compose([f"model={model}"])
+    node = {name: value for key in keys for name, value in _own_values(cfg, key).items()}
+    restated = {name: v for name, v in _constructor_defaults(target).items() if name in node}
+    assert len(restated) >= 3, "the scan compares nothing"
     assert {name: node[name] for name in restated} == restated
 
 

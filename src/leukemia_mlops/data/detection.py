@@ -218,7 +218,7 @@ class DetectionDataModule(pl.LightningDataModule):
         spacing: float = 0.25,
         noise: int = 4,
         seed: int = 0,
-        balance: str = "none",
+        balance: str = "loss",
         augment_on: str = "cpu",
     ):
         super().__init__()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from scipy.special import ndtr, ndtri
 
 from leukemia_mlops.evaluation.bootstrap import bootstrap_ci, subject_intervals, too_few_subjects
 from leukemia_mlops.evaluation.evaluate import interval_columns
@@ -306,6 +307,15 @@ def test_an_undefined_acceleration_gives_a_bc_interval_named_so():
     ).values()
     assert ci.bc_reason is not None and ci.adjusted == "bc"
     assert ci.bca_low <= ci.point <= ci.bca_high  # the bias-corrected bounds
+    # They are the BC interval written out: the bias correction z0 alone, no acceleration.
+    draws = _reference_draws(label_of, 200, seed=0)
+    theta = np.array([values[d].mean() if 0 in d else np.nan for d in draws])
+    theta = theta[~np.isnan(theta)]
+    z0 = ndtri((theta < ci.point).mean() + 0.5 * (theta == ci.point).mean())
+    levels = ndtr(2 * z0 + ndtri(np.array([0.025, 0.975])))
+    assert ci.n_valid == theta.size
+    np.testing.assert_allclose((ci.bca_low, ci.bca_high), np.quantile(theta, levels), atol=1e-12)
+    assert (ci.bca_low, ci.bca_high) != (ci.pct_low, ci.pct_high)  # the correction acted
     columns = interval_columns({"m": ci})
     assert {"m_bc_low", "m_bc_high", "m_bc_reason", "m_pct_low"} <= set(columns)
     assert not any(key.startswith("m_bca") for key in columns)
@@ -414,6 +424,63 @@ def test_intervals_equal_scipy_on_unclustered_data(metric, statistic):
         np.testing.assert_allclose(bounds, reference.confidence_interval, rtol=0, atol=1e-12)
     assert ci[metric].bca_low != ci[metric].pct_low  # the bias correction did act
     assert ci[metric].bc_reason is None  # a true BCa interval
+
+
+def _reference_draws(label_of: np.ndarray, n_resamples: int, seed: int) -> list[np.ndarray]:
+    """Each resample's subjects: per class in label order, as many draws as it has subjects."""
+    rng = np.random.default_rng(seed)
+    per_class = []
+    for label in (0, 1):
+        members = np.flatnonzero(label_of == label)
+        per_class.append(members[rng.integers(0, members.size, (n_resamples, members.size))])
+    return list(np.concatenate(per_class, axis=1))
+
+
+def _clustered_bca(probs, labels, subjects, statistic, n_resamples: int, seed: int) -> np.ndarray:
+    """A 95% stratified subject-bootstrap BCa interval, cell by cell: resamples and the
+    leave-one-subject-out jackknife build their cell lists; SciPy's multi-sample acceleration."""
+    names, subject = np.unique(subjects, return_inverse=True)
+    cells = [np.flatnonzero(subject == i) for i in range(names.size)]
+    label_of = np.array([labels[c[0]] for c in cells])
+
+    def stat(chosen) -> float:
+        index = np.concatenate([cells[i] for i in chosen])
+        return float(statistic(probs[index][labels[index] == 0], probs[index][labels[index] == 1]))
+
+    point = stat(range(names.size))
+    theta = np.array([stat(d) for d in _reference_draws(label_of, n_resamples, seed)])
+    jackknife = np.array([stat(np.delete(np.arange(names.size), i)) for i in range(names.size)])
+    num = den = 0.0
+    for label in (0, 1):
+        values = jackknife[label_of == label]
+        u = (values.size - 1) * (values.mean() - values)
+        num += (u**3).sum() / values.size**3
+        den += (u**2).sum() / values.size**2
+    a = num / (6 * den**1.5)
+    z0 = ndtri((theta < point).mean() + 0.5 * (theta == point).mean())
+    z = z0 + ndtri(np.array([0.025, 0.975]))
+    return np.quantile(theta, ndtr(z0 + z / (1 - a * z)))
+
+
+@pytest.mark.parametrize(
+    ("metric", "statistic"), [("auroc", _auroc), ("balanced_accuracy", _balanced_accuracy)]
+)
+def test_bca_equals_a_clustered_reference_with_many_cells_per_subject(metric, statistic):
+    """Subjects of 1 to 6 cells with a shared offset: the BCa bounds are those of a jackknife
+    that leaves out whole subjects (leaving out cells, or weighing subjects alike, differs)."""
+    rng = np.random.default_rng(4)
+    counts = rng.integers(1, 7, 16)
+    subjects = np.repeat(np.arange(16), counts)
+    labels = subjects % 2
+    offset = rng.normal(0, 0.15, 16)[subjects]
+    probs = np.round(
+        np.clip(0.35 + 0.3 * labels + offset + rng.normal(0, 0.1, labels.size), 0, 1), 2
+    )
+    ci = bootstrap(probs, labels, subjects, BinaryMetrics(), n_resamples=300, seed=2)[metric]
+    reference = _clustered_bca(probs, labels, subjects, statistic, n_resamples=300, seed=2)
+    assert ci.bc_reason is None
+    np.testing.assert_allclose((ci.bca_low, ci.bca_high), reference, rtol=0, atol=1e-9)
+    assert ci.bca_low != ci.pct_low  # the adjustment acted
 
 
 def test_a_class_with_too_few_subjects_gets_no_interval():

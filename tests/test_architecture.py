@@ -11,7 +11,7 @@ from import_closure import REPO, _named_modules, module_file
 SRC = REPO / "src"
 # Lowest first. A package may import its own layer's shared modules and any lower layer.
 LAYERS = [
-    {"errors", "redaction", "owned", "config", "files"},
+    {"errors", "redaction", "owned", "config", "files", "labels"},
     {"data", "tracking"},
     {"models"},
     {"tuning"},

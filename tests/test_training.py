@@ -64,7 +64,8 @@ def test_fit_lowers_the_loss_and_records_everything(tiny_config, tmp_path):
     client, run = finished_run(cfg, run_dir)
     assert run.data.tags["backbone"] == "resnet18"
     identity = json.loads((cfg.paths.prepared_dir / Path("identity.json")).read_text())
-    assert run.data.tags["data_hash"] == identity["data_hash"]  # the cache's data identity
+    assert run.data.tags["data_identity"] == identity["digest"]  # the cache's data identity
+    assert "data_hash" not in run.data.tags  # one identity, under one name
     assert run.data.tags["image_size"] == str(identity["image_size"])
     assert run.data.tags["git_commit"]
     assert run.data.params["model.optimizer.lr"] == "0.003"

@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     detector.add_argument(
         "--min-score",
         type=float,
-        default=0.25,
-        help="a box scoring above this is a cell found: written, drawn, and needed for a label",
+        help="a box scoring above this is a cell found: written, drawn, and needed for a label "
+        "(default: the floor of the detector's own overlays, MIN_BOX_SCORE)",
     )
     return parser
 
@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             decision_threshold,
             predict_paths,
         )
+        from leukemia_mlops.models.detector import MIN_BOX_SCORE
         from leukemia_mlops.tracking.run_files import evaluation_reports, store_uri
         from leukemia_mlops.tracking.store import tracking_uri
 
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             threshold=threshold,
             boxes_csv=args.boxes,
             overlays=args.overlays,
-            min_score=args.min_score,
+            min_score=MIN_BOX_SCORE if args.min_score is None else args.min_score,
         )
         failed = int((table["error"] != "").sum())
         foreign = int((~table["in_distribution"] & (table["error"] == "")).sum())

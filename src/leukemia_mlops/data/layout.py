@@ -25,7 +25,8 @@ import pandas as pd
 from leukemia_mlops.data.naming import ALL, HEM, LABELS_BY_NAME, CellNameError, parse_cell_name
 from leukemia_mlops.errors import InputError
 
-IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+#: The image files a dataset folder and ``predict`` read.
+IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 UNLABELLED = -1
 PRELIM = "C-NMC_test_prelim_phase_data"
 FINAL = "C-NMC_test_final_phase_data"

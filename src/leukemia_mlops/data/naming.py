@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 
 from leukemia_mlops.errors import InputError
+from leukemia_mlops.labels import ALL, HEM
 
-ALL, HEM = 1, 0
 LABEL_NAMES = {ALL: "all", HEM: "hem"}
 LABELS_BY_NAME = {name: label for label, name in LABEL_NAMES.items()}
 

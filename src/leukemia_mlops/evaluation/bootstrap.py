@@ -22,7 +22,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from leukemia_mlops.evaluation.metrics import CLASS_NAMES, ArrayLike, validated_arrays
+from leukemia_mlops.evaluation.metrics import ArrayLike, validated_arrays
+from leukemia_mlops.labels import CLASS_NAMES
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 # Cap on the cells x resamples weight matrix one vectorised batch may hold (float64 values).

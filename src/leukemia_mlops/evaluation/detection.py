@@ -38,7 +38,8 @@ from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, c
 from leukemia_mlops.errors import InputError
 from leukemia_mlops.evaluation.bootstrap import Interval, subject_intervals
 from leukemia_mlops.evaluation.plots import image_grid
-from leukemia_mlops.models.detector import CLASS_NAMES, YoloDetector
+from leukemia_mlops.labels import CLASS_NAMES
+from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.models.yolo import postprocess
 
 # The thresholds torchmetrics hands pycocotools: float32 steps, so a recall of exactly 0.2 sits

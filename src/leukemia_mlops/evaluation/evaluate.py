@@ -64,7 +64,6 @@ from leukemia_mlops.evaluation.paired import (
     comparison_report,
 )
 from leukemia_mlops.evaluation.plots import (
-    CLASS_NAMES,
     confusion_matrix_plot,
     pr_curve_plot,
     reliability_plot,
@@ -79,6 +78,7 @@ from leukemia_mlops.inference.loading import (
 )
 from leukemia_mlops.inference.scorers import Scorer, TorchScorer
 from leukemia_mlops.inference.serving import ServedModel, log_image_model
+from leukemia_mlops.labels import CLASS_NAMES
 from leukemia_mlops.models.base import CELL_LOGIT, DETECTIONS, FineTunedModule
 from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.tracking.datasets import EVALUATION_CONTEXTS, log_data_inputs

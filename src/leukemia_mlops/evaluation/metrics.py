@@ -37,7 +37,6 @@ from torchmetrics.functional.classification import (
 from leukemia_mlops.errors import InputError
 
 ArrayLike = np.ndarray | torch.Tensor
-CLASS_NAMES = ("HEM", "ALL")  # by label: 0, 1
 ECE_BINS = 15
 CONFUSION_METRICS = (
     "f1_weighted",

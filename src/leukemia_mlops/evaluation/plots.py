@@ -24,13 +24,13 @@ from torchmetrics.functional.classification import (
 )
 
 from leukemia_mlops.evaluation.metrics import (
-    CLASS_NAMES,
     ArrayLike,
     as_labels,
     calibration_bin_index,
     p_all_ece,
     validated_arrays,
 )
+from leukemia_mlops.labels import CLASS_NAMES
 
 _DPI = 120
 

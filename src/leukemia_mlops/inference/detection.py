@@ -19,7 +19,8 @@ from torchvision.utils import draw_bounding_boxes
 
 from leukemia_mlops.data.detection import detection_transforms
 from leukemia_mlops.inference.scorers import to_network_input
-from leukemia_mlops.models.detector import CLASS_COLORS, CLASS_NAMES, decoded_cell_probability
+from leukemia_mlops.labels import CLASS_NAMES
+from leukemia_mlops.models.detector import CLASS_COLORS, decoded_cell_probability
 from leukemia_mlops.models.yolo.postprocess import select_detections
 
 #: The most boxes kept per image (as in training's postprocess).

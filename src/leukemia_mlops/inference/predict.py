@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from leukemia_mlops.data.images import bgr_to_rgb, decode_bgr
+from leukemia_mlops.data.layout import IMAGE_SUFFIXES
 from leukemia_mlops.data.prepare import PrepareSpec, decode_file
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 from leukemia_mlops.inference.detection import (
@@ -36,9 +37,9 @@ from leukemia_mlops.inference.detection import (
 from leukemia_mlops.inference.loading import load_scorer, validated_threshold
 from leukemia_mlops.inference.ood import assess, assess_scene
 from leukemia_mlops.inference.scorers import Scorer
-from leukemia_mlops.models.detector import CLASS_NAMES
+from leukemia_mlops.labels import ALL, CLASS_NAMES, HEM
+from leukemia_mlops.models.detector import MIN_BOX_SCORE
 
-IMAGE_SUFFIXES = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 #: The decision threshold of a model with no validated one (the sigmoid's midpoint).
 FALLBACK_THRESHOLD = 0.5
 #: Where a threshold came from: set by the caller (``predict --threshold``), chosen on
@@ -47,10 +48,6 @@ FALLBACK_THRESHOLD = 0.5
 GIVEN, VALIDATION, DEFAULT = "given", "validation", "default"
 #: ``ood_reason`` of a file that could not be scored (its ``error`` says why).
 NOT_SCORED = "not scored"
-#: A detection must score above this to be a cell found (a box row, drawn, and for a single
-#: cell the condition of its label): training's overlays use it.
-DRAW_SCORE = 0.25
-
 #: Columns of a detector's boxes CSV: one row per detected cell.
 BOX_COLUMNS = ["file", "x1", "y1", "x2", "y2", "class", "score", "in_distribution", "ood_reason"]
 #: ``status`` of a detector's file row: a single-cell image whose cell a box found (it alone
@@ -200,7 +197,7 @@ def predict_paths(
     workers: int = 1,
     boxes_csv: str | Path | None = None,
     overlays: str | Path | None = None,
-    min_score: float = DRAW_SCORE,
+    min_score: float = MIN_BOX_SCORE,
 ) -> pd.DataFrame:
     """Score image files in batches, appending each batch's rows to ``out_csv`` as it goes.
 
@@ -324,7 +321,7 @@ def _score_batch(
 def _image_rows(
     paths: list[Path], items: list[Item], probs: np.ndarray, threshold: Threshold
 ) -> pd.DataFrame:
-    labels = np.where(probs > threshold.value, "ALL", "HEM")
+    labels = np.where(probs > threshold.value, CLASS_NAMES[ALL], CLASS_NAMES[HEM])
     return pd.DataFrame(
         {
             "file": [str(p) for p in paths],

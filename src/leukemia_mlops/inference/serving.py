@@ -37,7 +37,6 @@ from leukemia_mlops.inference.detection import YoloScorer
 from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, module_scorer
 from leukemia_mlops.inference.predict import (
     DEFAULT,
-    DRAW_SCORE,
     FALLBACK_THRESHOLD,
     VALIDATION,
     Threshold,
@@ -45,6 +44,7 @@ from leukemia_mlops.inference.predict import (
 )
 from leukemia_mlops.inference.scorers import Scorer
 from leukemia_mlops.models.base import CELL_LOGIT, DETECTIONS, FineTunedModule, class_path
+from leukemia_mlops.models.detector import MIN_BOX_SCORE
 from leukemia_mlops.models.family import module_class
 from leukemia_mlops.tracking.model_logging import torch_requirements
 
@@ -85,7 +85,7 @@ class ServedModel:
     window: int
     fit: str
     threshold: float | None = None
-    min_score: float = DRAW_SCORE
+    min_score: float = MIN_BOX_SCORE
 
     @classmethod
     def of(
@@ -95,7 +95,7 @@ class ServedModel:
         window: int,
         fit: str,
         threshold: float | None = None,
-        min_score: float = DRAW_SCORE,
+        min_score: float = MIN_BOX_SCORE,
     ) -> ServedModel:
         """The settings of a trained module, served with ``model.net``'s weights."""
         settings = (image_size, window, fit, threshold, min_score)

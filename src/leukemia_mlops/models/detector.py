@@ -20,8 +20,8 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.utils import draw_bounding_boxes
 
 from leukemia_mlops.data.detection import DetectionDataModule, Target
-from leukemia_mlops.data.naming import ALL, HEM
 from leukemia_mlops.errors import ConfigError
+from leukemia_mlops.labels import ALL, CLASS_NAMES, HEM
 from leukemia_mlops.models.backbones import WeightsError, load_backbone_weights
 from leukemia_mlops.models.base import DETECTIONS, FineTunedModule, checked_optimizer
 from leukemia_mlops.models.metrics import ClassificationMetrics
@@ -36,8 +36,10 @@ from leukemia_mlops.models.yolo import (
 from leukemia_mlops.models.yolo.common import conv_layers
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
-CLASS_NAMES = {ALL: "ALL", HEM: "HEM"}
 CLASS_COLORS = {ALL: "red", HEM: "lime"}
+#: A box scoring above this is a cell found: drawn on overlays and, in ``predict``, written
+#: and needed for a single cell's label (``--min-score``).
+MIN_BOX_SCORE = 0.25
 OVERLAYS = 4  # validation scenes drawn with the predictions of a trained detector
 #: The hyperparameters that rebuild the network and decode its output (the served model's).
 NETWORK_HPARAMS = (
@@ -290,7 +292,7 @@ class YoloDetector(FineTunedModule):
 
     @torch.no_grad()
     def draw_predictions(
-        self, images: Tensor, targets: list[Target], min_score: float = 0.25
+        self, images: Tensor, targets: list[Target], min_score: float = MIN_BOX_SCORE
     ) -> list[np.ndarray]:
         """uint8 images ``[B, 3, H, W]`` as HWC arrays with the true boxes (white) and the
         detections scoring at least ``min_score`` (ALL red, HEM green, with their scores)."""

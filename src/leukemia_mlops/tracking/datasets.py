@@ -23,23 +23,33 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import pandas as pd
 
+from leukemia_mlops.labels import CLASS_NAMES
 from leukemia_mlops.tracking.provenance import git_commit
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import DatasetInput
 
-    from leukemia_mlops.data.identity import CacheIdentity
+
+class DataIdentity(Protocol):
+    """What a dataset input takes from the prepare cache's identity (``data.identity``'s
+    ``CacheIdentity``, a layer beside this one)."""
+
+    @property
+    def source(self) -> str | None: ...
+
+    @property
+    def digest(self) -> str: ...
+
 
 #: What a training run reads, split -> MLflow context.
 TRAINING_CONTEXTS = {"train": "training", "val": "validation"}
 #: What an evaluation reads.
 EVALUATION_CONTEXTS = {"test": "test"}
-CLASS_NAMES = {1: "ALL", 0: "HEM"}
 #: Tries of one ``log_inputs`` call; a retry follows only a lost insert race.
 LOG_INPUTS_TRIES = 3
 
@@ -47,7 +57,7 @@ LOG_INPUTS_TRIES = 3
 def split_profile(manifest: pd.DataFrame, split: str) -> dict[str, dict[str, int]]:
     """Images and distinct subjects per class of one split of a prepare manifest."""
     rows = manifest[manifest["split"] == split]
-    by_class = {name: rows[rows["label"] == label] for label, name in CLASS_NAMES.items()}
+    by_class = {name: rows[rows["label"] == label] for label, name in enumerate(CLASS_NAMES)}
     return {
         "images": {name: len(cells) for name, cells in by_class.items()},
         "subjects": {name: int(cells["subject"].nunique()) for name, cells in by_class.items()},
@@ -58,7 +68,7 @@ def log_data_inputs(
     uri: str,
     run_id: str,
     manifest_file: str | Path,
-    identity: CacheIdentity,
+    identity: DataIdentity,
     contexts: Mapping[str, str],
     dvc_file: str | Path = "data.dvc",
 ) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
-import yaml
 
 from leukemia_mlops.redaction import redact
 
@@ -31,15 +30,6 @@ def _git(cwd: str | Path, *args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
     ).stdout.strip()
-
-
-def dvc_data_hash(dvc_file: str | Path = "data.dvc") -> str:
-    """The md5 that ``data.dvc`` records for the raw dataset; ``unknown`` without one."""
-    path = Path(dvc_file)
-    if not path.is_file():
-        return "unknown"
-    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
-    return str(outs[0].get("md5", "unknown"))
 
 
 def paths_digest(paths: Sequence[str | Path]) -> str:

@@ -48,7 +48,7 @@ from leukemia_mlops.owned import remove_owned
 from leukemia_mlops.redaction import redact
 from leukemia_mlops.tracking.datasets import TRAINING_CONTEXTS, log_data_inputs
 from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
-from leukemia_mlops.tracking.provenance import config_hash, dvc_data_hash, flatten, git_commit
+from leukemia_mlops.tracking.provenance import config_hash, flatten, git_commit
 from leukemia_mlops.tracking.run_files import CHECKPOINTS, RunFiles, store_uri
 from leukemia_mlops.tracking.store import ensure_experiment
 from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory, EpochSeed
@@ -102,9 +102,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
             "backbone": module.architecture,
             "family": cfg.model.family,
             "git_commit": git_commit(),
-            "data_md5": dvc_data_hash(),
             "data_source": str(identity.source),
-            "data_hash": identity.data_hash,
             "data_identity": identity.digest,
             "image_size": str(identity.image_size),
             **trial_tags(trial),

@@ -33,6 +33,7 @@ from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE, PrepareSpec, prepare_dataset
 from leukemia_mlops.data.scenes import SceneSpec
 from leukemia_mlops.data.splits import SplitSpec
+from leukemia_mlops.evaluation.bootstrap import bootstrap_ci
 from leukemia_mlops.evaluation.compare import (
     KEY_METRICS,
     SELECTION_METRIC,
@@ -52,7 +53,7 @@ from leukemia_mlops.evaluation.evaluate import (
     mlflow_metrics,
 )
 from leukemia_mlops.evaluation.gradcam import gradcam, last_conv_block
-from leukemia_mlops.evaluation.metrics import binary_metrics
+from leukemia_mlops.evaluation.metrics import BinaryMetrics, binary_metrics
 from leukemia_mlops.evaluation.paired import NO_DIFFERENCE
 from leukemia_mlops.evaluation.ranking_guard import INVERTED
 from leukemia_mlops.inference.loading import load_module
@@ -199,10 +200,36 @@ def test_metrics_json_holds_every_section(evaluated, tiny_prepared):
 
 
 def test_intervals_contain_their_point_estimates(evaluated):
-    for section in (evaluated.metrics["test"], evaluated.metrics["test_default"]):
+    """Percentile and BCa (or BC) intervals hold their point, and are the stratified subject
+    bootstrap of the test cells in ``predictions.csv``: not a cell bootstrap, not ``(0, 1)``."""
+    cells = pd.read_csv(evaluated.out_dir / "predictions.csv")
+    cells = cells[cells["split"] == "test"]
+    thresholds = {"test": evaluated.metrics["threshold"], "test_default": 0.5}
+    spec = evaluate_spec(n_resamples=50, min_subjects=2)
+    widths = []
+    for name, threshold in thresholds.items():
+        section = evaluated.metrics[name]
+        expected = bootstrap_ci(
+            cells["prob_all"].to_numpy(),
+            cells["label"].to_numpy(),
+            cells["subject"].astype(str).to_numpy(),
+            BinaryMetrics(threshold),
+            **spec.bootstrap(),
+        )
         for metric in ("accuracy", "f1_weighted", "sensitivity", "specificity"):
-            point, low, high = (section[metric + s] for s in ("", "_pct_low", "_pct_high"))
+            ci = expected[metric]
+            adjusted = ci.adjusted
+            point, low, high, adj_low, adj_high = (
+                section[metric + suffix]
+                for suffix in ("", "_pct_low", "_pct_high", f"_{adjusted}_low", f"_{adjusted}_high")
+            )
             assert low <= point <= high, metric
+            assert adj_low <= point <= adj_high, metric
+            assert (point, low, high, adj_low, adj_high) == pytest.approx(
+                (ci.point, ci.pct_low, ci.pct_high, ci.bca_low, ci.bca_high), abs=1e-6
+            ), metric
+            widths.append(high - low)
+    assert min(widths) < 1  # not the whole (0, 1) range everywhere
 
 
 def test_too_few_subjects_gives_no_interval_and_says_so(tiny_prepared, tiny_checkpoint, tmp_path):

@@ -515,7 +515,7 @@ CASES = [
         "foreign-checkpoint",
         "predict",
         ("{foreign_ckpt}", *PREDICT),
-        "is not a CellClassifier checkpoint",
+        "is not a model checkpoint",
         ("foreign_ckpt",),
     ),
     Case(

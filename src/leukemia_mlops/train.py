@@ -4,6 +4,10 @@ Returns the best validation AUROC (the monitored metric), the objective of
 ``-m hparams_search=...`` sweeps.
 A sweep job whose trainer starts several processes (DDP) trains in a child process (see
 :mod:`leukemia_mlops.training.launch`), so that its ranks never re-run the multirun.
+A single run stops on an expected failure (:func:`~leukemia_mlops.errors.expected_failure`,
+e.g. ImageNet weights that are not cached, offline) with one ``error:`` line and status 2, and
+on a bug with its traceback and status 1, as the stage commands do. A sweep's trial raises
+either, for its sweeper to record the trial as failed.
 """
 
 from __future__ import annotations
@@ -19,13 +23,19 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from leukemia_mlops.errors import exit_on_failure
     from leukemia_mlops.training.launch import launches_processes, train_in_child
     from leukemia_mlops.training.run import run_training
 
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN and launches_processes(cfg.trainer):
-        return train_in_child(cfg, hydra_cfg.runtime.output_dir)
-    return run_training(cfg, hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        if launches_processes(cfg.trainer):
+            return train_in_child(cfg, hydra_cfg.runtime.output_dir)
+        return run_training(cfg, hydra_cfg.runtime.output_dir)
+    try:
+        return run_training(cfg, hydra_cfg.runtime.output_dir)
+    except Exception as err:  # Hydra would print a bug wrapped by instantiate without traceback
+        exit_on_failure(err)
 
 
 if __name__ == "__main__":

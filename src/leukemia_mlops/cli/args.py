@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-import traceback
 from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from leukemia_mlops.config import PARAMS_FILE, load_params
-from leukemia_mlops.errors import ProjectError
+from leukemia_mlops.errors import BUG_HINT, exit_on_failure
+
+__all__ = ["BUG_HINT", "run_cli", "stage_config", "stage_parser"]
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -29,22 +28,9 @@ def stage_config(description: str, argv: Sequence[str] | None = None) -> DictCon
     return load_params(args.params, args.overrides)
 
 
-BUG_HINT = (
-    "this is a bug in leukemia-mlops, not a problem with your input: please report it "
-    "with the traceback above"
-)
-#: OS errors that name a path the user gave (a missing or unreadable file, a folder in the way).
-_PATH_ERRORS = (
-    FileNotFoundError,
-    FileExistsError,
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-)
-
-
 def run_cli(body: Callable[[], None]) -> None:
-    """Run a command body: an expected failure (:func:`expected_failure`) prints one
+    """Run a command body: an expected failure (:func:`~leukemia_mlops.errors.expected_failure`:
+    a project error, or a library error that means bad input or a service down) prints one
     ``error:`` line and exits with status 2; anything else is a bug: its traceback, a line
     asking to report it, and status 1. What it prints and logs is redacted (no URL password)."""
     from leukemia_mlops.redaction import install_redaction
@@ -54,34 +40,4 @@ def run_cli(body: Callable[[], None]) -> None:
     try:
         body()
     except Exception as err:
-        if not expected_failure(err):
-            traceback.print_exception(err, file=sys.stderr)
-            print(BUG_HINT, file=sys.stderr)
-            raise SystemExit(1) from None
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def expected_failure(err: BaseException) -> bool:
-    """Whether ``err`` is a failure the user can fix (bad config or input, a service down)."""
-    from hydra.errors import InstantiationException
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(err, InstantiationException):
-        # No cause: a malformed node; an ImportError: a _target_ that does not exist.
-        cause = err.__cause__
-        return cause is None or isinstance(cause, ImportError) or expected_failure(cause)
-    if isinstance(err, _PATH_ERRORS) and err.filename is not None:
-        return True
-    return isinstance(err, ProjectError | OmegaConfBaseException | MlflowException)
-
-
-def one_line(err: BaseException) -> str:
-    """The first line of an error's message, through Hydra's instantiation wrapper."""
-    from hydra.errors import InstantiationException
-
-    if isinstance(err, InstantiationException) and err.__cause__ is not None:
-        err = err.__cause__
-    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+        exit_on_failure(err)

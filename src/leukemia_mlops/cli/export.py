@@ -1,7 +1,7 @@
 """``python -m leukemia_mlops.cli.export``: a checkpoint to ONNX, checked against PyTorch.
 
-The family (CNN classifier or YOLO detector) is read from the checkpoint. The ONNX file goes
-to ``exports/<run>.onnx`` by default (``exports/model.onnx`` for
+The model's class (a cell classifier or a detector) is read from the checkpoint. The ONNX
+file goes to ``exports/<run>.onnx`` by default (``exports/model.onnx`` for
 ``models/model/checkpoints/best.ckpt``): never into a run directory, which is a DVC output
 that a new file there would mark changed. The validated threshold of whichever pipeline
 evaluation (``<paths.reports_dir>/eval/<key>/metrics.json``) scored this very checkpoint goes
@@ -23,7 +23,9 @@ from leukemia_mlops.cli.args import run_cli, stage_parser
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = stage_parser(__doc__)
     parser.add_argument(
-        "--checkpoint", help="Lightning checkpoint (default: the CNN's best, paths.models_dir/cnn)"
+        "--checkpoint",
+        help="Lightning checkpoint (default: the pipeline model's best, "
+        "paths.models_dir/model/checkpoints/best.ckpt)",
     )
     parser.add_argument("--out", help="ONNX file to write (default: exports/<run>.onnx)")
     parser.add_argument(
@@ -40,7 +42,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics",
         help="evaluation metrics.json of this checkpoint, whose threshold the model carries "
-        "(default: paths.reports_dir/eval/<family>/metrics.json)",
+        "(default: whichever of paths.reports_dir/eval/<key>/metrics.json scored it)",
     )
     return parser.parse_args(argv)
 

@@ -194,7 +194,7 @@ class SeededLoaders:
 
 
 class CellDataModule(pl.LightningDataModule):
-    """Train/val/test loaders (:class:`SeededLoaders`); class imbalance handled by a weighted
+    """Train/val loaders (:class:`SeededLoaders`); class imbalance handled by a weighted
     sampler or the loss.
 
     ``augment_on``: ``cpu`` augments each item in the loader workers (albumentations);
@@ -232,7 +232,7 @@ class CellDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not (self.prepared_dir / MANIFEST_FILE).is_file():
             raise MissingInputError(f"no prepared data in {self.prepared_dir}: run `lmo-prepare`")
-        for split in ("train", "val", "test"):
+        for split in ("train", "val"):
             if split not in self.datasets:
                 self.datasets[split] = self._dataset(split)
         for split in ("train", "val"):
@@ -279,6 +279,3 @@ class CellDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.loaders.evaluation(self.datasets["val"], self.trainer)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.loaders.evaluation(self.datasets["test"], self.trainer)

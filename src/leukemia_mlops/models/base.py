@@ -129,13 +129,12 @@ class FineTunedModule(pl.LightningModule):
     def init_metrics(self, train_losses: Iterable[str]) -> None:
         self.train_metrics = ClassificationMetrics("train")
         self.val_metrics = ClassificationMetrics("val")
-        self.test_metrics = ClassificationMetrics("test")
         self.train_losses = MetricCollection(
             {name: MeanMetric() for name in train_losses}, prefix="train/", compute_groups=False
         )
         # Lightning's ``sync_dist`` mean truncates the batch sizes summed over unequal DDP
         # shards, so the evaluation losses are metrics too: the mean over every cell once.
-        self.eval_losses = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        self.eval_losses = nn.ModuleDict({"val": MeanMetric()})
 
     def configure_model(self) -> None:
         """Compile ``net`` (inductor unless ``compile_backend`` says otherwise) when ``compile``

@@ -99,9 +99,6 @@ class CellClassifier(FineTunedModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics)
-
     def _evaluate(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: ClassificationMetrics
     ) -> None:
@@ -110,7 +107,3 @@ class CellClassifier(FineTunedModule):
         self.log(f"{stage}/loss", self.eval_losses[stage], on_epoch=True)
         for collection in metrics.collections():
             self.log_dict(collection, on_epoch=True)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, list | tuple) else batch
-        return torch.sigmoid(self(images).float())

@@ -179,7 +179,6 @@ class YoloDetector(FineTunedModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.init_metrics(("loss", "box_loss", "obj_loss", "cls_loss"))
         self.val_map = MeanAveragePrecision(iou_type="bbox")
-        self.test_map = MeanAveragePrecision(iou_type="bbox")
 
     @classmethod
     def datamodule_from_config(cls, config: Mapping[str, Any]) -> pl.LightningDataModule:
@@ -236,9 +235,6 @@ class YoloDetector(FineTunedModule):
     def validation_step(self, batch: tuple[Tensor, list[Target]], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, list[Target]], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
     def _evaluate(self, batch: tuple[Tensor, list[Target]], stage: str) -> None:
         images, targets = batch
         outputs = self(images)
@@ -282,9 +278,6 @@ class YoloDetector(FineTunedModule):
     def on_validation_epoch_end(self) -> None:
         self._log_map("val")
         super().on_validation_epoch_end()
-
-    def on_test_epoch_end(self) -> None:
-        self._log_map("test")
 
     def predictor(self) -> DecodedYolo:
         """The network with decoding, for serving (see :func:`log_classifier`)."""

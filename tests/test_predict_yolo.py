@@ -390,7 +390,7 @@ def test_bad_models_give_one_line_errors(yolo_checkpoint, scene_folder, tmp_path
     notes.write_text("a model?\n")
     predict = [str(scene_folder), "--out", str(tmp_path / "p.csv"), "--params", "absent.yaml"]
     line = refused(predict_cli.main, [str(corrupt), *predict], capsys)
-    assert line.startswith(f"error: {corrupt} is not a CellClassifier checkpoint")
+    assert line.startswith(f"error: {corrupt} is not a model checkpoint")
     line = refused(predict_cli.main, [str(broken_onnx), *predict], capsys)
     assert line.startswith(f"error: {broken_onnx} is not an ONNX model")
     line = refused(predict_cli.main, [str(notes), *predict], capsys)
@@ -398,7 +398,7 @@ def test_bad_models_give_one_line_errors(yolo_checkpoint, scene_folder, tmp_path
     out = tmp_path / "m.onnx"
     export = ["--checkpoint", str(corrupt), "--out", str(out), "--params", "absent.yaml"]
     line = refused(export_cli.main, [*export, "--image-size", "48"], capsys)
-    assert line.startswith(f"error: {corrupt} is not a CellClassifier checkpoint")
+    assert line.startswith(f"error: {corrupt} is not a model checkpoint")
     assert not out.exists()
 
 

@@ -158,19 +158,19 @@ def test_predict_evaluate_and_export_refuse_a_payload(
         [str(evil_ckpt), str(images), "--out", str(tmp_path / "p.csv"), "--params", str(params)],
         capsys,
     )
-    assert line.startswith(f"error: {evil_ckpt} is not a CellClassifier checkpoint")
+    assert line.startswith(f"error: {evil_ckpt} is not a model checkpoint")
     assert "Weights only load failed" in line
 
     best = tmp_path / "models/model/checkpoints/best.ckpt"
     best.parent.mkdir(parents=True)
     shutil.copyfile(evil_ckpt, best)
     line = refused_by_cli(evaluate_cli.main, ["--params", str(params)], capsys)
-    assert line.startswith(f"error: {best} is not a CellClassifier checkpoint")
+    assert line.startswith(f"error: {best} is not a model checkpoint")
 
     out = tmp_path / "model.onnx"
     argv = ["--checkpoint", str(evil_ckpt), "--image-size", "48", "--out", str(out)]
     line = refused_by_cli(export_cli.main, argv, capsys)
-    assert line.startswith(f"error: {evil_ckpt} is not a CellClassifier checkpoint")
+    assert line.startswith(f"error: {evil_ckpt} is not a model checkpoint")
     assert not out.exists()
     assert not marker.exists()
 

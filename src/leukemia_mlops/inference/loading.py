@@ -40,8 +40,9 @@ CHECKPOINT_DIGEST_KEY = "checkpoint_sha256"
 
 
 #: What torch raises reading a file that is no checkpoint, memory-mapped (which needs torch's
-#: zip format): not a zip archive, a corrupt one, content it refuses to unpickle.
-NOT_A_CHECKPOINT = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile)
+#: zip format): not a zip archive, a corrupt one, a truncated one (mmap's OSError), content it
+#: refuses to unpickle.
+NOT_A_CHECKPOINT = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError)
 #: How ``load_state_dict`` refuses weights that do not fit the module they are loaded into.
 _WEIGHTS_DO_NOT_FIT = "Error(s) in loading state_dict"
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from leukemia_mlops.files import write_json, write_text
+from leukemia_mlops.tuning.reports import SweepReports
 
 
 def test_a_file_is_replaced_whole_under_an_open_reader(tmp_path):
@@ -38,3 +39,15 @@ def test_json_keeps_the_payload_order_when_asked(tmp_path):
     assert path.read_text() == '{\n  "b": 1,\n  "a": NaN\n}\n'
     write_json(path, {"b": 1, "a": 2})
     assert list(json.loads(path.read_text())) == ["a", "b"]
+
+
+def test_the_sweep_reports_are_replaced_not_rewritten(tmp_path):
+    # A new inode: the reports went through a temporary file, as every writer's do.
+    reports = SweepReports(tmp_path, "detector")
+    reports.write_untuned()
+    before = {path: path.stat().st_ino for path in (reports.best_params, reports.summary)}
+    # Both held open, so that no new file can reuse their inodes.
+    with reports.summary.open(), reports.best_params.open():
+        reports.write_untuned()
+    assert all(path.stat().st_ino != inode for path, inode in before.items())
+    assert json.loads(reports.summary.read_text()) == {"tuned": False}

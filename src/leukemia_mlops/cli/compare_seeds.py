@@ -66,7 +66,7 @@ def train_and_compare(
 
     from leukemia_mlops.cli.train import with_best_params, with_model
     from leukemia_mlops.evaluation.evaluate import compare_models, evaluate_model
-    from leukemia_mlops.tracking.run_files import PIPELINE_MODELS, RunFiles, store_uri
+    from leukemia_mlops.tracking.run_files import PIPELINE_MODELS, SeedFiles, seed_run, store_uri
     from leukemia_mlops.training.run import run_training
     from leukemia_mlops.tuning.reports import SweepReports
 
@@ -80,9 +80,9 @@ def train_and_compare(
             cfg.seed = cfg.datamodule.seed = seed
             cfg.logger.mlflow.log_model = False
             cfg.logger.mlflow.run_name = f"{key}-seed{seed}"
-        run = RunFiles(Path(cfg.paths.models_dir) / "seeds" / key / f"seed_{seed}")
+        run = seed_run(cfg, key, seed)
         best_val = run_training(cfg, run.root)
-        dirs[key] = out / key / f"seed_{seed}"
+        dirs[key] = SeedFiles(out).evaluation(key, seed)
         reports[key] = evaluate_model(
             run.best_checkpoint,
             cfg.paths.prepared_dir,
@@ -156,8 +156,11 @@ def write_reports(out: Path, runs: Any, summary: dict[str, Any]) -> None:
     """``runs.csv``, ``seeds.json`` and the Markdown tables of ``seeds.md``."""
     import pandas as pd
 
-    write_text(out / "runs.csv", runs.to_csv(index=False))
-    write_json(out / "seeds.json", summary, sort_keys=False, default=float)
+    from leukemia_mlops.tracking.run_files import SeedFiles
+
+    files = SeedFiles(out)
+    write_text(files.runs, runs.to_csv(index=False))
+    write_json(files.summary, summary, sort_keys=False, default=float)
     curves = {
         key: pd.Series(curve["by_trials"], dtype=float)
         for key, curve in summary["expected_best_val_auroc"].items()
@@ -174,8 +177,8 @@ def write_reports(out: Path, runs: Any, summary: dict[str, Any]) -> None:
         "## Expected best validation AUROC by sweep trials (a trial: the run's first epochs)",
         pd.DataFrame(curves).rename_axis("trials").to_markdown(floatfmt=".3f"),
     ]
-    write_text(out / "seeds.md", "\n".join(lines) + "\n")
-    log.info("wrote %s", out / "seeds.md")
+    write_text(files.tables, "\n".join(lines) + "\n")
+    log.info("wrote %s", files.tables)
 
 
 if __name__ == "__main__":

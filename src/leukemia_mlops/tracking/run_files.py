@@ -117,9 +117,39 @@ class EvalFiles:
         return self.root / f"{name}{suffix}"
 
 
+@dataclass(frozen=True)
+class SeedFiles:
+    """The seed comparison's reports folder (``lmo-compare-seeds --out``, ``reports/seeds``)."""
+
+    root: Path
+
+    @property
+    def runs(self) -> Path:
+        """One row per model and seed."""
+        return self.root / "runs.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "seeds.json"
+
+    @property
+    def tables(self) -> Path:
+        """The summary's Markdown tables."""
+        return self.root / "seeds.md"
+
+    def evaluation(self, key: str, seed: int) -> Path:
+        """The evaluation report folder (:class:`EvalFiles`) of ``key``'s run with ``seed``."""
+        return self.root / key / f"seed_{seed}"
+
+
 def model_run(cfg: DictConfig, key: str) -> RunFiles:
     """The run directory the pipeline trains the model configured under ``key`` into."""
     return RunFiles(Path(cfg.paths.models_dir) / key)
+
+
+def seed_run(cfg: DictConfig, key: str, seed: int) -> RunFiles:
+    """The run directory the seed comparison trains ``key`` into with ``seed``."""
+    return RunFiles(Path(cfg.paths.models_dir) / "seeds" / key / f"seed_{seed}")
 
 
 def eval_dir(cfg: DictConfig, key: str) -> Path:

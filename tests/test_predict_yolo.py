@@ -260,7 +260,8 @@ def test_single_cells_get_the_image_probability_at_the_detectors_validated_thres
     assert validated_threshold(yolo_checkpoint, evaluation) == 0.0
 
 
-@pytest.mark.parametrize(("min_score", "found"), [(0.25, False), (0.05, True)])
+# No --min-score: the detector's own floor, MIN_BOX_SCORE (0.25).
+@pytest.mark.parametrize(("min_score", "found"), [(None, False), (0.05, True)])
 def test_a_single_cell_gets_a_label_only_where_a_box_finds_it(
     blind_checkpoint, tiny_raw, min_score, found, tmp_path, capsys
 ):
@@ -276,7 +277,8 @@ def test_a_single_cell_gets_a_label_only_where_a_box_finds_it(
     np.testing.assert_array_equal(evaluated(np.stack([read_rgb(p) for p in files])), [1, 1])
     params, _ = detector_params(tmp_path)
     out = tmp_path / "p.csv"
-    options = ["--out", str(out), "--params", str(params), "--min-score", str(min_score)]
+    options = ["--out", str(out), "--params", str(params)]
+    options += [] if min_score is None else ["--min-score", str(min_score)]
     predict_cli.main([str(blind_checkpoint), str(folder), *options, "--threshold", "0.5"])
     table = pd.read_csv(out, keep_default_na=False, na_values={"prob_all": [""]})
     boxes = pd.read_csv(tmp_path / "p_boxes.csv", keep_default_na=False)

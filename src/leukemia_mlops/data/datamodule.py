@@ -193,7 +193,24 @@ class SeededLoaders:
         )
 
 
-class CellDataModule(pl.LightningDataModule):
+class SeededDataModule(pl.LightningDataModule):
+    """A datamodule whose loaders are :class:`SeededLoaders` (``self.loaders``) over its splits
+    (``self.datasets``): the resume state of the training order and the validation loader."""
+
+    loaders: SeededLoaders
+    datasets: dict[str, Dataset]
+
+    def state_dict(self) -> dict[str, int]:
+        return self.loaders.state_dict(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.loaders.load_state_dict(state_dict)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loaders.evaluation(self.datasets["val"], self.trainer)
+
+
+class CellDataModule(SeededDataModule):
     """Train/val loaders (:class:`SeededLoaders`); class imbalance handled by a weighted
     sampler or the loss.
 
@@ -270,12 +287,3 @@ class CellDataModule(pl.LightningDataModule):
             counts = np.bincount(dataset.labels, minlength=2).astype(np.float64)
             weights = 1.0 / counts[dataset.labels]
         return self.loaders.train(dataset, self.trainer, weights)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.loaders.state_dict(self.trainer)
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.loaders.load_state_dict(state_dict)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loaders.evaluation(self.datasets["val"], self.trainer)

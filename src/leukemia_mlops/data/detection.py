@@ -18,7 +18,6 @@ import albumentations as A
 import cv2
 import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
@@ -26,6 +25,7 @@ from leukemia_mlops.data.augment import dihedral_flips, jitter
 from leukemia_mlops.data.datamodule import (
     BALANCE_MODES,
     CachedSplit,
+    SeededDataModule,
     SeededLoaders,
     seed_transform,
 )
@@ -190,7 +190,7 @@ class ConcatItems(ConcatDataset):
         return self.datasets[which][(index - start, seed)]
 
 
-class DetectionDataModule(pl.LightningDataModule):
+class DetectionDataModule(SeededDataModule):
     """Train: composed scenes plus every single cell; val: single cells plus fixed scenes
     (for mAP). The loaders are the CNN's (:class:`SeededLoaders`).
 
@@ -313,12 +313,3 @@ class DetectionDataModule(pl.LightningDataModule):
             cell_weights = len(labels) / (2 * counts[labels])
             weights = np.concatenate([np.ones(len(scenes)), cell_weights])
         return self.loaders.train(dataset, self.trainer, weights)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.loaders.state_dict(self.trainer)
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.loaders.load_state_dict(state_dict)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loaders.evaluation(self.datasets["val"], self.trainer)

@@ -40,8 +40,13 @@ def tree_digest(root: Path) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def no_inherited_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts without ``$MLFLOW_TRACKING_URI``: ``mlflow.set_tracking_uri`` (which the
-    project calls to log models) also sets it, and would send a later test's runs elsewhere."""
+    project calls to log models) also sets it, and would send a later test's runs elsewhere.
+    The same holds for the registry URI, which registering a model sets (in the process too)."""
+    import mlflow
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_registry_uri(None)
 
 
 @pytest.fixture(scope="session")

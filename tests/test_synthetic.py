@@ -190,14 +190,18 @@ def test_spec_defaults_are_the_configured_ones() -> None:
     assert dataclasses.asdict(SyntheticSpec()) == configured
 
 
-def test_default_test_split_has_six_subjects_of_each_class() -> None:
-    """The subject bootstrap needs at least 6 test subjects per class for its intervals."""
+def test_default_splits_count_enough_subjects_of_each_class() -> None:
+    """The subject bootstrap needs at least 6 test subjects per class for its intervals, and
+    selection on validation needs more than a handful of subjects (cells share their label)."""
     cfg = _project_defaults()
     table = plan_cnmc(build_spec(SyntheticSpec, cfg.data.synthetic, "data.synthetic"))
     labelled = table[table["source_split"] != "final"].reset_index(drop=True)
     split = assign_splits(labelled, build_spec(SplitSpec, cfg.data.split, "data.split"))
-    test = labelled[split == "test"]
-    assert test.groupby("label")["subject"].nunique().to_dict() == {ALL: 8, HEM: 6}
+    subjects = {
+        name: labelled[split == name].groupby("label")["subject"].nunique().to_dict()
+        for name in ("test", "val")
+    }
+    assert subjects == {"test": {ALL: 17, HEM: 11}, "val": {ALL: 6, HEM: 4}}
 
 
 def test_another_seed_gives_other_images(
@@ -258,7 +262,7 @@ def test_failed_run_leaves_no_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("cells_per_subject", 0),
         ("all_fraction", 0.0),
         ("all_fraction", 1.0),
-        ("all_fraction", 0.02),  # no ALL subject among 24
+        ("all_fraction", 0.01),  # no ALL subject among 48
         ("n_final_images", -1),
         ("image_size", 32),
         ("seed", -1),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import sys
 from dataclasses import replace
@@ -17,12 +18,14 @@ import optuna
 import pytest
 import yaml
 from conftest import TINY_SPEC
+from mlflow import MlflowClient
 from test_dvc_pipeline import DVC, REPO, run
 
 from leukemia_mlops.data.synthetic import generate_cnmc
 from leukemia_mlops.evaluation.paired import NO_DIFFERENCE
 from leukemia_mlops.inference.loading import checkpoint_class
 from leukemia_mlops.models.detector import YoloDetector
+from leukemia_mlops.tracking.store import tracking_uri
 
 # conf/local/default.yaml of the test project: the user's standing choices (here: tiny runs).
 TINY_LOCAL = """# @package _global_
@@ -153,7 +156,17 @@ def test_repro_then_noop_then_an_experiment_then_new_data(project):
     # and a commit that holds every git-tracked output the new data changed.
     commit(project, "a clone of the synthetic results")
     synthetic_headline = (project / "reports/metrics.json").read_text()
+    # A fresh clone has no mlruns/: README's one command records the committed sweeps again.
+    shutil.rmtree(project / "mlruns")
+    run(*readme_command("dvc repro --force --single-item"), cwd=project, timeout=PIPELINE_TIMEOUT)
+    assert run("git", "status", "--porcelain", cwd=project) == ""  # the same best trials
     before = studies(project)
+    assert sorted(before.values()) == [1, 1]  # the two stages' studies (both YOLO spaces now)
+    client = MlflowClient(tracking_uri(None, project / "mlruns"))
+    parents = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.optuna_study LIKE '%optuna-%'"
+    )
+    assert len(parents) == 2, [r.data.tags for r in parents]
     shutil.rmtree(project / "data/raw")
     generate_cnmc(project / "data/raw", replace(TINY_SPEC, seed=TINY_SPEC.seed + 1))
     run(DVC, "commit", "-f", "-q", "data.dvc", cwd=project)
@@ -162,10 +175,7 @@ def test_repro_then_noop_then_an_experiment_then_new_data(project):
     after = studies(project)
     assert {k: after[k] for k in before} == before
     assert sorted(after[new] for new in set(after) - set(before)) == [1, 1]
-    identity = (
-        "export GIT_AUTHOR_NAME=t GIT_AUTHOR_EMAIL=t@t GIT_COMMITTER_NAME=t GIT_COMMITTER_EMAIL=t@t"
-    )
-    run("bash", "-c", f"{identity}; {readme_commit_line()}", cwd=project)
+    run("bash", "-c", f"{GIT_IDENTITY}; {readme_commit_line()}", cwd=project)
     assert run("git", "status", "--porcelain", cwd=project) == ""
     committed = run("git", "show", "HEAD:reports/metrics.json", cwd=project)
     assert committed == (project / "reports/metrics.json").read_text() != synthetic_headline
@@ -176,6 +186,13 @@ def readme_commit_line() -> str:
     readme = (REPO / "README.md").read_text()
     [line] = (line for line in readme.splitlines() if line.startswith("git add conf/local"))
     return line
+
+
+def readme_command(start: str) -> list[str]:
+    """The words of README's one command line that starts with ``start`` (comment dropped)."""
+    lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines()]
+    [line] = (line for line in lines if line.startswith(start))
+    return shlex.split(line, comments=True)
 
 
 def commit(root: Path, message: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 from leukemia_mlops.cli.args import run_cli, stage_config
 from leukemia_mlops.config import build_spec
@@ -18,6 +17,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from leukemia_mlops.data.prepare import PrepareSpec, prepare_dataset
         from leukemia_mlops.data.splits import SplitSpec
         from leukemia_mlops.files import write_json
+        from leukemia_mlops.tracking.run_files import data_report
 
         report = prepare_dataset(
             cfg.paths.raw_dir,
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             build_spec(SplitSpec, cfg.data.split, "data.split"),
             source=cfg.data.source,
         )
-        write_json(Path(cfg.paths.reports_dir) / "data.json", report)
+        write_json(data_report(cfg), report)
         log.info("prepared %d images (%d skipped)", report["images"], report["skipped"])
 
     run_cli(body)

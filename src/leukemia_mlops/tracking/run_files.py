@@ -162,6 +162,11 @@ def evaluation_reports(cfg: DictConfig) -> list[Path]:
     return [EvalFiles(eval_dir(cfg, key)).metrics for key in PIPELINE_MODELS]
 
 
+def data_report(cfg: DictConfig) -> Path:
+    """The prepare stage's data report: counts per split and class, skipped files, settings."""
+    return Path(cfg.paths.reports_dir) / "data.json"
+
+
 def headline_file(cfg: DictConfig) -> Path:
     """The pipeline's DVC metrics file: the headline numbers of every evaluated model."""
     return Path(cfg.paths.reports_dir) / METRICS_FILE

@@ -315,7 +315,7 @@ def check_yolo_syncs(run: Run) -> Outcome:
 def check_parity(run: Run) -> Outcome:
     """The fit's checkpoint scored as ``.ckpt``, ``.onnx`` and ``runs:/``: same probabilities."""
     from leukemia_mlops.inference.export import export_onnx, parity_images
-    from leukemia_mlops.inference.loading import load_classifier, load_scorer
+    from leukemia_mlops.inference.loading import load_module, load_scorer
 
     checkpoint, size = run.shared["checkpoint"], run.sizes.image_size
     images = parity_images(None, size, 16)
@@ -324,7 +324,7 @@ def check_parity(run: Run) -> Outcome:
     export_onnx(checkpoint, onnx, size, n_images=4)
     diffs = {".onnx": float(abs(load_scorer(onnx)(images) - reference).max())}
     try:
-        uri = mlflow_model(run, load_classifier(checkpoint).net, size)
+        uri = mlflow_model(run, load_module(checkpoint).net, size)
     except ModuleNotFoundError as err:
         skipped = f"; runs:/ skipped ({err.name} not importable)"
     else:

@@ -6,12 +6,17 @@ file goes to ``exports/<run>.onnx`` by default (``exports/model.onnx`` for
 that a new file there would mark changed. The validated threshold of whichever pipeline
 evaluation (``<paths.reports_dir>/eval/<key>/metrics.json``) scored this very checkpoint goes
 into the ONNX metadata.
+
+``--int8`` writes a statically quantized model instead (``exports/<run>.int8.onnx``; see
+``inference.quantize``): the fp32 export, checked as above, is calibrated on the prepare
+cache's training cells and compared with the INT8 model on its test cells.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +49,17 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="evaluation metrics.json of this checkpoint, whose threshold the model carries "
         "(default: whichever of paths.reports_dir/eval/<key>/metrics.json scored it)",
     )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="write the INT8 model (QDQ, calibrated on the prepare cache's training cells, "
+        "checked against fp32 on its test cells; default out: exports/<run>.int8.onnx)",
+    )
+    parser.add_argument(
+        "--calibration-cells",
+        type=int,
+        help="training cells the INT8 model is calibrated on, spread over the split (default 256)",
+    )
     return parser.parse_args(argv)
 
 
@@ -63,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.checkpoint is None or args.out is None:
             raise MissingInputError(f"{args.params} not found: give --checkpoint and --out")
         checkpoint = Path(args.checkpoint or model_run(cfg, "model").best_checkpoint)
-        out = args.out or default_export_path(checkpoint)
+        out = args.out or default_export_path(checkpoint, INT8_SUFFIX if args.int8 else "")
         prepared_dir, metrics, default_size = args.prepared_dir, args.metrics, None
         if cfg is not None:
             default_size = cfg.data.prepare.image_size
@@ -71,28 +87,38 @@ def main(argv: Sequence[str] | None = None) -> None:
                 prepared_dir = cfg.paths.prepared_dir
             metrics = metrics or evaluation_reports(cfg)
         threshold = None if metrics is None else evaluation_threshold(metrics, checkpoint)
-        report = export_onnx(
-            checkpoint,
-            out,
-            args.image_size,
-            prepared_dir,
-            threshold=threshold,
-            default_size=default_size,
-        )
+        if args.int8 and prepared_dir is None:
+            raise MissingInputError("--int8 calibrates on a prepare cache: give --prepared-dir")
+        with tempfile.TemporaryDirectory(prefix="lmo-export-") as scratch:
+            fp32 = Path(scratch) / "fp32.onnx" if args.int8 else out
+            report = export_onnx(
+                checkpoint,
+                fp32,
+                args.image_size,
+                prepared_dir,
+                threshold=threshold,
+                default_size=default_size,
+            )
+            if args.int8:
+                from leukemia_mlops.inference.quantize import quantize_onnx
+
+                int8 = quantize_onnx(fp32, out, prepared_dir, args.calibration_cells)
+                report = {**report, **int8, "fp32": "checked, not kept"}
         print(json.dumps(report, indent=2))
 
     run_cli(body)
 
 
 EXPORTS_DIR = Path("exports")
+INT8_SUFFIX = ".int8"
 
 
-def default_export_path(checkpoint: Path) -> Path:
-    """``exports/<run>.onnx``: the run directory's name for a run's checkpoint
+def default_export_path(checkpoint: Path, suffix: str = "") -> Path:
+    """``exports/<run><suffix>.onnx``: the run directory's name for a run's checkpoint
     (``<run>/checkpoints/<name>.ckpt``), else the checkpoint's own name."""
     parent = checkpoint.parent
     name = parent.parent.name if parent.name == "checkpoints" and parent.parent.name else None
-    return EXPORTS_DIR / f"{name or checkpoint.stem}.onnx"
+    return EXPORTS_DIR / f"{name or checkpoint.stem}{suffix}.onnx"
 
 
 if __name__ == "__main__":

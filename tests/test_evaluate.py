@@ -29,11 +29,11 @@ from leukemia_mlops.cli import compare as compare_cli
 from leukemia_mlops.cli import evaluate as evaluate_cli
 from leukemia_mlops.config import build_spec, compose
 from leukemia_mlops.data.detection import DetectionDataModule
-from leukemia_mlops.data.identity import read_identity
+from leukemia_mlops.data.identity import IDENTITY_FILE, read_identity
 from leukemia_mlops.data.prepare import IMAGES_FILE, MANIFEST_FILE, PrepareSpec, prepare_dataset
 from leukemia_mlops.data.scenes import SceneSpec
 from leukemia_mlops.data.splits import SplitSpec
-from leukemia_mlops.evaluation.bootstrap import bootstrap_ci
+from leukemia_mlops.evaluation.bootstrap import INTERVAL_KEYS, bootstrap_ci
 from leukemia_mlops.evaluation.compare import (
     KEY_METRICS,
     SELECTION_METRIC,
@@ -45,7 +45,6 @@ from leukemia_mlops.evaluation.compare import (
 )
 from leukemia_mlops.evaluation.detection import subject_scenes
 from leukemia_mlops.evaluation.evaluate import (
-    INTERVAL_KEYS,
     EvaluateSpec,
     evaluate_model,
     gallery_rows,
@@ -73,6 +72,7 @@ FILES = (
     "metrics.json",
     "predictions.csv",
     "subjects.csv",
+    "subjects.png",
     "confusion_matrix.png",
     "roc.png",
     "pr.png",
@@ -181,7 +181,23 @@ def test_metrics_json_holds_every_section(evaluated, tiny_prepared):
     assert set(on_disk["val_selection"]) == set(METRICS)
     assert "selection" in on_disk["roles"]["val_selection"]
     assert "estimate" in on_disk["roles"]["test"]
-    assert set(on_disk["subject"]) == {"accuracy", "sensitivity", "specificity", "f1_weighted"}
+    calibration, conformal = on_disk["calibration"], on_disk["conformal"]
+    assert calibration["temperature"] == on_disk["temperature"] > 0
+    assert calibration["fitted_on"] == conformal["fitted_on"] == "validation"
+    for part in ("before", "after"):
+        assert {"top_label_ece", "brier", "brier_bca_low", "top_label_ece_bca_high"} <= set(
+            calibration[part]
+        )
+    assert calibration["before"]["top_label_ece"] == on_disk["test"]["top_label_ece"]
+    assert conformal["alpha"] == 0.1 and set(conformal["quantile"]) == {"ALL", "HEM"}
+    for name in ("coverage_ALL", "coverage_HEM", "abstention_rate"):
+        assert 0 <= conformal[name] <= 1 and conformal[f"{name}_bca_low"] is not None
+    patient = on_disk["patient"]
+    assert (patient["n_all_subjects"], patient["n_hem_subjects"]) == (2, 2)
+    assert patient["rule"] == "mean_log_odds" and patient["interval"].startswith("Clopper")
+    assert patient["sensitivity_low"] <= patient["sensitivity"] <= patient["sensitivity_high"]
+    ood = on_disk["ood"]
+    assert ood["flagged"] == 0 and ood["test_cells"] == on_disk["counts"]["test_cells"]
     assert on_disk["bootstrap"]["test_subjects"] == {"HEM": 2, "ALL": 2}
     assert on_disk["bootstrap"]["intervals"] == "percentile and BCa"
     # What the scores were computed with: fp32 on this CPU, and the libraries' versions.
@@ -190,7 +206,10 @@ def test_metrics_json_holds_every_section(evaluated, tiny_prepared):
     assert scoring["versions"]["torch"] == version("torch")
     assert set(scoring["versions"]) >= {"torchmetrics", "numpy", "leukemia-mlops"}
     tta = on_disk["tta"]
-    assert set(tta) == {"threshold", "val_selection", "test", "test_default", "subject"}
+    assert set(tta) == {
+        "threshold", "temperature", "val_selection", "test", "test_default",
+        "calibration", "conformal", "patient",
+    }  # fmt: skip
     assert set(tta["test"]) == set(on_disk["test"])
     manifest = pd.read_parquet(tiny_prepared / MANIFEST_FILE)
     for split in ("val", "test"):
@@ -274,16 +293,23 @@ def test_report_files_are_written(evaluated, tiny_prepared):
     assert accuracy == pytest.approx(evaluated.metrics["test"]["accuracy"])
 
     subjects = pd.read_csv(out / "subjects.csv")
-    assert set(subjects["subject"].astype(str)) == set(test["subject"].astype(str))
+    tested = subjects[subjects["split"] == "test"]
+    assert set(tested["subject"].astype(str)) == set(test["subject"].astype(str))
+    assert list(subjects.columns) == ["subject", "split", "label", "n_cells", "score", "prediction"]
+    patient = evaluated.metrics["patient"]
+    assert (subjects["prediction"] == (subjects["score"] > patient["threshold"])).all()
+    assert patient["sensitivity"] == (tested.loc[tested["label"] == 1, "prediction"] == 1).mean()
 
 
 def test_threshold_is_chosen_on_validation_only(
     evaluated, tiny_prepared, tiny_checkpoint, tmp_path
 ):
-    """Flipping every test label moves every test metric but leaves the threshold alone."""
+    """Flipping every test label moves every test metric but leaves the threshold alone, and
+    the temperature, the conformal quantiles and the patient threshold too."""
     flipped = tmp_path / "prepared"
     flipped.mkdir()
-    shutil.copyfile(tiny_prepared / IMAGES_FILE, flipped / IMAGES_FILE)
+    for name in (IMAGES_FILE, IDENTITY_FILE):  # the identity: the window the OOD rule uses
+        shutil.copyfile(tiny_prepared / name, flipped / name)
     manifest = pd.read_parquet(tiny_prepared / MANIFEST_FILE)
     is_test = manifest["split"] == "test"
     manifest.loc[is_test, "label"] = 1 - manifest.loc[is_test, "label"]
@@ -292,8 +318,10 @@ def test_threshold_is_chosen_on_validation_only(
     metrics = evaluate_model(
         tiny_checkpoint, flipped, tmp_path / "eval", evaluate_spec(n_resamples=5)
     )
-    assert metrics["threshold"] == evaluated.metrics["threshold"]
-    assert metrics["val_selection"] == evaluated.metrics["val_selection"]
+    for section in ("threshold", "temperature", "val_selection"):
+        assert metrics[section] == evaluated.metrics[section], section
+    assert metrics["conformal"]["quantile"] == evaluated.metrics["conformal"]["quantile"]
+    assert metrics["patient"]["threshold"] == evaluated.metrics["patient"]["threshold"]
     original = evaluated.metrics["test"]["accuracy"]
     assert metrics["test"]["accuracy"] == pytest.approx(1 - original)
 
@@ -318,7 +346,8 @@ def test_the_detector_is_scored_with_the_classifiers_protocol(evaluated, yolo_ev
     """Same sections, metrics, intervals and TTA as the CNN, plus box mAP on test scenes."""
     cnn, yolo = evaluated.metrics, yolo_evaluated.metrics
     assert set(yolo) == set(cnn) | {"detection"}
-    for section in ("val_selection", "test", "test_default", "subject", "counts", "tta"):
+    sections = ("val_selection", "test", "test_default", "counts", "tta")
+    for section in (*sections, "calibration", "conformal", "patient", "ood"):
         assert set(yolo[section]) == set(cnn[section]), section
     assert yolo["bootstrap"] == cnn["bootstrap"]  # the same test subjects, the same resamples
     assert {p.name for p in yolo_evaluated.out_dir.iterdir()} == set(FILES)

@@ -11,14 +11,17 @@ import scipy.stats
 import torch
 from scipy.special import ndtr, ndtri
 
-from leukemia_mlops.evaluation.bootstrap import bootstrap_ci, subject_intervals, too_few_subjects
-from leukemia_mlops.evaluation.evaluate import interval_columns
+from leukemia_mlops.evaluation.bootstrap import (
+    bootstrap_ci,
+    interval_columns,
+    subject_intervals,
+    too_few_subjects,
+)
 from leukemia_mlops.evaluation.metrics import (
     BinaryMetrics,
     binary_metrics,
     choose_threshold,
     metrics_from_counts,
-    subject_metrics,
     weighted_binary_metrics,
 )
 
@@ -205,33 +208,6 @@ def test_choose_threshold_follows_the_labels_not_the_cell_order():
 def test_choose_threshold_rejects_threshold_free_metric():
     with pytest.raises(ValueError):
         choose_threshold(HAND_PROBS, HAND_LABELS, metric="auroc")
-
-
-def test_subject_metrics_majority_vote():
-    # A: 3/4 blast; B: 1/2 blast (a tie is called ALL); C (healthy): 2/3 blast; D (healthy): 0/2.
-    subjects = np.array(["A"] * 4 + ["B"] * 2 + ["C"] * 3 + ["D"] * 2)
-    labels = np.array([1] * 6 + [0] * 5)
-    probs = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.4, 0.9, 0.8, 0.1, 0.3, 0.2])
-    table, summary = subject_metrics(probs, labels, subjects, threshold=0.5)
-    assert list(table.columns) == ["subject", "label", "n_cells", "blast_share", "diagnosis"]
-    assert table["subject"].tolist() == ["A", "B", "C", "D"]
-    assert table["n_cells"].tolist() == [4, 2, 3, 2]
-    np.testing.assert_allclose(table["blast_share"], [0.75, 0.5, 2 / 3, 0.0])
-    assert table["diagnosis"].tolist() == [1, 1, 1, 0]
-    # Subjects: TP = 2 (A, B), FP = 1 (C), TN = 1 (D), FN = 0.
-    f1_all, f1_hem = _f1(2 / 3, 1.0), _f1(1.0, 1 / 2)
-    expected = {
-        "accuracy": 3 / 4,
-        "sensitivity": 1.0,
-        "specificity": 1 / 2,
-        "f1_weighted": (2 * f1_all + 2 * f1_hem) / 4,
-    }
-    assert summary == pytest.approx(expected)
-
-
-def test_subject_metrics_rejects_mixed_subject_labels():
-    with pytest.raises(ValueError, match="subject's label"):
-        subject_metrics(np.array([0.2, 0.8]), np.array([0, 1]), np.array(["A", "A"]), 0.5)
 
 
 def _assert_same_metrics(actual: dict, expected: dict) -> None:

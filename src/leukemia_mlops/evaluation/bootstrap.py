@@ -26,6 +26,8 @@ from leukemia_mlops.evaluation.metrics import ArrayLike, validated_arrays
 from leukemia_mlops.labels import CLASS_NAMES
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
+#: The parts of an interval a report writes beside its point (see :func:`interval_columns`).
+INTERVAL_KEYS = ("pct_low", "pct_high", "bca_low", "bca_high", "n_valid")
 # Cap on the cells x resamples weight matrix one vectorised batch may hold (float64 values).
 _BATCH_CELLS = 2_000_000
 
@@ -50,6 +52,28 @@ class Interval(NamedTuple):
     def adjusted(self) -> str:
         """The adjusted interval's method, the prefix of its bounds' names: ``bca`` or ``bc``."""
         return "bca" if self.bc_reason is None else "bc"
+
+
+class Cells(NamedTuple):
+    """Scored cells of one split: each cell's P(ALL), label and subject."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    subjects: np.ndarray
+
+
+def interval_columns(intervals: dict[str, Interval]) -> dict[str, float | str]:
+    """Each interval as ``name`` and ``name_<part>`` for every part of :data:`INTERVAL_KEYS`;
+    a bias-corrected-only interval's bounds are ``name_bc_low``/``name_bc_high`` instead, with
+    ``name_bc_reason`` saying why."""
+    columns: dict[str, float | str] = {}
+    for name, ci in intervals.items():
+        columns[name] = ci.point
+        for part in INTERVAL_KEYS:
+            columns[f"{name}_{part.replace('bca', ci.adjusted)}"] = getattr(ci, part)
+        if ci.bc_reason is not None:
+            columns[f"{name}_bc_reason"] = ci.bc_reason
+    return columns
 
 
 @runtime_checkable

@@ -38,12 +38,15 @@ from leukemia_mlops.data.prepare import MANIFEST_FILE
 from leukemia_mlops.data.scenes import SceneSpec
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
 from leukemia_mlops.evaluation.bootstrap import (
-    Interval,
+    Cells,
     bootstrap_ci,
+    interval_columns,
     subjects_per_class,
     too_few_subjects,
 )
+from leukemia_mlops.evaluation.calibration import calibration_report, fit_temperature
 from leukemia_mlops.evaluation.compare import THROUGHPUT_METRIC, WARNING_TAG
+from leukemia_mlops.evaluation.conformal import check_alpha, conformal_report
 from leukemia_mlops.evaluation.detection import (
     TestScenes,
     detect_scenes,
@@ -55,22 +58,25 @@ from leukemia_mlops.evaluation.metrics import (
     BinaryMetrics,
     binary_metrics,
     choose_threshold,
-    subject_metrics,
 )
+from leukemia_mlops.evaluation.ood_alarms import false_alarm_report
 from leukemia_mlops.evaluation.paired import (
     DIFFERENCES,
     Scores,
     aligned_test_cells,
     comparison_report,
 )
+from leukemia_mlops.evaluation.patient import check_rule, patient_report
 from leukemia_mlops.evaluation.plots import (
     confusion_matrix_plot,
     pr_curve_plot,
     reliability_plot,
     roc_curve_plot,
+    subject_scores_plot,
 )
 from leukemia_mlops.evaluation.ranking_guard import inverted_ranking
 from leukemia_mlops.files import write_json, write_text
+from leukemia_mlops.inference.calibrated import calibrate, calibrated_threshold
 from leukemia_mlops.inference.loading import (
     CHECKPOINT_DIGEST_KEY,
     file_sha256,
@@ -90,14 +96,19 @@ log = logging.getLogger(__name__)
 CONFIDENCE = 0.95
 GALLERY_PER_GROUP = 4
 PLOTS = {"roc": roc_curve_plot, "pr": pr_curve_plot, "reliability": reliability_plot}
-INTERVAL_KEYS = ("pct_low", "pct_high", "bca_low", "bca_high", "n_valid")
 ROLES = {
     "val_selection": "selection metric, optimistic: the validation split chose the checkpoint, "
     "the sweep's best trial and the threshold",
     "test": "the estimate: held-out test subjects at the validation-chosen threshold, with "
     "stratified subject-bootstrap 95% intervals (percentile and BCa) and valid-resample counts",
     "test_default": "test split at threshold 0.5: what the threshold choice is worth",
-    "subject": "test subjects diagnosed by majority vote of their cells (no interval)",
+    "calibration": "temperature scaling fitted on validation; test top-label ECE and Brier "
+    "score before and after, with stratified subject-bootstrap 95% intervals",
+    "conformal": "Mondrian split-conformal sets calibrated on validation cells; test coverage "
+    "per class and abstention rate, with stratified subject-bootstrap 95% intervals",
+    "patient": "test subjects diagnosed from their cells' calibrated scores at a threshold "
+    "chosen on validation subjects, with exact (Clopper-Pearson) 95% intervals",
+    "ood": "share of test cells (all in distribution) that predict's in-distribution rule flags",
     "detection": "YOLO only: box mAP (COCO) on test scenes, each composed from the cells of one "
     "test subject, with stratified subject-bootstrap 95% intervals",
 }
@@ -114,8 +125,12 @@ class EvaluateSpec:
     batch_size: int
     scenes_per_subject: int = 3  # YOLO test scenes composed from each test subject's cells
     mixed_precision: bool = False  # score under a GPU's autocast instead of fp32
+    alpha: float = 0.1  # the conformal sets' error level
+    patient_rule: str = "mean_log_odds"  # how a subject's cells make its score (patient.RULES)
 
     def __post_init__(self) -> None:
+        check_alpha(self.alpha)
+        check_rule(self.patient_rule)
         if self.n_resamples < 1:
             raise ConfigError(f"evaluate.n_resamples must be >= 1, got {self.n_resamples}")
         if self.min_subjects < 2:
@@ -144,6 +159,10 @@ class Scored(NamedTuple):
     data: CellDataset
     probs: np.ndarray
 
+    @property
+    def cells(self) -> Cells:
+        return Cells(self.probs, self.data.labels, self.data.subjects)
+
 
 def score_split(scorer: Scorer, split: str, data: CellDataset, batch_size: int) -> Scored:
     """Score a split of the cache batch by batch (the memory map is read one batch at a time)."""
@@ -167,38 +186,32 @@ def _with_intervals(test: Scored, threshold: float, spec: EvaluateSpec) -> dict[
     return interval_columns(intervals)
 
 
-def interval_columns(intervals: dict[str, Interval]) -> dict[str, float | str]:
-    """Each interval as ``name`` and ``name_<part>`` for every part of :data:`INTERVAL_KEYS`;
-    a bias-corrected-only interval's bounds are ``name_bc_low``/``name_bc_high`` instead, with
-    ``name_bc_reason`` saying why."""
-    columns: dict[str, float | str] = {}
-    for name, ci in intervals.items():
-        columns[name] = ci.point
-        for part in INTERVAL_KEYS:
-            columns[f"{name}_{part.replace('bca', ci.adjusted)}"] = getattr(ci, part)
-        if ci.bc_reason is not None:
-            columns[f"{name}_bc_reason"] = ci.bc_reason
-    return columns
-
-
 def threshold_report(
     val: Scored, test: Scored, spec: EvaluateSpec
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Metrics of one set of probabilities and the per-subject table of the test split.
+    """Metrics of one set of probabilities and the per-subject table of both splits.
 
     The threshold maximising validation weighted F1 is applied to the test split; the test
     metrics at the default threshold 0.5 (``test_default``) show what that choice is worth.
+    The temperature is fitted on validation too; it is monotone, so the same threshold choice
+    made on calibrated validation probabilities is ``calibrated_threshold(threshold, T)``:
+    ``threshold`` stays on the raw P(ALL) that ``predictions.csv`` holds. The conformal sets
+    and the patient diagnosis use calibrated probabilities.
     """
     threshold = choose_threshold(val.probs, val.data.labels)
-    subjects, subject_scores = subject_metrics(
-        test.probs, test.data.labels, test.data.subjects, threshold
-    )
+    temperature = fit_temperature(val.probs, val.data.labels)
+    calibrated = [s.cells._replace(probs=calibrate(s.probs, temperature)) for s in (val, test)]
+    cell_threshold = calibrated_threshold(threshold, temperature)
+    patient, subjects = patient_report(*calibrated, spec.patient_rule, cell_threshold)
     metrics = {
         "threshold": threshold,
+        "temperature": temperature,
         "val_selection": binary_metrics(val.probs, val.data.labels, threshold),
         "test": _with_intervals(test, threshold, spec),
         "test_default": _with_intervals(test, 0.5, spec),
-        "subject": subject_scores,
+        "calibration": calibration_report(temperature, test.cells, spec.bootstrap()),
+        "conformal": conformal_report(*calibrated, spec.alpha, spec.bootstrap()),
+        "patient": patient,
     }
     return metrics, subjects
 
@@ -263,6 +276,7 @@ def evaluate_model(
         for s in (val, test)
         for unit, count in (("cells", len(s.data)), ("subjects", len(set(s.data.subjects))))
     }
+    metrics["ood"] = false_alarm_report(test.data, read_identity(prepared_dir).window)
     metrics["bootstrap"] = bootstrap_report(test, spec)
     metrics["roles"] = ROLES
     metrics[CHECKPOINT_DIGEST_KEY] = file_sha256(checkpoint)  # whose threshold it is
@@ -282,6 +296,9 @@ def evaluate_model(
     write_text(files.predictions, predictions.to_csv(index=False))
     write_text(files.subjects, subjects.to_csv(index=False))
     _write_plots(test, metrics["threshold"], files)
+    subject_scores_plot(
+        subjects, metrics["patient"]["threshold"], spec.patient_rule, files.plot("subjects", ".png")
+    )
     write_json(files.metrics, metrics)
     if mlflow_run_id:
         uri = mlflow_uri or tracking_uri(None)

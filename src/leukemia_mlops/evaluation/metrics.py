@@ -1,4 +1,4 @@
-"""Cell- and subject-level metrics for ALL (label 1, the positive class) vs HEM (label 0).
+"""Cell-level metrics for ALL (label 1, the positive class) vs HEM (label 0).
 
 `binary_metrics` is the reference: every value comes from torchmetrics' functional API so the
 numbers match what the training loop logs. `metrics_from_counts` and `weighted_binary_metrics`
@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 from torchmetrics.functional.classification import (
     binary_accuracy,
@@ -46,7 +45,6 @@ CONFUSION_METRICS = (
     "specificity",
     "precision",
 )
-SUBJECT_METRICS = ("accuracy", "sensitivity", "specificity", "f1_weighted")
 
 
 def _to_numpy(values: ArrayLike) -> np.ndarray:
@@ -264,29 +262,3 @@ def choose_threshold(probs: ArrayLike, labels: ArrayLike, metric: str = "f1_weig
         raise InputError(f"{metric} is undefined on these data (is a class missing?)")
     best = candidates[scores >= np.nanmax(scores) - 1e-12]
     return float(best[np.argmin(np.abs(best - 0.5))])
-
-
-def subject_metrics(
-    probs: ArrayLike, labels: ArrayLike, subjects: ArrayLike, threshold: float
-) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Diagnose each subject from its cells, and score those diagnoses.
-
-    A subject is called ALL when at least half its cells are called blast. Returns the table
-    [subject, label, n_cells, blast_share, diagnosis] and subject-level accuracy, sensitivity,
-    specificity and f1_weighted.
-    """
-    p, y = validated_arrays(probs, labels)
-    subject_ids = _to_numpy(subjects)
-    if subject_ids.shape != y.shape:
-        raise ValueError(f"subjects shape {subject_ids.shape} does not match labels {y.shape}")
-    cells = pd.DataFrame({"subject": subject_ids, "label": y, "blast": p > threshold})
-    by_subject = cells.groupby("subject", sort=True)
-    if (by_subject["label"].nunique() > 1).any():
-        raise InputError("every cell of a subject must carry that subject's label")
-    table = by_subject.agg(
-        label=("label", "first"), n_cells=("label", "size"), blast_share=("blast", "mean")
-    ).reset_index()
-    table["diagnosis"] = (table["blast_share"] >= 0.5).astype(np.int64)
-    counts = _confusion_indicators(table["diagnosis"].to_numpy(), table["label"].to_numpy())
-    scores = metrics_from_counts(*counts.sum(axis=0))
-    return table, {name: float(scores[name]) for name in SUBJECT_METRICS}

@@ -206,3 +206,27 @@ def learning_curves_plot(histories: dict[str, pd.DataFrame], path: str | Path) -
         axes.grid(alpha=0.3)
     by_epoch.legend()
     return _save(figure, path)
+
+
+def subject_scores_plot(table: pd.DataFrame, threshold: float, rule: str, path: str | Path) -> Path:
+    """Each subject's score by true class (test filled, validation hollow), the threshold the
+    validation subjects chose as a line: how far each patient sits from its diagnosis."""
+    figure = _figure(5, 3.6)
+    ax = figure.subplots()
+    offsets = {"val": -0.12, "test": 0.12}
+    for split, rows in table.groupby("split"):
+        hollow = split == "val"
+        ax.scatter(
+            rows["label"] + offsets.get(split, 0.0),
+            rows["score"],
+            s=14 + 4 * np.sqrt(rows["n_cells"]),
+            facecolors="none" if hollow else "tab:blue",
+            edgecolors="tab:blue",
+            label=f"{split} subjects",
+        )
+    ax.axhline(threshold, linestyle="--", color="grey", label=f"threshold {threshold:.3g}")
+    ax.set(xticks=[0, 1], xticklabels=CLASS_NAMES, xlim=(-0.6, 1.6), xlabel="True class")
+    ax.set(ylabel=f"subject score ({rule})", title="Patient-level scores (marker: cells)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="best", fontsize="small")
+    return _save(figure, path)

@@ -83,7 +83,7 @@ def test_set_names_and_rates():
     members = prediction_sets(np.array([0.95, 0.05, 0.5, 0.5]), {"HEM": 0.6, "ALL": 0.6})
     assert set_names(members) == ["ALL", "HEM", "ALL+HEM", "ALL+HEM"]
     empty = prediction_sets(np.array([0.5]), {"HEM": 0.2, "ALL": 0.2})
-    assert set_names(empty) == [""]
+    assert set_names(empty) == ["none"]
     rates = ConformalMetrics({"HEM": 0.6, "ALL": 0.6})(np.array([0.95, 0.05, 0.5]), [1, 1, 0])
     assert rates == pytest.approx(
         {"coverage_ALL": 0.5, "coverage_HEM": 1.0, "abstention_rate": 1 / 3, "empty_rate": 0.0}

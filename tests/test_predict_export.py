@@ -39,6 +39,8 @@ COLUMNS = [
     "label",
     "threshold",
     "threshold_source",
+    "calibrated",
+    "conformal_set",
     "in_distribution",
     "ood_reason",
     "error",

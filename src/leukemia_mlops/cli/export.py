@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from leukemia_mlops.config import load_params
         from leukemia_mlops.errors import MissingInputError
         from leukemia_mlops.inference.export import export_onnx
-        from leukemia_mlops.inference.loading import evaluation_threshold
+        from leukemia_mlops.inference.loading import evaluation_decision
         from leukemia_mlops.tracking.run_files import evaluation_reports, model_run
 
         cfg: DictConfig | None = None
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if prepared_dir is None and Path(cfg.paths.prepared_dir).is_dir():
                 prepared_dir = cfg.paths.prepared_dir
             metrics = metrics or evaluation_reports(cfg)
-        threshold = None if metrics is None else evaluation_threshold(metrics, checkpoint)
+        validated = None if metrics is None else evaluation_decision(metrics, checkpoint)
         if args.int8 and prepared_dir is None:
             raise MissingInputError("--int8 calibrates on a prepare cache: give --prepared-dir")
         with tempfile.TemporaryDirectory(prefix="lmo-export-") as scratch:
@@ -96,8 +96,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 fp32,
                 args.image_size,
                 prepared_dir,
-                threshold=threshold,
+                threshold=None if validated is None else validated.threshold,
                 default_size=default_size,
+                calibration=None if validated is None else validated.calibration,
             )
             if args.int8:
                 from leukemia_mlops.inference.quantize import quantize_onnx

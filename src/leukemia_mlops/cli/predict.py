@@ -26,6 +26,8 @@ from leukemia_mlops.cli.args import run_cli
 from leukemia_mlops.errors import InputError, MissingInputError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from leukemia_mlops.inference.predict import Threshold
 
 
@@ -44,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
         "--metrics", help="the model's evaluation metrics.json, whose threshold to use"
     )
     parser.add_argument("--params", default="params.yaml", help="config for missing settings")
+    parser.add_argument(
+        "--by-subject",
+        nargs="?",
+        const="",
+        metavar="CSV",
+        help="also write one row per subject that C-NMC file names (UID_<subject>_...) carry: "
+        "its cells' score and, where the model's evaluation is known, its diagnosis at the "
+        "patient threshold chosen on validation subjects (default: <out stem>_subjects.csv)",
+    )
     detector = parser.add_argument_group("detector models (YOLO)")
     detector.add_argument(
         "--boxes", help="CSV of one row per detected cell (default: <out stem>_boxes.csv)"
@@ -61,17 +72,20 @@ def _parser() -> argparse.ArgumentParser:
 def _explicit_threshold(args: argparse.Namespace) -> Threshold | None:
     """--threshold (``given``), else that of the --metrics file (``validation``; it must have
     evaluated this very checkpoint), else None (the model's own then)."""
-    from leukemia_mlops.inference.predict import GIVEN, VALIDATION, Threshold
+    from leukemia_mlops.inference.predict import GIVEN, Threshold
 
     if args.threshold is not None:
         return Threshold(args.threshold, GIVEN)
     if args.metrics is None:
         return None
-    from leukemia_mlops.inference.loading import CHECKPOINT_DIGEST_KEY, file_sha256
+    from leukemia_mlops.inference.loading import (
+        CHECKPOINT_DIGEST_KEY,
+        file_sha256,
+        report_decision,
+    )
 
     report = json.loads(Path(args.metrics).read_text())
-    threshold = report.get("threshold")
-    if not isinstance(threshold, int | float):
+    if not isinstance(report.get("threshold"), int | float):
         raise InputError(f"{args.metrics} holds no decision threshold")
     if Path(args.model).suffix != ".ckpt":
         raise InputError(
@@ -83,7 +97,33 @@ def _explicit_threshold(args: argparse.Namespace) -> Threshold | None:
             f"{args.metrics} is the evaluation of another model, not of {args.model} (its "
             f"{CHECKPOINT_DIGEST_KEY} differs): give that model's report, or --threshold"
         )
-    return Threshold(float(threshold), VALIDATION)
+    return Threshold.validated(report_decision(report, args.metrics))
+
+
+def _write_by_subject(
+    args: argparse.Namespace,
+    table: pd.DataFrame,
+    cell_threshold: float,
+    evaluation: Sequence[Path] | None,
+) -> None:
+    """The per-subject file of ``--by-subject``: the evaluation's patient rule and threshold
+    where the model's report is known (``--metrics``, or a checkpoint's pipeline report)."""
+    from leukemia_mlops.evaluation.patient import diagnose_files
+    from leukemia_mlops.inference.loading import evaluation_report
+
+    reports = [Path(args.metrics)] if args.metrics else evaluation
+    found = None
+    if reports is not None and Path(args.model).suffix == ".ckpt":
+        found = evaluation_report(reports, args.model)
+    patient = None if found is None else found[0].get("patient")
+    out = Path(args.by_subject or Path(args.out).with_name(f"{Path(args.out).stem}_subjects.csv"))
+    files = table["file"].astype(str).tolist()
+    subjects = diagnose_files(files, table["prob_all"].to_numpy(float), cell_threshold, patient)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subjects.to_csv(out, index=False)
+    how = "diagnosed at the validated patient threshold" if patient else "scores only: no "
+    how += "" if patient else "patient threshold is known for this model"
+    print(f"{len(subjects)} subjects into {out} ({how})")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -117,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         detector = isinstance(scorer, YoloScorer)
         evaluation = evaluation_reports(params) if params else None
         threshold = decision_threshold(args.model, _explicit_threshold(args), evaluation, uri)
+        if args.by_subject is not None:
+            from leukemia_mlops.evaluation.patient import file_subjects
+            from leukemia_mlops.inference.predict import list_inputs
+
+            file_subjects([str(path) for path in list_inputs(args.inputs)])  # fail before scoring
         table = predict_paths(
             scorer,
             args.inputs,
@@ -140,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"source {threshold.source} ({failed} could not be read, "
             f"{foreign} unlike the training images{cells})"
         )
+        if args.by_subject is not None:
+            _write_by_subject(args, table, threshold.value, evaluation)
 
     run_cli(body)
 

@@ -66,7 +66,7 @@ from leukemia_mlops.evaluation.paired import (
     aligned_test_cells,
     comparison_report,
 )
-from leukemia_mlops.evaluation.patient import check_rule, patient_report
+from leukemia_mlops.evaluation.patient import DEFAULT_RULE, check_rule, patient_report
 from leukemia_mlops.evaluation.plots import (
     confusion_matrix_plot,
     pr_curve_plot,
@@ -126,7 +126,7 @@ class EvaluateSpec:
     scenes_per_subject: int = 3  # YOLO test scenes composed from each test subject's cells
     mixed_precision: bool = False  # score under a GPU's autocast instead of fp32
     alpha: float = 0.1  # the conformal sets' error level
-    patient_rule: str = "mean_log_odds"  # how a subject's cells make its score (patient.RULES)
+    patient_rule: str = DEFAULT_RULE  # how a subject's cells make its score (patient.RULES)
 
     def __post_init__(self) -> None:
         check_alpha(self.alpha)

@@ -13,17 +13,20 @@ a handful of subjects is far too few for a normal approximation.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 from scipy.stats import beta
 
+from leukemia_mlops.data.naming import NAME_FORMAT, CellNameError, parse_cell_name
 from leukemia_mlops.errors import ConfigError, InputError
 from leukemia_mlops.evaluation.bootstrap import Cells
 from leukemia_mlops.inference.calibrated import logit
-from leukemia_mlops.labels import ALL, HEM
+from leukemia_mlops.labels import ALL, CLASS_NAMES, HEM
 
+DEFAULT_RULE = "mean_log_odds"
 CONFIDENCE = 0.95
 INTERVAL = "Clopper-Pearson exact 95%"
 
@@ -133,3 +136,55 @@ def patient_report(
         "n_hem_subjects": int((truth == HEM).sum()),
         "interval": INTERVAL,
     }, table
+
+
+def file_subjects(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The subject and label each C-NMC file name carries (``""`` and -1 where it carries
+    none); an InputError when no name carries one."""
+    subjects, labels = [], []
+    for file in files:
+        try:
+            name = parse_cell_name(Path(file).name)
+        except CellNameError:
+            subjects.append("")
+            labels.append(-1)
+        else:
+            subjects.append(name.subject)
+            labels.append(name.label)
+    if not any(subjects):
+        raise InputError(
+            f"--by-subject: no file name carries a subject (C-NMC names: {NAME_FORMAT}.bmp)"
+        )
+    return np.array(subjects, dtype=object), np.array(labels, dtype=np.int64)
+
+
+def diagnose_files(
+    files: list[str],
+    probs: np.ndarray,
+    cell_threshold: float,
+    patient: dict[str, Any] | None,
+) -> pd.DataFrame:
+    """One row per subject named by the files (``predict --by-subject``): [subject,
+    label_in_names, n_cells, rule, score, threshold, diagnosis]. ``probs`` are the files' P(ALL)
+    as ``predict`` wrote it (NaN: not scored, left out, as are files whose names carry no
+    subject); ``patient`` is the evaluation's
+    ``patient`` section (its rule and validated threshold), None: the default rule and no
+    diagnosis."""
+    subjects, labels = file_subjects(files)
+    kept = (subjects != "") & ~np.isnan(probs)
+    rule = patient["rule"] if patient else DEFAULT_RULE
+    cells = Cells(probs[kept], labels[kept], subjects[kept])
+    table = subject_scores(cells, check_rule(rule), cell_threshold)
+    threshold = patient["threshold"] if patient else np.nan
+    called = np.where(table["score"] > threshold, CLASS_NAMES[ALL], CLASS_NAMES[HEM])
+    return pd.DataFrame(
+        {
+            "subject": table["subject"],
+            "label_in_names": [CLASS_NAMES[label] for label in table["label"]],
+            "n_cells": table["n_cells"],
+            "rule": rule,
+            "score": table["score"],
+            "threshold": threshold,
+            "diagnosis": called if patient else "",
+        }
+    )

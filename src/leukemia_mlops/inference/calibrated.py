@@ -8,12 +8,15 @@ the ranking (AUROC) is unchanged and a threshold on raw P(ALL) maps to
 
 A conformal set holds each class whose nonconformity ``1 - p(class)`` is at most that class's
 quantile: ``ALL``, ``HEM``, ``ALL+HEM`` (abstain: both are plausible at the error level) or
-empty (neither is: the cell is unlike the validation cells of either class).
+``none``, the empty set (neither is: P(ALL) lies between the two classes' typical validation
+scores, which happens when both quantiles are small, i.e. a model sure of most validation
+cells; no answer either).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,12 +26,12 @@ from leukemia_mlops.labels import ALL, CLASS_NAMES, HEM
 #: Probabilities are kept this far from 0 and 1 before the logit, so that a saturated float32
 #: P(ALL) of exactly 1.0 still has a finite log-odds.
 EPS = 1e-12
-#: A prediction set's name by its (HEM in it, ALL in it) membership; empty: neither class.
+#: A prediction set's name by its (HEM in it, ALL in it) membership; ``none``: the empty set.
 SET_NAMES = {
     (False, True): CLASS_NAMES[ALL],
     (True, False): CLASS_NAMES[HEM],
     (True, True): f"{CLASS_NAMES[ALL]}+{CLASS_NAMES[HEM]}",
-    (False, False): "",
+    (False, False): "none",
 }
 
 
@@ -67,3 +70,23 @@ def prediction_sets(probs: np.ndarray, quantiles: Mapping[str, float]) -> np.nda
 def set_names(members: np.ndarray) -> list[str]:
     """Each row of :func:`prediction_sets` by name (:data:`SET_NAMES`)."""
     return [SET_NAMES[(bool(hem), bool(all_))] for hem, all_ in members]
+
+
+class Calibration(NamedTuple):
+    """What the evaluate stage fitted on validation for a model: its temperature and, where
+    known, its conformal quantiles by class name (None: no sets)."""
+
+    temperature: float
+    quantiles: dict[str, float] | None = None
+
+    def probs(self, raw: np.ndarray) -> np.ndarray:
+        """Calibrated P(ALL) of the model's raw P(ALL)."""
+        return calibrate(raw, self.temperature)
+
+    def sets(self, calibrated: np.ndarray) -> list[str]:
+        """Each cell's conformal set by name ("" where its P(ALL) is NaN, or without quantiles)."""
+        p = np.asarray(calibrated, dtype=np.float64)
+        if self.quantiles is None:
+            return [""] * p.size
+        names = set_names(prediction_sets(p, self.quantiles))
+        return ["" if np.isnan(value) else name for value, name in zip(p, names, strict=True)]

@@ -7,7 +7,8 @@ CNNs and YOLOv3 completely, offline. A classifier's graph is ``CellClassifierNet
 ``DecodedYolo``: ``images`` -> ``detections [N,B,5+C]`` (xyxy pixels, objectness, class
 probabilities) for one input side; its ``conf_threshold`` and ``iou_threshold`` travel in the
 metadata, and NMS runs outside the graph. The decision threshold chosen on validation, when
-known, travels in the metadata too (``validated_threshold``).
+known, travels in the metadata too (``validated_threshold``), with the temperature and the
+conformal quantiles fitted there (``temperature``, ``conformal_quantile_<class>``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from leukemia_mlops.data.images import CELL_THRESHOLD
 from leukemia_mlops.data.prepare import IMAGES_FILE
 from leukemia_mlops.data.scenes import SceneSpec, choose_cells, compose_scene, crop_cell
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
+from leukemia_mlops.inference.calibrated import Calibration
 from leukemia_mlops.inference.detection import THRESHOLD_KEYS, Letterbox
-from leukemia_mlops.inference.loading import ONNX_THRESHOLD_KEY, load_module
+from leukemia_mlops.inference.loading import ONNX_THRESHOLD_KEY, Validated, load_module
 from leukemia_mlops.inference.scorers import (
     OnnxNetwork,
     OnnxScorer,
@@ -90,6 +92,7 @@ def export_onnx(
     tolerance: float = PARITY_TOLERANCE,
     threshold: float | None = None,
     default_size: int | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """Export the checkpoint's network to ONNX (any batch size) and check it against PyTorch.
 
@@ -102,7 +105,8 @@ def export_onnx(
     another size than the export's example, so the dynamic batch axis is exercised too): a
     value differing by more than ``tolerance`` (probabilities, and for a detector box
     coordinates as fractions of the input side) removes the file and raises
-    :class:`ParityError`. ``threshold`` (the checkpoint's validated one) goes in the metadata.
+    :class:`ParityError`. ``threshold`` (the checkpoint's validated one) goes in the metadata,
+    with its ``calibration`` where known.
     """
     if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
@@ -113,7 +117,8 @@ def export_onnx(
     target = make_target(module, image_size, default_size, prepared_dir, n_images)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {**target.metadata, ONNX_THRESHOLD_KEY: threshold}
+    known = {} if threshold is None else Validated(threshold, calibration).onnx_metadata()
+    metadata = {**target.metadata, ONNX_THRESHOLD_KEY: threshold, **known}
     _write_onnx(target.net, target.size, target.output, out_path, metadata)
     max_abs_diff = float(np.abs(target.reference - target.compare(out_path)).max())
     if not max_abs_diff <= tolerance:

@@ -1,5 +1,6 @@
 """Loading a trained model (classifier or detector) from a checkpoint, an ONNX file or an MLflow
-model URI, and the decision threshold validated for it."""
+model URI, and what was validated for it: the decision threshold, the temperature and the
+conformal quantiles (:class:`Validated`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import re
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from leukemia_mlops.errors import InputError, MissingInputError
+from leukemia_mlops.inference.calibrated import Calibration, check_temperature
 from leukemia_mlops.inference.detection import DETECTOR_KEYS, THRESHOLD_KEYS, YoloScorer
 from leukemia_mlops.inference.scorers import (
     OnnxNetwork,
@@ -25,6 +27,7 @@ from leukemia_mlops.inference.scorers import (
     TorchNetwork,
     TorchScorer,
 )
+from leukemia_mlops.labels import CLASS_NAMES
 from leukemia_mlops.models import family
 from leukemia_mlops.models.base import CELL_LOGIT, DETECTIONS, FineTunedModule
 
@@ -36,6 +39,12 @@ _ALLOW_PICKLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 #: evaluate stage (logged into the training run), ``metrics.json`` key of the checkpoint.
 ONNX_THRESHOLD_KEY = "validated_threshold"
 MLFLOW_THRESHOLD_METRIC = "eval/threshold"
+#: The temperature and the conformal quantiles travel beside it: ``metrics.json``'s
+#: ``temperature`` and ``conformal.quantile``, these ONNX keys and these MLflow metrics.
+ONNX_TEMPERATURE_KEY = "temperature"
+MLFLOW_TEMPERATURE_METRIC = "eval/temperature"
+ONNX_QUANTILE_KEYS = {name: f"conformal_quantile_{name}" for name in CLASS_NAMES}
+MLFLOW_QUANTILE_METRICS = {name: f"eval/conformal/quantile/{name}" for name in CLASS_NAMES}
 CHECKPOINT_DIGEST_KEY = "checkpoint_sha256"
 
 
@@ -196,11 +205,49 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def evaluation_threshold(
+class Validated(NamedTuple):
+    """What the evaluate stage validated for a model: the decision threshold on its raw P(ALL)
+    and, where known, the calibration of P(ALL) (temperature, conformal quantiles)."""
+
+    threshold: float
+    calibration: Calibration | None = None
+
+    def onnx_metadata(self) -> dict[str, float]:
+        """The ONNX metadata that carries it (:data:`ONNX_THRESHOLD_KEY` and the rest)."""
+        metadata = {ONNX_THRESHOLD_KEY: self.threshold}
+        if self.calibration is not None:
+            metadata[ONNX_TEMPERATURE_KEY] = self.calibration.temperature
+            for name, value in (self.calibration.quantiles or {}).items():
+                metadata[ONNX_QUANTILE_KEYS[name]] = value
+        return metadata
+
+
+def report_decision(metrics: dict[str, Any], where: str | Path) -> Validated:
+    """What an evaluation report (``metrics.json``) validated; a report from before the
+    calibration has a threshold only."""
+    conformal = metrics.get("conformal") or {}
+    return _validated(
+        metrics.get("threshold"), metrics.get("temperature"), conformal.get("quantile"), where
+    )
+
+
+def _validated(
+    threshold: object, temperature: object, quantiles: dict[str, object] | None, where: str | Path
+) -> Validated:
+    """Checked values as a :class:`Validated`, or an InputError naming ``where``."""
+    calibration = None
+    if temperature is not None:
+        if quantiles is not None:
+            quantiles = {name: _threshold_value(quantiles.get(name), where) for name in CLASS_NAMES}
+        calibration = Calibration(check_temperature(temperature, where), quantiles)
+    return Validated(_threshold_value(threshold, where), calibration)
+
+
+def evaluation_report(
     evaluation: str | Path | Sequence[Path], checkpoint: str | Path
-) -> float | None:
-    """The threshold of the evaluate stage's ``metrics.json`` (or of whichever of several)
-    that evaluated ``checkpoint``.
+) -> tuple[dict[str, Any], Path] | None:
+    """The evaluate stage's ``metrics.json`` (or whichever of several) that evaluated
+    ``checkpoint``, and its path.
 
     The file records the digest of the checkpoint it scored; another checkpoint's evaluation
     (a stale file, a retrained model) gives None, never its threshold.
@@ -213,8 +260,38 @@ def evaluation_threshold(
             continue
         metrics = json.loads(path.read_text())
         if metrics.get(CHECKPOINT_DIGEST_KEY) == digest:
-            return _threshold_value(metrics.get("threshold"), path)
+            return metrics, path
     return None
+
+
+def evaluation_decision(
+    evaluation: str | Path | Sequence[Path], checkpoint: str | Path
+) -> Validated | None:
+    """What the evaluation of ``checkpoint`` validated (see :func:`evaluation_report`)."""
+    found = evaluation_report(evaluation, checkpoint)
+    return None if found is None else report_decision(*found)
+
+
+def validated_decision(
+    source: str | Path,
+    evaluation: str | Path | Sequence[Path] | None = None,
+    tracking_uri: str | None = None,
+) -> Validated | None:
+    """What was validated for a model, None where nothing is known.
+
+    A ``.ckpt`` takes it from ``evaluation`` (see :func:`evaluation_decision`), an ONNX file
+    from its metadata (written by the export), an MLflow model from its run's ``eval/``
+    metrics (logged by the evaluate stage).
+    """
+    text = str(source)
+    if is_mlflow_uri(text):
+        return _mlflow_decision(text, tracking_uri)
+    path = Path(source)
+    if path.suffix == ".onnx":
+        return _known(
+            onnx_metadata(path), ONNX_THRESHOLD_KEY, ONNX_TEMPERATURE_KEY, ONNX_QUANTILE_KEYS, path
+        )
+    return None if evaluation is None else evaluation_decision(evaluation, path)
 
 
 def validated_threshold(
@@ -222,20 +299,29 @@ def validated_threshold(
     evaluation: str | Path | Sequence[Path] | None = None,
     tracking_uri: str | None = None,
 ) -> float | None:
-    """The decision threshold chosen on validation for a model, None where none is known.
+    """The decision threshold chosen on validation for a model (on its raw P(ALL)), None
+    where none is known (see :func:`validated_decision`)."""
+    known = validated_decision(source, evaluation, tracking_uri)
+    return None if known is None else known.threshold
 
-    A ``.ckpt`` takes it from ``evaluation`` (see :func:`evaluation_threshold`), an ONNX file
-    from its metadata (written by the export), an MLflow model from its run's
-    ``eval/threshold`` metric (logged by the evaluate stage).
-    """
-    text = str(source)
-    if is_mlflow_uri(text):
-        return _mlflow_threshold(text, tracking_uri)
-    path = Path(source)
-    if path.suffix == ".onnx":
-        value = onnx_metadata(path).get(ONNX_THRESHOLD_KEY)
-        return None if value is None else _threshold_value(float(value), path)
-    return None if evaluation is None else evaluation_threshold(evaluation, path)
+
+def _known(
+    values: dict[str, Any],
+    threshold_key: str,
+    temperature_key: str,
+    quantile_keys: dict[str, str],
+    where: str | Path,
+) -> Validated | None:
+    """A :class:`Validated` from flat key-value pairs (ONNX metadata, a run's metrics)."""
+    if values.get(threshold_key) is None:
+        return None
+
+    def number(key: str) -> float | None:
+        return None if values.get(key) is None else float(values[key])
+
+    quantiles = {name: number(key) for name, key in quantile_keys.items()}
+    known = None if None in quantiles.values() else quantiles
+    return _validated(number(threshold_key), number(temperature_key), known, where)
 
 
 def onnx_metadata(path: str | Path) -> dict[str, str]:
@@ -245,8 +331,8 @@ def onnx_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def _mlflow_threshold(uri: str, tracking_uri: str | None) -> float | None:
-    """The ``eval/threshold`` metric of the run an MLflow model was logged from."""
+def _mlflow_decision(uri: str, tracking_uri: str | None) -> Validated | None:
+    """What the ``eval/`` metrics of the run an MLflow model was logged from validated."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -255,8 +341,9 @@ def _mlflow_threshold(uri: str, tracking_uri: str | None) -> float | None:
     run_id = mlflow.models.get_model_info(uri).run_id
     if run_id is None:
         return None
-    value = MlflowClient().get_run(run_id).data.metrics.get(MLFLOW_THRESHOLD_METRIC)
-    return None if value is None else _threshold_value(value, uri)
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    keys = (MLFLOW_THRESHOLD_METRIC, MLFLOW_TEMPERATURE_METRIC, MLFLOW_QUANTILE_METRICS)
+    return _known(metrics, *keys, uri)
 
 
 def _threshold_value(value: object, where: str | Path) -> float:

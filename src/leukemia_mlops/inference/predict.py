@@ -2,7 +2,9 @@
 
 A classifier gives one row per file; a detector also one row per detected cell and, on
 request, each image with its boxes drawn. Every row names the threshold it was labelled at
-and where that came from (:class:`Threshold`).
+and where that came from (:class:`Threshold`). Where the model's temperature is known, P(ALL)
+is calibrated (``calibrated``) and each cell gets its conformal set (``conformal_set``; see
+:mod:`~.inference.calibrated`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from leukemia_mlops.data.images import bgr_to_rgb, decode_bgr
 from leukemia_mlops.data.layout import IMAGE_SUFFIXES
 from leukemia_mlops.data.prepare import PrepareSpec, decode_file
 from leukemia_mlops.errors import ConfigError, InputError, MissingInputError
+from leukemia_mlops.inference.calibrated import Calibration, calibrated_threshold
 from leukemia_mlops.inference.detection import (
     Found,
     Letterbox,
@@ -34,7 +37,7 @@ from leukemia_mlops.inference.detection import (
     select_boxes,
     to_original,
 )
-from leukemia_mlops.inference.loading import load_scorer, validated_threshold
+from leukemia_mlops.inference.loading import Validated, load_scorer, validated_decision
 from leukemia_mlops.inference.ood import assess, assess_scene
 from leukemia_mlops.inference.scorers import Scorer
 from leukemia_mlops.labels import ALL, CLASS_NAMES, HEM
@@ -58,10 +61,20 @@ CELL_FOUND, NO_CELL_FOUND, NOT_SINGLE_CELL = "cell found", "no cell found", "not
 
 class Threshold(NamedTuple):
     """A decision threshold (ALL above it) and its source: :data:`GIVEN`, :data:`VALIDATION`
-    or :data:`DEFAULT`."""
+    or :data:`DEFAULT`; with a ``calibration``, P(ALL) is calibrated first and the threshold
+    is on the calibrated scale."""
 
     value: float
     source: str
+    calibration: Calibration | None = None
+
+    @classmethod
+    def validated(cls, known: Validated) -> Threshold:
+        """The validated threshold, moved onto the calibrated scale where it is calibrated."""
+        if known.calibration is None:
+            return cls(known.threshold, VALIDATION)
+        value = calibrated_threshold(known.threshold, known.calibration.temperature)
+        return cls(value, VALIDATION, known.calibration)
 
 
 class Item(NamedTuple):
@@ -163,15 +176,16 @@ def decision_threshold(
     evaluation: str | Path | Sequence[Path] | None = None,
     tracking_uri: str | None = None,
 ) -> Threshold:
-    """``threshold`` if given (a bare number is :data:`GIVEN`), else the model's validated one
-    (see :func:`validated_threshold`; ``evaluation``: the metrics.json of a checkpoint's
-    evaluation), else 0.5 (:data:`DEFAULT`) with a notice."""
+    """``threshold`` if given (a bare number is :data:`GIVEN`, on the calibrated scale where the
+    model's calibration is known), else the model's validated one (see
+    :func:`validated_decision`; ``evaluation``: the metrics.json of a checkpoint's evaluation),
+    else 0.5 (:data:`DEFAULT`) with a notice."""
     if isinstance(threshold, Threshold):
         return threshold
-    if threshold is not None:
-        return Threshold(float(threshold), GIVEN)
     is_source = isinstance(model_source, str | Path)
-    known = validated_threshold(model_source, evaluation, tracking_uri) if is_source else None
+    known = validated_decision(model_source, evaluation, tracking_uri) if is_source else None
+    if threshold is not None:
+        return Threshold(float(threshold), GIVEN, None if known is None else known.calibration)
     if known is None:
         print(
             f"notice: no validated threshold is known for this model; "
@@ -179,7 +193,7 @@ def decision_threshold(
             file=sys.stderr,
         )
         return Threshold(FALLBACK_THRESHOLD, DEFAULT)
-    return Threshold(known, VALIDATION)
+    return Threshold.validated(known)
 
 
 def predict_paths(
@@ -208,7 +222,10 @@ def predict_paths(
     process's heap from fragmenting: its peak memory stays flat over any number of files.
     ``threshold`` defaults as :func:`decision_threshold` says. Columns: file, prob_all,
     label (ALL when prob_all > threshold, else HEM), threshold and threshold_source (the
-    :class:`Threshold` every row was labelled at), in_distribution and ood_reason (whether the
+    :class:`Threshold` every row was labelled at), calibrated (whether prob_all is calibrated
+    with the model's validated temperature), conformal_set (``ALL``, ``HEM``, ``ALL+HEM``: abstain,
+    ``none``: the empty set; blank without conformal quantiles or a probability), in_distribution
+    and ood_reason (whether the
     image is like the training images, and why not; see :mod:`~.inference.ood`), error (why a
     file could not be scored, else empty).
 
@@ -321,6 +338,10 @@ def _score_batch(
 def _image_rows(
     paths: list[Path], items: list[Item], probs: np.ndarray, threshold: Threshold
 ) -> pd.DataFrame:
+    """One row per file; ``probs`` raw P(ALL), calibrated here where the threshold says how."""
+    calibration = threshold.calibration
+    if calibration is not None:
+        probs = calibration.probs(probs)
     labels = np.where(probs > threshold.value, CLASS_NAMES[ALL], CLASS_NAMES[HEM])
     return pd.DataFrame(
         {
@@ -329,6 +350,8 @@ def _image_rows(
             "label": np.where(np.isnan(probs), "", labels),
             "threshold": threshold.value,
             "threshold_source": threshold.source,
+            "calibrated": calibration is not None,
+            "conformal_set": [""] * len(paths) if calibration is None else calibration.sets(probs),
             "in_distribution": np.array([item.in_distribution for item in items], dtype=bool),
             "ood_reason": [item.reason for item in items],
             "error": [item.error for item in items],

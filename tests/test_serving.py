@@ -1,17 +1,11 @@
 """The logged image model (``mlflow models serve`` of it, for the classifier) answers as
-``predict`` does, for a classifier and for a detector."""
+``predict`` does, for a classifier and for a detector, from image bytes and from paths under
+the root its deployment allows."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +19,6 @@ import torch
 from conftest import TINY_SIZE
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
-from servers import free_port
 from test_predict_yolo import (
     MIN_SCORE,
     blind_detector,
@@ -35,7 +28,9 @@ from test_predict_yolo import (
 )
 from torch import nn
 
+from bench.serving import serving
 from leukemia_mlops.cli import predict as predict_cli
+from leukemia_mlops.inference.intake import ALLOWED_ROOT_ENV
 from leukemia_mlops.inference.loading import load_module
 from leukemia_mlops.inference.serving import (
     BOX_FIELDS,
@@ -49,7 +44,6 @@ from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.tracking.model_logging import log_classifier
 
 pytestmark = pytest.mark.slow
-START_TIMEOUT_S = 120
 BACKBONE = "resnet18"
 
 
@@ -106,53 +100,12 @@ def logged(store, predicted) -> tuple[str, str, float]:
 
 
 @pytest.fixture
-def server(logged, tmp_path) -> Iterator[str]:
-    """``mlflow models serve`` of the image model with pickle refused; yields its URL."""
+def server(logged, tiny_raw, tmp_path) -> Iterator[str]:
+    """``mlflow models serve`` of the image model with pickle refused, reading paths under the
+    tiny raw set; yields its URL."""
     uri, model, _ = logged
-    with serving(uri, model, tmp_path / "serve.log") as url:
-        yield url
-
-
-@contextlib.contextmanager
-def serving(uri: str, model: str, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``mlflow models serve`` of ``model`` (in the store ``uri``, pickle refused, ``env``
-    added to its environment), logging to ``log``; yields its URL."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": uri,
-        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
-        # The server runs ``uvicorn`` by name: the venv's programs come first, as activated.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        **(env or {}),
-    }
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model]
-    command += ["--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
-    with log.open("wb") as stream:
-        process = subprocess.Popen(
-            command, stdout=stream, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        _wait_for_ping(f"http://127.0.0.1:{port}", process, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # the CLI and the uvicorn it started
-            os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-
-
-def _wait_for_ping(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.3)
-    raise RuntimeError(f"mlflow models serve did not answer /ping: {log.read_text()[-3000:]}")
+    with serving(uri, model, tmp_path / "serve.log", {ALLOWED_ROOT_ENV: str(tiny_raw)}) as served:
+        yield served.url
 
 
 def post(url: str, payload: dict) -> list[dict]:
@@ -186,8 +139,8 @@ def test_logged_image_model_states_its_threshold_and_needs_no_pickle(logged, mon
     loaded = mlflow.pyfunc.load_model(model)
     metadata = loaded.metadata.metadata
     assert metadata["threshold"] == threshold and metadata["threshold_source"] == "validation"
-    with pytest.raises(Exception, match="give a base64 'image' or a file 'path'"):
-        loaded.predict(pd.DataFrame({"path": [""]}))
+    answer = loaded.predict(pd.DataFrame({"path": [""]}))
+    assert answer["error"][0] == "row 0: give a base64 'image' or a file 'path'"
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +219,7 @@ def test_a_served_detector_gives_no_label_to_a_cell_no_box_finds(
     served = ServedModel.of(detector, TINY_SIZE, 450, "window")
     log_image_model(uri, run_id, detector.net, served)
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    monkeypatch.setenv(ALLOWED_ROOT_ENV, str(two_images[0].parent))
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/{IMAGE_MODEL}")
     assert loaded.metadata.metadata["threshold_source"] == "default"

@@ -7,18 +7,24 @@ installed package, the weights a ``state_dict`` read with ``torch.load(weights_o
 the settings (module class, network hyperparameters, preprocessing, decision threshold) plain
 JSON in ``model_config``.
 
-Each request row gives an image as base64 file bytes (column ``image``) or a file path on the
-server (column ``path``). Images go through :func:`~.inference.predict.predict_paths`, the
+Each request row gives an image as base64 file bytes (column ``image``) or, where the
+deployment names an allowed root, a file path under it on the server (column ``path``); see
+:mod:`~.inference.intake` for the limits (pixel count read from the header before decoding,
+paths refused alike whatever the reason). A row refused there is answered with its ``error``
+and no probability; the other rows go through :func:`~.inference.predict.predict_paths`, the
 code of ``predict``, so a served answer equals ``predict``'s for the same file: a detector's
 also holds the file's status, cell count and boxes, as ``predict`` gives them (a single-cell
 image no box finds gets no probability and no label, status ``no cell found``).
+
+The network is a ``state_dict`` of the module class, or an ONNX file (an fp32 or INT8 export,
+scored by ONNX Runtime as ``predict`` scores it).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,12 +38,13 @@ from mlflow.pyfunc import PythonModel
 from mlflow.pyfunc.model import PythonModelContext
 from torch import nn
 
-from leukemia_mlops.errors import InputError
 from leukemia_mlops.inference.detection import YoloScorer
-from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, module_scorer
+from leukemia_mlops.inference.intake import DEFAULT_MAX_PIXELS, Intake, Refused
+from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, load_scorer, module_scorer
 from leukemia_mlops.inference.predict import (
     DEFAULT,
     FALLBACK_THRESHOLD,
+    NOT_SCORED,
     VALIDATION,
     Threshold,
     predict_paths,
@@ -50,9 +57,9 @@ from leukemia_mlops.tracking.model_logging import torch_requirements
 
 #: Name of the served model in its run (``runs:/<id>/image_model``), beside ``model``.
 IMAGE_MODEL = "image_model"
-#: ``artifacts`` key of the network's ``state_dict`` file.
-WEIGHTS_ARTIFACT = "weights"
-#: Request columns: base64 bytes of an image file, or a path the server can read.
+#: ``artifacts`` key of the network's ``state_dict`` file, or of its ONNX export.
+WEIGHTS_ARTIFACT, ONNX_ARTIFACT = "weights", "onnx"
+#: Request columns: base64 bytes of an image file, or a path under the allowed root.
 IMAGE_COLUMN, PATH_COLUMN = "image", "path"
 #: Response columns (``predict``'s, less ``file``) and their signature types.
 OUTPUT_COLUMNS = {
@@ -76,8 +83,9 @@ BOX_FIELDS = ["x1", "y1", "x2", "y2", "class", "score"]
 class ServedModel:
     """What the served model needs besides the weights: its module class (a ``_target_``),
     the settings that rebuild its network (``network_settings``), the prepare settings to
-    decode images with, the threshold chosen on validation (None: 0.5) and, for a detector,
-    the smallest score of a box it answers (``predict``'s ``--min-score``)."""
+    decode images with, the threshold chosen on validation (None: 0.5), for a detector the
+    smallest score of a box it answers (``predict``'s ``--min-score``), and the request limits
+    (:class:`~.inference.intake.Intake`; the server's environment overrides them)."""
 
     module: str
     network: dict[str, Any]
@@ -86,6 +94,8 @@ class ServedModel:
     fit: str
     threshold: float | None = None
     min_score: float = MIN_BOX_SCORE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allowed_root: str | None = None
 
     @classmethod
     def of(
@@ -107,33 +117,69 @@ class ImageModel(PythonModel):
 
     def load_context(self, context: PythonModelContext) -> None:
         config = context.model_config
-        state = torch.load(
-            context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True
-        )
+        self.intake = Intake.of(config)
+        # OpenCV's own decompression-bomb guard, read at its first decode: none gets past it.
+        os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(self.intake.max_pixels))
         self.settings = {key: config[key] for key in PREPROCESSING_KEYS}
         self.threshold = served_threshold(config.get("threshold"))
         self.min_score = float(config["min_score"])
+        if ONNX_ARTIFACT in context.artifacts:
+            self.scorer = load_scorer(context.artifacts[ONNX_ARTIFACT])
+            return
+        state = torch.load(
+            context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True
+        )
         self.scorer = _scorer(config["module"], config["network"], state, self.settings)
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
         with tempfile.TemporaryDirectory(prefix="lmo-serve-") as scratch:
-            paths = request_files(model_input, Path(scratch))
-            boxes_csv = Path(scratch) / "boxes.csv"  # written for a detector only
-            table = predict_paths(
-                self.scorer,
-                paths,
-                Path(scratch) / "predictions.csv",
-                **self.settings,
-                threshold=self.threshold,
-                workers=0,
-                boxes_csv=boxes_csv,
-                min_score=self.min_score,
-            )
-            if not isinstance(self.scorer, YoloScorer):
-                return table[list(OUTPUT_COLUMNS)]
-            return _with_boxes(table, pd.read_csv(boxes_csv, keep_default_na=False))
+            files, refused = request_files(model_input, Path(scratch), self.intake)
+            answer = self._score(list(files.values()), Path(scratch)) if files else None
+        return self._with_refused(answer, list(files), refused)
+
+    def _score(self, paths: list[Path], scratch: Path) -> pd.DataFrame:
+        """``predict``'s answer for the accepted files, in order."""
+        boxes_csv = scratch / "boxes.csv"  # written for a detector only
+        table = predict_paths(
+            self.scorer,
+            paths,
+            scratch / "predictions.csv",
+            **self.settings,
+            threshold=self.threshold,
+            workers=0,
+            boxes_csv=boxes_csv,
+            min_score=self.min_score,
+        )
+        if not isinstance(self.scorer, YoloScorer):
+            return table[list(OUTPUT_COLUMNS)]
+        return _with_boxes(table, pd.read_csv(boxes_csv, keep_default_na=False))
+
+    def _with_refused(
+        self, answer: pd.DataFrame | None, accepted: list[int], refused: dict[int, str]
+    ) -> pd.DataFrame:
+        """One row per request row, in order: the accepted rows' answers, and for each refused
+        row its error, no probability and no label."""
+        rows = pd.DataFrame(
+            {
+                "prob_all": np.nan,
+                "label": "",
+                "threshold": self.threshold.value,
+                "threshold_source": self.threshold.source,
+                "in_distribution": False,
+                "ood_reason": NOT_SCORED,
+                "error": list(refused.values()),
+            },
+            index=list(refused),
+        )
+        if isinstance(self.scorer, YoloScorer):
+            rows = rows.assign(status=NOT_SCORED, n_cells=0, boxes="[]")
+        if answer is None:
+            return rows.sort_index().reset_index(drop=True)
+        answer = answer.set_axis(accepted)
+        combined = pd.concat([answer, rows.astype(answer.dtypes.to_dict())]) if refused else answer
+        return combined.sort_index().reset_index(drop=True)
 
 
 def served_threshold(known: float | None) -> Threshold:
@@ -167,39 +213,39 @@ def _with_boxes(table: pd.DataFrame, boxes: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def request_files(rows: pd.DataFrame, scratch: Path) -> list[Path]:
-    """One file per request row: its ``path``, or its ``image`` bytes written to ``scratch``.
+def request_files(
+    rows: pd.DataFrame, scratch: Path, intake: Intake
+) -> tuple[dict[int, Path], dict[int, str]]:
+    """The file of each accepted request row (its ``image`` bytes written to ``scratch``, or
+    its ``path`` under the allowed root), and the error of each refused one, by row number.
 
     ``predict`` tells an image by its suffix and decodes by content, so bytes are written
     with a neutral image suffix whatever their format.
     """
-    files = []
+    files, refused = {}, {}
     for index, row in enumerate(rows.to_dict("records")):
         image, path = row.get(IMAGE_COLUMN), row.get(PATH_COLUMN)
-        if isinstance(image, str) and image:
-            files.append(_write_bytes(image, scratch / f"{index}.png", index))
-        elif isinstance(path, str) and path and not Path(path).is_dir():
-            files.append(Path(path))
-        else:
-            raise InputError(
-                f"row {index}: give a base64 '{IMAGE_COLUMN}' or a file '{PATH_COLUMN}'"
-            )
-    return files
+        try:
+            if isinstance(image, str) and image:
+                files[index] = scratch / f"{index}.png"
+                files[index].write_bytes(intake.image_bytes(image))
+            elif isinstance(path, str) and path:
+                files[index] = intake.path(path)
+            else:
+                raise Refused(f"give a base64 '{IMAGE_COLUMN}' or a file '{PATH_COLUMN}'")
+        except Refused as err:
+            files.pop(index, None)
+            refused[index] = f"row {index}: {err}"
+    return files, refused
 
 
-def _write_bytes(encoded: str, target: Path, index: int) -> Path:
-    try:
-        target.write_bytes(base64.b64decode(encoded, validate=True))
-    except binascii.Error as err:
-        raise InputError(f"row {index}: '{IMAGE_COLUMN}' is not base64 ({err})") from None
-    return target
+def log_image_model(uri: str, run_id: str, net: nn.Module | Path, served: ServedModel) -> None:
+    """Log ``net`` (a module, or an ONNX export's path) as the image-serving pyfunc model
+    (:data:`IMAGE_MODEL`) into a run.
 
-
-def log_image_model(uri: str, run_id: str, net: nn.Module, served: ServedModel) -> None:
-    """Log ``net`` as the image-serving pyfunc model (:data:`IMAGE_MODEL`) into a run.
-
-    Nothing is pickled: the code is this file, the weights a ``state_dict``, the settings
-    JSON (``model_config``, also the model's metadata with where the threshold came from).
+    Nothing is pickled: the code is this file, the weights a ``state_dict`` or the ONNX file,
+    the settings JSON (``model_config``, also the model's metadata with where the threshold
+    came from).
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -216,12 +262,15 @@ def log_image_model(uri: str, run_id: str, net: nn.Module, served: ServedModel) 
         tempfile.TemporaryDirectory(prefix="lmo-weights-") as scratch,
         mlflow.start_run(run_id=run_id),
     ):
-        weights = Path(scratch) / "weights.pt"
-        torch.save(net.state_dict(), weights)
+        if isinstance(net, Path):
+            artifacts = {ONNX_ARTIFACT: str(net)}
+        else:
+            artifacts = {WEIGHTS_ARTIFACT: str(Path(scratch) / "weights.pt")}
+            torch.save(net.state_dict(), artifacts[WEIGHTS_ARTIFACT])
         mlflow.pyfunc.log_model(
             name=IMAGE_MODEL,
             python_model=__file__,
-            artifacts={WEIGHTS_ARTIFACT: str(weights)},
+            artifacts=artifacts,
             model_config=config,
             metadata={**config, "threshold_source": source},
             signature=ModelSignature(inputs, outputs),

@@ -5,17 +5,22 @@ backbone (by a validation metric) as Markdown (``--out``) and CSV. Rows are grou
 data they were evaluated on, its digest the prepare cache's identity (raw data, prepare and
 split settings), never ranked across datasets. ``--register`` registers the champion of one
 dataset (``--dataset``, needed when the store holds several) as a version of
-``leukemia-cell-classifier`` and points that dataset's alias (``champion-<identity>``) at it.
+``leukemia-cell-classifier`` and points that dataset's alias (``champion-<identity>``) at it;
+its model card (rendered from the run's logged evaluation) becomes the version's description,
+an artifact of its run and ``model_card.md`` beside ``--out``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from leukemia_mlops.cli.args import run_cli, stage_parser
 
 log = logging.getLogger(__name__)
+#: The champion's model card, written beside the comparison (``--out``).
+MODEL_CARD = "model_card.md"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -44,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         markdown, _ = write_comparison(table, args.out)
         print(markdown.read_text(), end="")
         if args.register:
+            from leukemia_mlops.tracking.model_card import attach_model_card
             from leukemia_mlops.tracking.registry import (
                 REGISTERED_NAME,
                 champion_alias,
@@ -53,8 +59,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             best = champion(table, args.dataset)
             name = args.name or REGISTERED_NAME
             version = register_best(uri, best["run_id"], best["digest"], name).version
+            card = Path(args.out).with_name(MODEL_CARD)
+            attach_model_card(uri, name, version, card)
             log.info(
-                "registered run %s (%s %s, dataset %s) as %s v%s, alias %s",
+                "registered run %s (%s %s, dataset %s) as %s v%s, alias %s; model card %s",
                 best["run_id"],
                 best["family"],
                 best["backbone"],
@@ -62,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 name,
                 version,
                 champion_alias(best["digest"]),
+                card,
             )
 
     run_cli(body)

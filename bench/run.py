@@ -30,12 +30,15 @@ BENCHMARKS = (
     "capacity",
     "precision",
     "inference",
+    "int8",
+    "predict_throughput",
     "ceiling",
     "accuracy",
     "trial",
     "sweep_disk",
     "memory",
     "yolo",
+    "serving",
     "repro",
 )
 REPO = Path(__file__).resolve().parents[1]

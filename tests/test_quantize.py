@@ -3,8 +3,10 @@ test cells, flagged (never silently) where it misses, and scored by ``predict`` 
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import onnx
 import pandas as pd
 import pytest
 from conftest import TINY_SIZE as SIZE
+from mlflow.pyfunc.model import PythonModelContext
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -19,19 +22,16 @@ from leukemia_mlops.cli import export as export_cli
 from leukemia_mlops.data.datamodule import CachedSplit
 from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import MANIFEST_FILE
+from leukemia_mlops.evaluation.int8_parity import PARITY_KEY, PARITY_OK_KEY, export_int8
 from leukemia_mlops.evaluation.metrics import binary_metrics
 from leukemia_mlops.inference.export import export_onnx
 from leukemia_mlops.inference.loading import load_scorer, onnx_metadata
 from leukemia_mlops.inference.predict import predict_paths
-from leukemia_mlops.inference.quantize import (
-    CALIBRATION_KEY,
-    PARITY_KEY,
-    PARITY_OK_KEY,
-    QUANTIZATION_KEY,
-    cpu_has_vnni,
-    quantize_onnx,
-)
+from leukemia_mlops.inference.quantize import CALIBRATION_KEY, QUANTIZATION_KEY, cpu_has_vnni
 from leukemia_mlops.inference.scorers import to_network_input
+from leukemia_mlops.inference.serving import ONNX_ARTIFACT, ImageModel, ServedModel
+from leukemia_mlops.models.base import class_path
+from leukemia_mlops.models.classifier import CellClassifier
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def fp32(tiny_checkpoint, tiny_prepared, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def int8(fp32, tiny_prepared, tmp_path_factory) -> tuple[Path, dict]:
     path = tmp_path_factory.mktemp("int8") / "model.int8.onnx"
-    return path, quantize_onnx(fp32, path, tiny_prepared)
+    return path, export_int8(fp32, path, tiny_prepared)
 
 
 def metadata(path: Path) -> dict:
@@ -121,7 +121,7 @@ def test_an_int8_model_missing_parity_is_written_flagged_and_warned(
     """Calibrated on one cell, the activations clip: the gaps exceed a zero tolerance, and the
     model is still written, flagged false, with a warning in the log."""
     path = tmp_path / "clipped.int8.onnx"
-    report = quantize_onnx(fp32, path, tiny_prepared, calibration_cells=1, tolerance=0.0)
+    report = export_int8(fp32, path, tiny_prepared, calibration_cells=1, tolerance=0.0)
     parity = report["parity"]
     assert max(parity["f1_gap"], parity["auroc_gap"]) > 0, "the precondition: a real gap"
     assert path.is_file() and metadata(path)[PARITY_OK_KEY] is False
@@ -152,6 +152,20 @@ def test_predict_on_the_int8_model_agrees_with_fp32(int8, fp32, test_files, tmp_
     assert (tables[1]["error"] == "").all() and len(tables[1]) > 10
     agreement = (tables[0]["label"] == tables[1]["label"]).mean()
     assert agreement >= 0.99, agreement
+
+
+def test_the_served_model_scores_with_the_int8_file_as_predict_does(int8, test_files, tmp_path):
+    """The served model with the INT8 file as its network: predict's probabilities on the
+    same files, sent as bytes."""
+    files = sorted(test_files.iterdir())[:6]
+    expected = predict_paths(int8[0], files, tmp_path / "p.csv", image_size=SIZE)
+    config = ServedModel(class_path(CellClassifier), {}, SIZE, 450, "window")
+    model = ImageModel()
+    model.load_context(PythonModelContext({ONNX_ARTIFACT: str(int8[0])}, asdict(config)))
+    rows = pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files]})
+    answer = model.predict(None, rows)
+    assert (answer["error"] == "").all()
+    np.testing.assert_allclose(answer["prob_all"], expected["prob_all"], rtol=1e-6)
 
 
 def test_export_cli_int8_writes_the_quantized_model(tiny_checkpoint, tiny_prepared, tmp_path):

@@ -8,8 +8,9 @@ evaluation (``<paths.reports_dir>/eval/<key>/metrics.json``) scored this very ch
 into the ONNX metadata.
 
 ``--int8`` writes a statically quantized model instead (``exports/<run>.int8.onnx``; see
-``inference.quantize``): the fp32 export, checked as above, is calibrated on the prepare
-cache's training cells and compared with the INT8 model on its test cells.
+``inference.quantize`` and ``evaluation.int8_parity``): the fp32 export, checked as above, is
+calibrated on the prepare cache's training cells and compared with the INT8 model on its test
+cells.
 """
 
 from __future__ import annotations
@@ -101,9 +102,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 calibration=None if validated is None else validated.calibration,
             )
             if args.int8:
-                from leukemia_mlops.inference.quantize import quantize_onnx
+                from leukemia_mlops.evaluation.int8_parity import export_int8
 
-                int8 = quantize_onnx(fp32, out, prepared_dir, args.calibration_cells)
+                int8 = export_int8(fp32, out, prepared_dir, args.calibration_cells)
                 report = {**report, **int8, "fp32": "checked, not kept"}
         print(json.dumps(report, indent=2))
 

@@ -30,7 +30,8 @@ from leukemia_mlops.training.mixed_precision import (
 from leukemia_mlops.training.run import (
     RUN_STATE_ENV,
     _handed_to_launched_ranks,
-    _inherited_state,
+    _inherited_start,
+    _Start,
     run_training,
 )
 
@@ -277,15 +278,17 @@ def test_auto_loader_workers_share_the_cpus_among_the_ranks(tiny_prepared):
 
 
 def test_rank_zero_hands_its_run_state_to_the_ranks_it_launches():
-    # Lightning's DDP launcher re-runs the command: those ranks must not read run.json.
+    # Lightning's DDP launcher re-runs the command: those ranks must not read run.json nor
+    # open the store.
     state = {"config_hash": "abc", "mlflow_run_id": "r1", "status": "running"}
-    probe = "from leukemia_mlops.training.run import _inherited_state; print(_inherited_state())"
-    with _handed_to_launched_ranks(state, resume=True):
+    start = _Start(Path("/runs/a"), state, True, "sqlite:////runs/mlflow.db")
+    probe = "from leukemia_mlops.training.run import _inherited_start; print(_inherited_start())"
+    with _handed_to_launched_ranks(start):
         child = subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, check=True
         )
-        assert _inherited_state() is None  # rank 0 decides for itself
-    assert child.stdout.splitlines()[-1] == str((state, True))
+        assert _inherited_start() is None  # rank 0 decides for itself
+    assert child.stdout.splitlines()[-1] == str(start)
     assert RUN_STATE_ENV not in os.environ
 
 

@@ -90,7 +90,7 @@ def test_the_train_stage_under_ddp_leaves_complete_outputs(tiny_config, tmp_path
 
 def test_torchrun_ranks_share_rank_zeros_run_directory_and_resume(tiny_prepared, tmp_path):
     # torchrun starts every rank at once and each resolves its own Hydra run directory (here
-    # run_<RANK>, as two ${now} seconds would): only rank 0's may be read and written.
+    # run_<RANK>, as two ${now} seconds would): only rank 0's is made, read and written.
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [
         str(torchrun),
@@ -113,7 +113,7 @@ def test_torchrun_ranks_share_rank_zeros_run_directory_and_resume(tiny_prepared,
         assert result.returncode == 0, (attempt, result.stderr[-3000:])
         state = json.loads((tmp_path / "run_0/run.json").read_text())
         assert state["status"] == "finished"
-        assert not {"checkpoints", "run.json"} & {p.name for p in (tmp_path / "run_1").iterdir()}
+        assert not (tmp_path / "run_1").exists()  # rank 1 writes no Hydra directory of its own
         # Mark the run unfinished: every rank must resume from rank 0's last.ckpt alike.
         state["status"] = "running"
         (tmp_path / "run_0/run.json").write_text(json.dumps(state))

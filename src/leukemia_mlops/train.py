@@ -8,6 +8,10 @@ A single run stops on an expected failure (:func:`~leukemia_mlops.errors.expecte
 e.g. ImageNet weights that are not cached, offline) with one ``error:`` line and status 2, and
 on a bug with its traceback and status 1, as the stage commands do. A sweep's trial raises
 either, for its sweeper to record the trial as failed.
+Ranks that torchrun or srun start together write one Hydra run directory, rank 0's: the
+others run without one (:func:`~leukemia_mlops.training.cluster.hydra_overrides`). A single
+run stopped by SIGUSR1 or SIGTERM saves its checkpoint and exits with status 75, for the
+batch script to requeue it (:mod:`~leukemia_mlops.training.preemption`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ def main(cfg: DictConfig) -> float:
 
     from leukemia_mlops.errors import exit_on_failure
     from leukemia_mlops.training.launch import launches_processes, train_in_child
+    from leukemia_mlops.training.preemption import requeue_on_preemption
     from leukemia_mlops.training.run import run_training
 
     hydra_cfg = HydraConfig.get()
@@ -33,10 +38,16 @@ def main(cfg: DictConfig) -> float:
             return train_in_child(cfg, hydra_cfg.runtime.output_dir)
         return run_training(cfg, hydra_cfg.runtime.output_dir)
     try:
-        return run_training(cfg, hydra_cfg.runtime.output_dir)
+        with requeue_on_preemption():
+            return run_training(cfg, hydra_cfg.runtime.output_dir)
     except Exception as err:  # Hydra would print a bug wrapped by instantiate without traceback
         exit_on_failure(err)
 
 
 if __name__ == "__main__":
+    import sys
+
+    from leukemia_mlops.training.cluster import hydra_overrides
+
+    sys.argv += hydra_overrides(sys.argv[1:])
     main()

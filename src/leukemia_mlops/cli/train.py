@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         from leukemia_mlops.files import write_text
         from leukemia_mlops.tracking.run_files import model_run, training_reports
+        from leukemia_mlops.training.preemption import requeue_on_preemption
         from leukemia_mlops.training.run import run_training
 
         cfg = load_params(args.params, args.overrides)
@@ -44,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             cfg = with_best_params(cfg, Path(args.best_params))
         run_dir = model_run(cfg, args.model_key)
         check_stage_output(run_dir.root)
-        best = run_training(cfg, run_dir.root)
+        with requeue_on_preemption():  # SIGUSR1/SIGTERM: checkpoint saved, status 75
+            best = run_training(cfg, run_dir.root)
         if rank_zero_only.rank != 0:  # under DDP the reports are rank 0's alone
             return
         for source, copy in training_reports(cfg, args.model_key).items():

@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
-import torch
 import torch.distributed as dist
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning_fabric.plugins.environments import TorchElasticEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers.logger import DummyLogger, Logger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from leukemia_mlops.data.identity import read_identity
@@ -52,7 +51,16 @@ from leukemia_mlops.tracking.provenance import config_hash, flatten, git_commit
 from leukemia_mlops.tracking.run_files import CHECKPOINTS, RunFiles, store_uri
 from leukemia_mlops.tracking.store import ensure_experiment
 from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory, EpochSeed
+from leukemia_mlops.training.cluster import (
+    TIMEOUT_KEY,
+    JobError,
+    check_launch,
+    external_environment,
+    join_group,
+    ranks_gone,
+)
 from leukemia_mlops.training.mixed_precision import resolve_precision
+from leukemia_mlops.training.preemption import Preemption
 from leukemia_mlops.tuning.runs import trial_tags
 
 log = logging.getLogger(__name__)
@@ -75,7 +83,7 @@ HISTORY_KEYS = (
 #: Keys of a ``model`` config that are not constructor arguments: the family label, the
 #: detector's scene settings (its datamodule's) and a timm model's name (in ``backbone``).
 NOT_MODEL_ARGUMENTS = ("family", "scenes", "name")
-#: Rank 0's run state, handed to the ranks that Lightning's launcher starts as its children.
+#: Rank 0's start of the run, handed to the ranks that Lightning's launcher starts as children.
 RUN_STATE_ENV = "LEUKEMIA_MLOPS_RUN_STATE"
 
 
@@ -83,32 +91,34 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     """Fit the configured model; returns the best value of the monitored metric (val AUROC)."""
     run_dir = Path(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
+    check_launch(config["trainer"])
     pl.seed_everything(cfg.seed, workers=True)
     identity = read_identity(cfg.datamodule.prepared_dir)
     identity.check(cfg.get("data"), cfg.datamodule.prepared_dir)
     datamodule, module = build_data_and_module(cfg, config)
 
-    uri = store_uri(cfg)
-    if rank_zero_only.rank == 0:  # before any other rank opens the store
-        ensure_experiment(uri, cfg.logger.mlflow.experiment_name, cfg.paths.mlruns_dir)
-    run_dir, state, resume = _shared_start(run_dir, config_hash(config))
+    start = _shared_start(cfg, run_dir, config_hash(config))
+    run_dir, state, uri = start.run_dir, start.state, start.uri
     trial = config.get("optuna_trial")  # set by the Optuna sweeper on its trials
-    logger = ResumableMLFlowLogger(
-        experiment_name=cfg.logger.mlflow.experiment_name,
-        tracking_uri=uri,
-        run_name=cfg.logger.mlflow.run_name or module.architecture,
-        run_id=state.get("mlflow_run_id"),
-        tags={
-            "backbone": module.architecture,
-            "family": cfg.model.family,
-            "git_commit": git_commit(),
-            "data_source": str(identity.source),
-            "data_identity": identity.digest,
-            "image_size": str(identity.image_size),
-            **trial_tags(trial),
-        },
-    )
+    # Ranks other than 0 log nothing (Lightning logs on rank 0) and never open the store,
+    # which Lightning's MLflow logger does when it is built.
+    logger: Logger = DummyLogger()
     if rank_zero_only.rank == 0:
+        logger = ResumableMLFlowLogger(
+            experiment_name=cfg.logger.mlflow.experiment_name,
+            tracking_uri=uri,
+            run_name=cfg.logger.mlflow.run_name or module.architecture,
+            run_id=state.get("mlflow_run_id"),
+            tags={
+                "backbone": module.architecture,
+                "family": cfg.model.family,
+                "git_commit": git_commit(),
+                "data_source": str(identity.source),
+                "data_identity": identity.digest,
+                "image_size": str(identity.image_size),
+                **trial_tags(trial),
+            },
+        )
         _start_run(run_dir, logger, config, state)
         manifest = Path(cfg.datamodule.prepared_dir) / MANIFEST_FILE
         log_data_inputs(uri, logger.run_id, manifest, identity, TRAINING_CONTEXTS)
@@ -128,6 +138,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         BackboneWarmup(cfg.model.warmup_epochs),
         EpochSeed(cfg.seed),
         history,
+        Preemption(RunFiles(run_dir).last_checkpoint),
     ]
     if trial:
         from leukemia_mlops.tuning.pruning import OptunaPruning
@@ -135,17 +146,18 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         callbacks.append(OptunaPruning(trial, MONITOR))
     _check_trainer_keys(config["trainer"])
     trainer_cfg = {
-        **config["trainer"],
+        **{k: v for k, v in config["trainer"].items() if k != TIMEOUT_KEY},
         "precision": resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
     }
-    trainer = instantiate(
-        trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir)
+    # Partial: objects are passed after instantiation, not wrapped into the config.
+    trainer = instantiate(trainer_cfg, _partial_=True)(
+        callbacks=callbacks, logger=logger, default_root_dir=str(run_dir)
     )
-    with _handed_to_launched_ranks(state, resume):
+    with _handed_to_launched_ranks(start), _naming_lost_ranks():
         trainer.fit(
             module,
             datamodule=datamodule,
-            ckpt_path=str(RunFiles(run_dir).last_checkpoint) if resume else None,
+            ckpt_path=str(RunFiles(run_dir).last_checkpoint) if start.resume else None,
             weights_only=True,
         )
     best = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else 0.0
@@ -197,7 +209,7 @@ _INTEGER_TRAINER_KEYS = (
 def _check_trainer_keys(trainer: dict[str, Any]) -> None:
     """Name an unknown or mistyped ``trainer.*`` key instead of failing inside Lightning."""
     known = set(inspect.signature(pl.Trainer.__init__).parameters)
-    unknown = sorted(set(trainer) - known - {"_target_"})
+    unknown = sorted(set(trainer) - known - {"_target_", TIMEOUT_KEY})
     if unknown:
         raise ConfigError(f"unknown key trainer.{unknown[0]} (not a Lightning Trainer argument)")
     for key in _INTEGER_TRAINER_KEYS:
@@ -206,10 +218,19 @@ def _check_trainer_keys(trainer: dict[str, Any]) -> None:
             raise ConfigError(f"trainer.{key} must be a whole number, got {value!r}")
 
 
+class _Start(NamedTuple):
+    """Rank 0's decisions at the start of a run, the same on every rank."""
+
+    run_dir: Path
+    state: dict[str, Any]
+    resume: bool
+    uri: str  # the MLflow store, created (and its experiment) by rank 0
+
+
 @contextmanager
-def _handed_to_launched_ranks(state: dict[str, Any], resume: bool) -> Iterator[None]:
-    """Hand rank 0's run state to the ranks that Lightning's DDP launcher starts meanwhile."""
-    handed = {"launcher_pid": os.getpid(), "state": state, "resume": resume}
+def _handed_to_launched_ranks(start: _Start) -> Iterator[None]:
+    """Hand rank 0's start to the ranks that Lightning's DDP launcher starts meanwhile."""
+    handed = {"launcher_pid": os.getpid(), **start._asdict(), "run_dir": str(start.run_dir)}
     os.environ[RUN_STATE_ENV] = json.dumps(handed)
     try:
         yield
@@ -217,31 +238,64 @@ def _handed_to_launched_ranks(state: dict[str, Any], resume: bool) -> Iterator[N
         os.environ.pop(RUN_STATE_ENV, None)
 
 
-def _shared_start(run_dir: Path, digest: str) -> tuple[Path, dict[str, Any], bool]:
-    """Rank 0's run directory, run state and resume decision, the same on every rank.
+@contextmanager
+def _naming_lost_ranks() -> Iterator[None]:
+    """A collective that fails because a rank of this host ended names that rank."""
+    try:
+        yield
+    except Exception as err:
+        gone = ranks_gone()
+        if not gone:
+            raise
+        raise JobError(
+            f"rank {dist.get_rank()}: rank(s) {', '.join(map(str, gone))} ended during "
+            f"training ({_first_line(err)})"
+        ) from err
 
-    Ranks that Lightning's launcher starts inherit them. Ranks that torchrun starts together
-    (each may have resolved its own ``${now}`` run directory) join the process group at once,
-    and Lightning then keeps it, to receive them from rank 0.
+
+def _shared_start(cfg: DictConfig, run_dir: Path, digest: str) -> _Start:
+    """Rank 0's start of the run (:func:`_rank_zero_start`), the same on every rank.
+
+    Ranks that Lightning's launcher starts inherit it. Ranks that torchrun or srun start
+    together (each may have resolved its own ``${now}`` run directory) join the process group
+    at once (:func:`~leukemia_mlops.training.cluster.join_group`) to receive it, or rank 0's
+    one-line error when it could not start.
     """
-    inherited = _inherited_state()
+    inherited = _inherited_start()
     if inherited is not None:
-        return run_dir, *inherited
-    if not TorchElasticEnvironment.detect():
-        return run_dir, *_resume_state(run_dir, digest)
-    if not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    shared = [(run_dir, *_resume_state(run_dir, digest)) if dist.get_rank() == 0 else None]
+        return inherited
+    environment = external_environment()
+    if environment is None:
+        return _rank_zero_start(cfg, run_dir, digest)
+    join_group(environment, cfg.trainer.get(TIMEOUT_KEY))
+    shared: list[_Start | str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            shared = [_rank_zero_start(cfg, run_dir, digest)]
+        except Exception as err:  # the other ranks stop too, with its line
+            shared = [_first_line(err)]
+            dist.broadcast_object_list(shared, src=0)
+            raise
     dist.broadcast_object_list(shared, src=0)
+    if isinstance(shared[0], str):
+        raise JobError(f"rank 0 could not start the run: {shared[0]}")
     return shared[0]
 
 
-def _inherited_state() -> tuple[dict[str, Any], bool] | None:
-    """Rank 0's run state and resume decision, in a rank its DDP launcher started."""
+def _rank_zero_start(cfg: DictConfig, run_dir: Path, digest: str) -> _Start:
+    """Open the MLflow store (created if new) and its experiment, and decide whether to resume:
+    only rank 0 touches shared state, before any other rank knows the run."""
+    uri = store_uri(cfg)
+    ensure_experiment(uri, cfg.logger.mlflow.experiment_name, cfg.paths.mlruns_dir)
+    return _Start(run_dir, *_resume_state(run_dir, digest), uri)
+
+
+def _inherited_start() -> _Start | None:
+    """Rank 0's start of the run, in a rank its DDP launcher started."""
     handed = json.loads(os.environ.get(RUN_STATE_ENV, "{}"))
-    if handed.get("launcher_pid") != os.getppid():
+    if handed.pop("launcher_pid", None) != os.getppid():
         return None
-    return handed["state"], handed["resume"]
+    return _Start(**{**handed, "run_dir": Path(handed["run_dir"])})
 
 
 def _resume_state(run_dir: Path, digest: str) -> tuple[dict[str, Any], bool]:
@@ -252,11 +306,10 @@ def _resume_state(run_dir: Path, digest: str) -> tuple[dict[str, Any], bool]:
     if state.get("config_hash") == digest and state.get("status") == "running":
         log.info("resuming MLflow run %s from %s", state["mlflow_run_id"], run_dir)
         return state, files.last_checkpoint.is_file()
-    if rank_zero_only.rank == 0:
-        # run.json proves the checkpoints are this project's: a folder that merely happens
-        # to hold a checkpoints/ (paths.models_dir=~ ...) is refused, never wiped.
-        remove_owned(files.checkpoints, files.state)
-        files.state.unlink(missing_ok=True)
+    # run.json proves the checkpoints are this project's: a folder that merely happens to
+    # hold a checkpoints/ (paths.models_dir=~ ...) is refused, never wiped.
+    remove_owned(files.checkpoints, files.state)
+    files.state.unlink(missing_ok=True)
     return {"config_hash": digest}, False
 
 

@@ -1,0 +1,158 @@
+"""Ranks that a cluster launcher starts together: their checks, their roll call, their group.
+
+``torchrun`` and SLURM's ``srun`` start every rank of a job at once (Lightning's own DDP
+launcher instead starts ranks 1..N from rank 0). Such ranks join the process group before
+anything else (:func:`join_group`), so that rank 0 alone decides the run and touches shared
+state and the others receive its decision. Each rank answers a roll call on joining: a rank
+that never joins ends the job within ``trainer.process_group_timeout_s``, named by rank 0, and
+one that dies later is named by the survivors on its host (:func:`ranks_gone`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning_fabric.plugins.environments import (
+    ClusterEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
+
+from leukemia_mlops.errors import ConfigError, ProjectError
+
+#: The ``trainer.*`` key (conf/trainer/ddp*.yaml) that bounds the wait for the other ranks.
+TIMEOUT_KEY = "process_group_timeout_s"
+#: SLURM job names that make Lightning ignore SLURM (its interactive mode).
+IGNORED_JOB_NAMES = ("bash", "interactive")
+#: What a rank other than 0 of ranks started together gives Hydra: no run directory, ``.hydra/``
+#: or log file of its own (it logs to its output); rank 0's run directory is the run's.
+FOLLOWER_HYDRA_OVERRIDES = (
+    "hydra.run.dir=.",
+    "hydra.output_subdir=null",
+    "hydra/job_logging=stdout",
+)
+_ROLL_CALL = "leukemia_mlops/roll_call"
+#: Rank -> (host, pid) of every rank of the job this process joined.
+_roll: dict[int, tuple[str, int]] = {}
+
+
+class JobError(ProjectError):
+    """A rank of a multi-process job that never joined or that ended: the job stops."""
+
+
+def external_environment() -> ClusterEnvironment | None:
+    """The launcher that started every rank at once (SLURM first, as Lightning picks), or None."""
+    if SLURMEnvironment.detect():
+        return SLURMEnvironment()
+    if TorchElasticEnvironment.detect():
+        return TorchElasticEnvironment()
+    return None
+
+
+def hydra_overrides(argv: list[str]) -> list[str]:
+    """The overrides a single Hydra run adds to ``argv`` on this rank: none on rank 0, and
+    :data:`FOLLOWER_HYDRA_OVERRIDES` on the others that torchrun or srun started."""
+    environment = external_environment()
+    multirun = "-m" in argv or "--multirun" in argv
+    if environment is None or multirun or environment.global_rank() == 0:
+        return []
+    return list(FOLLOWER_HYDRA_OVERRIDES)
+
+
+def check_launch(trainer: Mapping[str, Any]) -> None:
+    """Stop with one line when SLURM's tasks and the trainer config disagree.
+
+    Lightning takes its world from ``SLURM_NTASKS``: tasks that are not ``num_nodes x devices``
+    processes wait for each other forever; a job named ``bash`` or ``interactive`` makes it
+    ignore SLURM, and every task would then start a job of its own.
+    """
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if tasks < 2:
+        return
+    name = os.environ.get("SLURM_JOB_NAME")
+    if name in IGNORED_JOB_NAMES:
+        raise ConfigError(
+            f"SLURM job name {name!r} makes Lightning ignore SLURM's {tasks} tasks: name the "
+            "job otherwise (#SBATCH --job-name=train, or srun --job-name=train)"
+        )
+    nodes, devices = trainer.get("num_nodes", 1), trainer.get("devices", 1)
+    if isinstance(devices, list | tuple):
+        devices = len(devices)
+    if isinstance(devices, int) and devices > 0 and nodes * devices != tasks:
+        raise ConfigError(
+            f"SLURM started {tasks} tasks (SLURM_NTASKS) but trainer.num_nodes x "
+            f"trainer.devices is {nodes} x {devices} = {nodes * devices}: set "
+            "trainer.num_nodes to the job's --nodes and trainer.devices to its --ntasks-per-node"
+        )
+
+
+def join_group(environment: ClusterEnvironment, timeout_s: float | None) -> None:
+    """Join the job's process group (Lightning keeps it), after a roll call of its ranks.
+
+    Rank 0 hosts the rendezvous store (under torchrun its agent does) and waits at most
+    ``timeout_s`` for every rank to answer; the others wait as long for rank 0's store.
+    """
+    rank, world = environment.global_rank(), environment.world_size()
+    timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=30)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    address, port = environment.main_address, environment.main_port
+    try:
+        store = dist.TCPStore(
+            address,
+            port,
+            world,
+            is_master=rank == 0 and not agent_store,
+            timeout=timeout,
+            wait_for_workers=False,
+        )
+    except dist.DistError as err:
+        raise JobError(
+            f"rank {rank}: rank 0 did not open the job's store at {address}:{port} within "
+            f"{timeout.total_seconds():.0f} s ({TIMEOUT_KEY})"
+        ) from err
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives one
+    roll = dist.PrefixStore(f"{_ROLL_CALL}/{attempt}", store)
+    roll.set(str(rank), f"{socket.gethostname()} {os.getpid()}")
+    try:
+        roll.wait([str(r) for r in range(world)], timeout)
+    except dist.DistError as err:
+        missing = [r for r in range(world) if not roll.check([str(r)])]
+        raise JobError(
+            f"rank {rank}: rank(s) {', '.join(map(str, missing))} of {world} did not join the "
+            f"job within {timeout.total_seconds():.0f} s ({TIMEOUT_KEY}): see their logs"
+        ) from err
+    for r in range(world):
+        host, pid = roll.get(str(r)).decode().split()
+        _roll[r] = (host, int(pid))
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def ranks_gone() -> list[int]:
+    """The ranks of this job on this host whose process has ended."""
+    here = socket.gethostname()
+    return [rank for rank, (host, pid) in sorted(_roll.items()) if host == here and _ended(pid)]
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie not yet reaped by its launcher included)."""
+    if not Path("/proc/self/stat").is_file():  # no procfs: a zombie still counts as alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")

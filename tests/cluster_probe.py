@@ -1,0 +1,42 @@
+"""A callback that a job's ranks load through ``callbacks.extra`` to show what each rank did.
+
+Every rank writes ``rank<R>.json`` under ``out``: the digests of its final parameters (replicas
+must be bit-identical) and the validation cells its loader gave it in each epoch (every cell
+once over all ranks). After each training epoch it writes ``epoch<E>.rank<R>``, the event tests
+wait for; rank ``hold_rank`` then waits there until the test writes ``release`` (or ends it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+
+class RankProbe(pl.Callback):
+    def __init__(self, out: str, hold_rank: int | None = None) -> None:
+        self.out = Path(out)
+        self.hold_rank = hold_rank
+        self.validation: list[list[int]] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validation.append([int(i) for i in trainer.val_dataloaders.sampler])
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"epoch{trainer.current_epoch}.rank{trainer.global_rank}").touch()
+        release = self.out / "release"
+        while trainer.global_rank == self.hold_rank and not release.exists():
+            time.sleep(0.2)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = {
+            name: hashlib.sha256(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+            for name, p in pl_module.named_parameters()
+        }
+        record = {"params": params, "validation": self.validation}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

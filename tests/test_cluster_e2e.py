@@ -1,0 +1,182 @@
+"""Multi-node training on one machine: ranks started as ``srun`` and ``torchrun --nnodes 2`` do.
+
+Each job is a tiny Hydra training run over gloo. Its ranks carry a probe callback
+(``cluster_probe.RankProbe``), and the ranks that are not rank 0 record every file they open
+in the MLflow store's folder (``store_audit/sitecustomize.py``). A failing job is bounded by
+``cluster_jobs.TIMEOUT_S``; nothing waits a set time for something to happen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from cluster_jobs import TESTS, Ranks, free_port, srun_env, started_in, torchrun_command
+from mlflow import MlflowClient
+
+from leukemia_mlops.data.prepare import MANIFEST_FILE
+from leukemia_mlops.tracking.store import tracking_uri
+from leukemia_mlops.training.preemption import REQUEUE_EXIT
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["-m", "leukemia_mlops.train"]
+
+
+@pytest.fixture
+def ranks(tmp_path: Path) -> Iterator[Ranks]:
+    yield from started_in(tmp_path)
+
+
+def training(prepared: Path, tmp_path: Path, rank_variable: str, *overrides: str) -> list[str]:
+    """A one-epoch run of two processes, one per node, whose run directory would differ by rank
+    (``$rank_variable``, as two ranks' ``${now}`` can) were rank 0's not the run's."""
+    return [
+        "trainer=ddp_cpu",
+        "trainer.num_nodes=2",
+        "trainer.devices=1",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.process_group_timeout_s=60",
+        f"paths.prepared_dir={prepared}",
+        f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+        "data.prepare.image_size=48",
+        "datamodule.batch_size=8",
+        "datamodule.num_workers=0",
+        "logger.mlflow.log_model=false",
+        f"hydra.run.dir=run_${{oc.env:{rank_variable}}}",
+        "+callbacks.extra.probe._target_=cluster_probe.RankProbe",
+        f"+callbacks.extra.probe.out={tmp_path / 'probe'}",
+        *overrides,
+    ]
+
+
+def audited(env: dict[str, str], tmp_path: Path, rank: int) -> dict[str, str]:
+    """``env`` with the store audit on: files opened under mlruns/ go to ``store_rank<R>.log``."""
+    return {
+        **env,
+        "PYTHONPATH": str(TESTS / "store_audit"),
+        "STORE_AUDIT_DIR": str(tmp_path / "mlruns"),
+        "STORE_AUDIT_LOG": str(tmp_path / f"store_rank{rank}.log"),
+    }
+
+
+def start_srun(
+    ranks: Ranks, prepared: Path, tmp_path: Path, *overrides: str, tasks: int = 2
+) -> list:
+    port = free_port()
+    command = [sys.executable, *TRAIN, *training(prepared, tmp_path, "SLURM_PROCID", *overrides)]
+    return [
+        ranks.start(command, audited(srun_env(rank, port, tasks), tmp_path, rank))
+        for rank in range(tasks)
+    ]
+
+
+def start_torchrun(ranks: Ranks, prepared: Path, tmp_path: Path, *overrides: str) -> list:
+    port = free_port()
+    command = [*TRAIN, *training(prepared, tmp_path, "RANK", *overrides)]
+    # c10d numbers the ranks in the order they join: either node's process may be rank 0.
+    return [
+        ranks.start([*torchrun_command(node, port), *command], audited({}, tmp_path, node))
+        for node in range(2)
+    ]
+
+
+LAUNCHERS = {"srun": start_srun, "torchrun": start_torchrun}
+
+
+def validation_cells(prepared: Path) -> int:
+    manifest = pd.read_parquet(prepared / MANIFEST_FILE)
+    return int((manifest["split"] == "val").sum())
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_ranks_started_together_train_one_run(launcher, ranks, tiny_prepared, tmp_path):
+    LAUNCHERS[launcher](ranks, tiny_prepared, tmp_path)
+
+    assert ranks.wait() == [0, 0], ranks.tails()
+    # One run directory, rank 0's, with Hydra's files written once.
+    assert sorted(p.name for p in tmp_path.glob("run_*")) == ["run_0"], ranks.tails()
+    run_dir = tmp_path / "run_0"
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["status"] == "finished"
+    assert (run_dir / ".hydra/config.yaml").is_file() and (run_dir / "train.log").is_file()
+    # One MLflow run, and rank 1 never opened the store: rank 0 made it and alone writes it.
+    client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
+    run = client.get_run(state["mlflow_run_id"])
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [
+        run.info.run_id
+    ]
+    opened = {rank: tmp_path / f"store_rank{rank}.log" for rank in (0, 1)}
+    assert [p.is_file() for p in opened.values()].count(True) == 1, "one rank opens the store"
+    # Bit-identical replicas, and every validation cell scored once over the ranks.
+    first, second = (json.loads((tmp_path / f"probe/rank{r}.json").read_text()) for r in (0, 1))
+    assert first["params"] == second["params"]
+    [shard_0], [shard_1] = first["validation"], second["validation"]
+    assert not set(shard_0) & set(shard_1)
+    assert sorted(shard_0 + shard_1) == list(range(validation_cells(tiny_prepared)))
+
+
+def error_lines(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith("error: ")]
+
+
+def test_a_rank_that_dies_at_start_up_ends_the_job_naming_it(ranks, tiny_prepared, tmp_path):
+    _, rank_1 = start_srun(ranks, tiny_prepared, tmp_path, "trainer.process_group_timeout_s=10")
+    ranks.kill(rank_1)  # before it could join the job
+
+    assert ranks.wait() == [2, -9], ranks.tails()
+    assert error_lines(ranks.logs[0]) == [
+        "error: rank 0: rank(s) 1 of 2 did not join the job within 10 s "
+        "(process_group_timeout_s): see their logs"
+    ]
+    assert not (tmp_path / "run_0/run.json").exists()  # no run was started
+
+
+def test_a_rank_that_dies_in_training_ends_the_job_naming_it(ranks, tiny_prepared, tmp_path):
+    _, rank_1 = start_srun(
+        ranks, tiny_prepared, tmp_path, "trainer.max_epochs=3", "+callbacks.extra.probe.hold_rank=1"
+    )
+    ranks.wait_for(tmp_path / "probe/epoch0.rank1")  # rank 1 ended its first epoch and waits
+    ranks.kill(rank_1)
+
+    assert ranks.wait() == [2, -9], ranks.tails()
+    [line] = error_lines(ranks.logs[0])
+    assert line.startswith("error: rank 0: rank(s) 1 ended during training ("), line
+    state = json.loads((tmp_path / "run_0/run.json").read_text())
+    assert state["status"] == "running"  # resumable from its last checkpoint
+
+
+def test_a_preempted_job_saves_a_checkpoint_and_its_rerun_resumes_the_run(
+    ranks, tiny_prepared, tmp_path
+):
+    job = ["trainer.max_epochs=2", "+callbacks.extra.probe.hold_rank=0"]
+    started = start_srun(ranks, tiny_prepared, tmp_path, *job)
+    ranks.wait_for(tmp_path / "probe/epoch0.rank0")  # rank 0 ended epoch 0 and waits there
+    for process in started:  # SLURM signals every task of the job
+        os.killpg(process.pid, signal.SIGUSR1)
+    (tmp_path / "probe/release").touch()
+
+    assert ranks.wait() == [REQUEUE_EXIT, REQUEUE_EXIT], ranks.tails()
+    assert "preempted: stopped by SIGUSR1 at epoch 1" in ranks.logs[0].read_text()
+    run_dir = tmp_path / "run_0"
+    preempted = json.loads((run_dir / "run.json").read_text())
+    assert preempted["status"] == "running" and (run_dir / "checkpoints/last.ckpt").is_file()
+
+    start_srun(ranks, tiny_prepared, tmp_path, *job)  # the requeued job
+
+    assert ranks.wait()[2:] == [0, 0], ranks.tails()
+    assert "Restoring states from the checkpoint" in ranks.logs[2].read_text()
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state == {**preempted, "status": "finished"}  # the same MLflow run, finished
+    client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
+    run = client.get_run(state["mlflow_run_id"])
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert len(client.get_metric_history(run.info.run_id, "val/auroc")) == 2  # one per epoch

@@ -28,6 +28,7 @@ from leukemia_mlops.data.splits import SplitSpec
 from leukemia_mlops.data.synthetic import SyntheticSpec
 from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.evaluation.evaluate import EvaluateSpec
+from leukemia_mlops.evaluation.label_audit import AuditSpec
 from leukemia_mlops.models.classifier import CellClassifier
 from leukemia_mlops.models.detector import YoloDetector
 from leukemia_mlops.models.yolo.build import YoloConfig
@@ -92,6 +93,7 @@ def _conf_node(key: str) -> dict:
         (SplitSpec, "data.split"),
         (SyntheticSpec, "data.synthetic"),
         (EvaluateSpec, "evaluate"),
+        (AuditSpec, "audit"),
         (LeukemiaOptunaSweeperConf, "hydra.sweeper"),
     ],
 )

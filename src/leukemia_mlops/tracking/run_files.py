@@ -142,6 +142,28 @@ class SeedFiles:
         return self.root / key / f"seed_{seed}"
 
 
+@dataclass(frozen=True)
+class AuditFiles:
+    """The label audit's reports: its folder (``reports/audit``) and its summary beside it
+    (``reports/audit.json``, the DVC metrics file)."""
+
+    root: Path
+
+    @property
+    def issues(self) -> Path:
+        """Every audited cell, most suspect label first."""
+        return self.root / "label_issues.csv"
+
+    @property
+    def gallery(self) -> Path:
+        """The top suspects with their given and predicted labels."""
+        return self.root / "gallery.png"
+
+    @property
+    def summary(self) -> Path:
+        return self.root.with_name(f"{self.root.name}.json")
+
+
 def model_run(cfg: DictConfig, key: str) -> RunFiles:
     """The run directory the pipeline trains the model configured under ``key`` into."""
     return RunFiles(Path(cfg.paths.models_dir) / key)
@@ -160,6 +182,11 @@ def eval_dir(cfg: DictConfig, key: str) -> Path:
 def evaluation_reports(cfg: DictConfig) -> list[Path]:
     """The evaluate stage's ``metrics.json`` of every pipeline model (existing or not)."""
     return [EvalFiles(eval_dir(cfg, key)).metrics for key in PIPELINE_MODELS]
+
+
+def audit_files(cfg: DictConfig) -> AuditFiles:
+    """Where the audit stage writes its reports."""
+    return AuditFiles(Path(cfg.paths.reports_dir) / "audit")
 
 
 def data_report(cfg: DictConfig) -> Path:

@@ -14,6 +14,7 @@ from leukemia_mlops.evaluation.conformal import (
     class_quantiles,
     conformal_report,
 )
+from leukemia_mlops.evaluation.evaluate import EvaluateSpec
 from leukemia_mlops.inference.calibrated import prediction_sets, set_names
 
 ALPHA = 0.1
@@ -108,3 +109,12 @@ def test_bad_alpha_and_a_missing_class_are_one_line_errors():
         class_quantiles([0.2, 0.8], [0, 1], 1.0)
     with pytest.raises(InputError, match="no HEM cells"):
         class_quantiles([0.8, 0.9], [1, 1], ALPHA)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"alpha": 0.0}, "evaluate.alpha"), ({"patient_rule": "median"}, "evaluate.patient_rule")],
+)
+def test_the_evaluate_config_refuses_bad_values(change, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        EvaluateSpec(n_resamples=1, min_subjects=2, tta=False, seed=0, batch_size=1, **change)

@@ -55,6 +55,7 @@ from leukemia_mlops.evaluation.gradcam import gradcam, last_conv_block
 from leukemia_mlops.evaluation.metrics import BinaryMetrics, binary_metrics
 from leukemia_mlops.evaluation.paired import NO_DIFFERENCE
 from leukemia_mlops.evaluation.ranking_guard import INVERTED
+from leukemia_mlops.inference.calibrated import calibrate
 from leukemia_mlops.inference.loading import load_module
 from leukemia_mlops.inference.predict import predict_paths
 from leukemia_mlops.inference.scorers import TorchScorer, dihedral_views, to_network_input
@@ -338,6 +339,13 @@ def test_mlflow_run_receives_metrics_and_artifacts(evaluated):
         == evaluated.metrics["val_selection"]["f1_weighted"]
     )
     assert logged["test/f1_weighted_n_valid"] == evaluated.metrics["test"]["f1_weighted_n_valid"]
+    # The headline of the calibration, the conformal sets, the patient and the OOD rule.
+    assert logged["eval/temperature"] == evaluated.metrics["temperature"]
+    for key in (
+        "calibration/after/top_label_ece", "conformal/coverage_ALL", "conformal/abstention_rate",
+        "patient/sensitivity", "patient/specificity_low", "ood/false_alarm_rate",
+    ):  # fmt: skip
+        assert f"eval/{key}" in logged, key
     artifacts = {Path(a.path).name for a in client.list_artifacts(evaluated.run_id, "evaluation")}
     assert artifacts == set(FILES)
 
@@ -624,7 +632,10 @@ def test_registered_champion_serves_the_evaluated_model(
         tracking_uri=evaluated.uri,
     )
     cache = np.load(tiny_prepared / IMAGES_FILE, mmap_mode="r")
-    expected = TorchScorer(net, device="cpu")(np.asarray(cache[rows]))
+    raw = TorchScorer(net, device="cpu")(np.asarray(cache[rows]))
+    # Calibrated with the temperature its run's evaluation logged (eval/temperature).
+    expected = calibrate(raw, evaluated.metrics["temperature"])
+    assert table["calibrated"].all()
     np.testing.assert_allclose(table["prob_all"], expected, rtol=0, atol=1e-5)
 
     experiment_id = client.get_run(evaluated.run_id).info.experiment_id

@@ -122,6 +122,22 @@ def _log_summary(key: str, metrics: dict) -> None:
         metrics["bootstrap"]["intervals"],
         metrics["threshold"],
     )
+    calibration, conformal, patient = (metrics[k] for k in ("calibration", "conformal", "patient"))
+    log.info(
+        "%s: temperature %s (fitted on val), test top-label ECE %s -> %s; conformal sets at "
+        "alpha %s cover ALL %s, HEM %s, abstain on %s of test cells; patients (%s): "
+        "sensitivity %s of %d, specificity %s of %d",
+        key,
+        *map(_number, (calibration["temperature"], calibration["before"]["top_label_ece"])),
+        _number(calibration["after"]["top_label_ece"]),
+        *map(_number, (conformal[k] for k in ("alpha", "coverage_ALL", "coverage_HEM"))),
+        _number(conformal["abstention_rate"]),
+        patient["rule"],
+        _number(patient["sensitivity"]),
+        patient["n_all_subjects"],
+        _number(patient["specificity"]),
+        patient["n_hem_subjects"],
+    )
     if "detection" in metrics:
         detection = metrics["detection"]
         log.info(
@@ -187,6 +203,10 @@ def _log_comparison(comparison: dict) -> None:
             _interval(difference.get("bca_low"), difference.get("bca_high")),
         )
     log.info("verdict: %s (by %s)", comparison["verdict"], comparison["verdict_by"])
+
+
+def _number(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
 
 
 def _interval(low: float | None, high: float | None) -> str:

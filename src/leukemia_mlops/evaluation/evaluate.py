@@ -11,8 +11,13 @@ and the sweep's best trial, so its scores are reported as selection metrics (``v
 never as the estimate; the test split is the estimate. Test metrics carry stratified
 subject-bootstrap intervals, because the test set samples subjects, not independent cells.
 
+The temperature (``calibration``), the conformal quantiles (``conformal``) and the patient
+threshold (``patient``) are fitted on validation too, and graded on test; ``ood`` counts the
+test cells the in-distribution rule of ``predict`` flags.
+
 ``out_dir`` receives the files :class:`~leukemia_mlops.tracking.run_files.EvalFiles` names:
-``metrics.json`` (NaN as null), ``predictions.csv``, ``subjects.csv``, the report figures as
+``metrics.json`` (NaN as null), ``predictions.csv``, ``subjects.csv`` (one row per validation
+and test subject) and its figure ``subjects.png``, the report figures as
 PNG with their DVC plot tables (``roc.csv``, ``pr.csv``, ``reliability.csv``), and the gallery
 ``gallery.png``: Grad-CAM of test cells (CNN) or the predicted boxes over test scenes (YOLO),
 so that every report has the same files.

@@ -226,7 +226,7 @@ def subject_scores_plot(table: pd.DataFrame, threshold: float, rule: str, path: 
         )
     ax.axhline(threshold, linestyle="--", color="grey", label=f"threshold {threshold:.3g}")
     ax.set(xticks=[0, 1], xticklabels=CLASS_NAMES, xlim=(-0.6, 1.6), xlabel="True class")
-    ax.set(ylabel=f"subject score ({rule})", title="Patient-level scores (marker: cells)")
+    ax.set(ylabel=f"subject score ({rule})", title="Patient-level scores (marker size: cells)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="best", fontsize="small")
     return _save(figure, path)

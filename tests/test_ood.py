@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from conftest import TINY_SIZE
 
+from leukemia_mlops.data.datamodule import CellDataset
 from leukemia_mlops.data.images import cell_box, decode_bgr
 from leukemia_mlops.data.prepare import PrepareSpec, decode_file
+from leukemia_mlops.evaluation.ood_alarms import false_alarm_report
 from leukemia_mlops.inference.ood import Verdict, assess
 from leukemia_mlops.inference.predict import predict_paths
 
@@ -112,3 +114,14 @@ def test_predict_labels_a_flagged_input_only_beside_its_flag(tiny_checkpoint, ti
     assert not table.loc[str(flagged), "in_distribution"]
     assert "background not dark" in table.loc[str(flagged), "ood_reason"]
     assert set(table["label"]) <= {"ALL", "HEM"} and table["error"].eq("").all()
+
+
+def test_false_alarms_count_the_test_cells_the_rule_flags(tiny_prepared):
+    """The evaluate stage's ``ood`` section: no test cell flagged, until one's recorded frame is
+    a 1226x652 photograph's."""
+    test = CellDataset(tiny_prepared, "test")
+    assert false_alarm_report(test, SPEC.window)["flagged"] == 0
+    test.manifest = test.manifest.assign(width=[1226] + [450] * (len(test) - 1))
+    report = false_alarm_report(test, SPEC.window)
+    assert (report["flagged"], report["test_cells"]) == (1, len(test))
+    assert report["false_alarm_rate"] == 1 / len(test)

@@ -12,6 +12,9 @@ source (``given``, ``validation``, ``default``). Every row says whether its imag
 training images (``in_distribution``, with the reason). A detector also writes one row per
 detected cell (--boxes, scoring above --min-score) and, with --overlays, each image with its
 boxes drawn; a single-cell image gets a label only where a box found its cell (``status``).
+Where the model's validated temperature is known, P(ALL) is calibrated (``calibrated``) and
+every cell gets its conformal set (``conformal_set``); --by-subject also writes one row per
+subject that C-NMC file names carry.
 """
 
 from __future__ import annotations
@@ -180,9 +183,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if detector:
             missed = int((table["status"] == NO_CELL_FOUND).sum())
             cells = f", {int(table['cells'].sum())} cells found, {missed} single cells not found"
+        calibration = threshold.calibration
+        calibrated = (
+            "" if calibration is None else f", P(ALL) calibrated (T={calibration.temperature:.3g})"
+        )
         print(
             f"{len(table)} files scored into {args.out} at threshold {threshold.value:.4g}, "
-            f"source {threshold.source} ({failed} could not be read, "
+            f"source {threshold.source}{calibrated} ({failed} could not be read, "
             f"{foreign} unlike the training images{cells})"
         )
         if args.by_subject is not None:

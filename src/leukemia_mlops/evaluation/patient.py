@@ -165,11 +165,12 @@ def diagnose_files(
     patient: dict[str, Any] | None,
 ) -> pd.DataFrame:
     """One row per subject named by the files (``predict --by-subject``): [subject,
-    label_in_names, n_cells, rule, score, threshold, diagnosis]. ``probs`` are the files' P(ALL)
-    as ``predict`` wrote it (NaN: not scored, left out, as are files whose names carry no
-    subject); ``patient`` is the evaluation's
-    ``patient`` section (its rule and validated threshold), None: the default rule and no
-    diagnosis."""
+    label_in_names, n_cells, rule, score, threshold, diagnosis].
+
+    ``probs`` are the files' P(ALL) as ``predict`` wrote it; files not scored (NaN) and files
+    whose names carry no subject are left out. ``patient`` is the evaluation's ``patient``
+    section (its rule and validated threshold); None: the default rule and no diagnosis.
+    """
     subjects, labels = file_subjects(files)
     kept = (subjects != "") & ~np.isnan(probs)
     rule = patient["rule"] if patient else DEFAULT_RULE

@@ -6,13 +6,16 @@ import subprocess
 import sys
 
 import pytest
-from cluster_jobs import srun_env
+from cluster_jobs import JOB_ID, srun_env
 
 from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.training.cluster import (
     FOLLOWER_HYDRA_OVERRIDES,
+    SLURM_TASK_VARIABLES,
     check_launch,
+    external_environment,
     hydra_overrides,
+    node_local_env,
 )
 
 SLURM_VARIABLES = ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_PROCID", "RANK")
@@ -133,3 +136,18 @@ def test_only_rank_zero_of_ranks_started_together_writes_hydra_files(
 
 def test_a_process_started_alone_keeps_its_hydra_files(slurm):
     assert hydra_overrides([]) == []
+
+
+def test_a_one_task_slurm_job_is_a_process_alone(slurm):
+    slurm(tasks=1, nodes=1)
+    assert external_environment() is None  # no process group to form
+    slurm(tasks=2, nodes=2)
+    assert external_environment().world_size() == 2
+
+
+def test_a_sweep_workers_trial_is_no_slurm_task(slurm):
+    # Worker 3 of 4 (one per node): its trial's ranks are the node's, started by Lightning.
+    slurm(rank=3, tasks=4, nodes=4)
+    env = node_local_env()
+    assert not set(SLURM_TASK_VARIABLES) & set(env)
+    assert env["SLURM_JOB_ID"] == JOB_ID and env["MASTER_PORT"] == "29500"

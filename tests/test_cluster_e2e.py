@@ -62,7 +62,9 @@ def audited(env: dict[str, str], tmp_path: Path, rank: int) -> dict[str, str]:
     """``env`` with the store audit on: files opened under mlruns/ go to ``store_rank<R>.log``."""
     return {
         **env,
-        "PYTHONPATH": str(TESTS / "store_audit"),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(TESTS / "store_audit"), os.environ.get("PYTHONPATH")])
+        ),
         "STORE_AUDIT_DIR": str(tmp_path / "mlruns"),
         "STORE_AUDIT_LOG": str(tmp_path / f"store_rank{rank}.log"),
     }

@@ -47,13 +47,26 @@ class JobError(ProjectError):
     """A rank of a multi-process job that never joined or that ended: the job stops."""
 
 
+#: SLURM's variables that make a process one task of a multi-task job (Lightning reads them).
+SLURM_TASK_VARIABLES = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID")
+
+
 def external_environment() -> ClusterEnvironment | None:
-    """The launcher that started every rank at once (SLURM first, as Lightning picks), or None."""
+    """The launcher that started this job's ranks at once (SLURM first, as Lightning picks),
+    or None: a process alone (a one-task SLURM job too), or one Lightning's launcher runs."""
     if SLURMEnvironment.detect():
-        return SLURMEnvironment()
-    if TorchElasticEnvironment.detect():
-        return TorchElasticEnvironment()
-    return None
+        environment: ClusterEnvironment = SLURMEnvironment()
+    elif TorchElasticEnvironment.detect():
+        environment = TorchElasticEnvironment()
+    else:
+        return None
+    return environment if environment.world_size() > 1 else None
+
+
+def node_local_env() -> dict[str, str]:
+    """This process's environment without SLURM's task variables: a job this node runs on its
+    own (a sweep worker's trial, whose ranks Lightning's launcher starts) is no SLURM task."""
+    return {k: v for k, v in os.environ.items() if k not in SLURM_TASK_VARIABLES}
 
 
 def hydra_overrides(argv: list[str]) -> list[str]:

@@ -29,6 +29,7 @@ from leukemia_mlops.errors import ConfigError, ProjectError
 
 #: The ``trainer.*`` key (conf/trainer/ddp*.yaml) that bounds the wait for the other ranks.
 TIMEOUT_KEY = "process_group_timeout_s"
+DEFAULT_TIMEOUT = timedelta(minutes=30)  # torch's own, where the trainer config sets none
 #: SLURM job names that make Lightning ignore SLURM (its interactive mode).
 IGNORED_JOB_NAMES = ("bash", "interactive")
 #: What a rank other than 0 of ranks started together gives Hydra: no run directory, ``.hydra/``
@@ -38,6 +39,8 @@ FOLLOWER_HYDRA_OVERRIDES = (
     "hydra.output_subdir=null",
     "hydra/job_logging=stdout",
 )
+#: SLURM's variables that make a process one task of a multi-task job (Lightning reads them).
+SLURM_TASK_VARIABLES = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID")
 _ROLL_CALL = "leukemia_mlops/roll_call"
 #: Rank -> (host, pid) of every rank of the job this process joined.
 _roll: dict[int, tuple[str, int]] = {}
@@ -45,10 +48,6 @@ _roll: dict[int, tuple[str, int]] = {}
 
 class JobError(ProjectError):
     """A rank of a multi-process job that never joined or that ended: the job stops."""
-
-
-#: SLURM's variables that make a process one task of a multi-task job (Lightning reads them).
-SLURM_TASK_VARIABLES = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID")
 
 
 def external_environment() -> ClusterEnvironment | None:
@@ -113,7 +112,7 @@ def join_group(environment: ClusterEnvironment, timeout_s: float | None) -> None
     ``timeout_s`` for every rank to answer; the others wait as long for rank 0's store.
     """
     rank, world = environment.global_rank(), environment.world_size()
-    timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=30)
+    timeout = timedelta(seconds=timeout_s) if timeout_s else DEFAULT_TIMEOUT
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     address, port = environment.main_address, environment.main_port
     try:
@@ -136,16 +135,23 @@ def join_group(environment: ClusterEnvironment, timeout_s: float | None) -> None
     try:
         roll.wait([str(r) for r in range(world)], timeout)
     except dist.DistError as err:
-        missing = [r for r in range(world) if not roll.check([str(r)])]
         raise JobError(
-            f"rank {rank}: rank(s) {', '.join(map(str, missing))} of {world} did not join the "
-            f"job within {timeout.total_seconds():.0f} s ({TIMEOUT_KEY}): see their logs"
+            f"rank {rank}: rank(s) {_absent(roll, world)} of {world} did not join the job "
+            f"within {timeout.total_seconds():.0f} s ({TIMEOUT_KEY}): see their logs"
         ) from err
     for r in range(world):
         host, pid = roll.get(str(r)).decode().split()
         _roll[r] = (host, int(pid))
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def _absent(roll: dist.Store, world: int) -> str:
+    """The ranks that did not answer the roll call (rank 0 when its store is gone)."""
+    try:
+        return ", ".join(str(r) for r in range(world) if not roll.check([str(r)]))
+    except dist.DistError:
+        return "0 (the job's store went with it)"
 
 
 def ranks_gone() -> list[int]:

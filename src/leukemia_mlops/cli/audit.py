@@ -31,13 +31,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         spec = build_spec(AuditSpec, cfg.audit, "audit")
         files = audit_files(cfg)
         started = time.perf_counter()
-        report = run_audit(cfg, spec, files)
-        if not report["enabled"]:
-            log.info("%s", report["meaning"])
+        if not spec.enabled:
+            log.info("%s", run_audit(cfg, spec, files)["meaning"])
             return
-        seconds = time.perf_counter() - started
+        # Resolved first: the fold models' training points MLflow's process-wide URI at their
+        # scratch store.
         uri = store_uri(cfg)
         experiment = ensure_experiment(uri, cfg.logger.mlflow.experiment_name, cfg.paths.mlruns_dir)
+        report = run_audit(cfg, spec, files)
+        seconds = time.perf_counter() - started
         run_id = log_audit(uri, experiment, report, files, cfg.datamodule.prepared_dir, seconds)
         log.info(
             "audit: %d of %d cells flagged (out-of-fold AUROC %.3f) in %.0f s: %s, MLflow run %s",

@@ -117,9 +117,13 @@ def test_predict_by_subject_diagnoses_each_named_subject(
     prepare = {"image_size": SIZE, "window": 450, "fit": "window"}
     paths = {"reports_dir": str(tmp_path / "reports"), "mlruns_dir": str(tmp_path / "mlruns")}
     OmegaConf.save(OmegaConf.create({"data": {"prepare": prepare}, "paths": paths}), params)
+    unnamed = tmp_path / "unnamed"  # a cell under another name and a stray file: left out
+    unnamed.mkdir()
+    shutil.copyfile(next(named_cells.iterdir()), unnamed / "cell.bmp")
+    (unnamed / "notes.txt").write_text("a stray note\n")
     out = tmp_path / "p.csv"
-    argv = [str(tiny_checkpoint), str(named_cells), "--out", str(out), "--params", str(params)]
-    predict_cli.main([*argv, "--metrics", str(path), "--by-subject"])
+    argv = [str(tiny_checkpoint), str(named_cells), str(unnamed), "--out", str(out)]
+    predict_cli.main([*argv, "--params", str(params), "--metrics", str(path), "--by-subject"])
     assert "diagnosed at the validated patient threshold" in capsys.readouterr().out
     subjects = pd.read_csv(tmp_path / "p_subjects.csv")
     expected = pd.read_csv(path.parent / "subjects.csv").query("split == 'val'")
@@ -130,9 +134,6 @@ def test_predict_by_subject_diagnoses_each_named_subject(
     assert (merged["diagnosis"] == called).all()
     assert (subjects["threshold"] == metrics["patient"]["threshold"]).all()
 
-    unnamed = tmp_path / "unnamed"
-    unnamed.mkdir()
-    shutil.copyfile(next(named_cells.iterdir()), unnamed / "cell.bmp")
     with pytest.raises(SystemExit) as exit_info:
         predict_cli.main(
             [str(tiny_checkpoint), str(unnamed), "--params", str(params), "--by-subject"]

@@ -182,3 +182,14 @@ def test_a_preempted_job_saves_a_checkpoint_and_its_rerun_resumes_the_run(
     run = client.get_run(state["mlflow_run_id"])
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert len(client.get_metric_history(run.info.run_id, "val/auroc")) == 2  # one per epoch
+
+
+def test_a_run_rank_0_cannot_start_stops_every_rank_with_its_line(ranks, tiny_prepared, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    store = tmp_path / "a_file/mlruns"
+    start_srun(ranks, tiny_prepared, tmp_path, f"paths.mlruns_dir={store}")
+
+    assert ranks.wait() == [2, 2], ranks.tails()
+    [line_0], [line_1] = (error_lines(log) for log in ranks.logs)
+    assert str(store.parent) in line_0
+    assert line_1 == f"error: rank 0 could not start the run: {line_0.removeprefix('error: ')}"

@@ -29,6 +29,7 @@ from leukemia_mlops.evaluation.evaluate import score_split
 from leukemia_mlops.inference.loading import load_module
 from leukemia_mlops.inference.scorers import TorchScorer
 from leukemia_mlops.tracking.run_files import RunFiles
+from leukemia_mlops.tracking.store import local_store_uri
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +102,14 @@ def fold_config(cfg: DictConfig, spec: FoldSpec, view: Path, scratch: Path) -> D
     """The training config of one fold: the stage's model, data and trainer settings on the
     fold's view, ``spec.max_epochs`` epochs without early stopping, logged into the scratch
     store and without a logged model."""
+    store = scratch / "mlruns"
     changes = {
-        "paths": {"mlruns_dir": str(scratch / "mlruns")},
+        "paths": {"mlruns_dir": str(store)},
         "datamodule": {"prepared_dir": str(view)},
         "trainer": {"max_epochs": spec.max_epochs},
         "callbacks": {"early_stopping": {"patience": spec.max_epochs}},
-        "logger": {"mlflow": {"tracking_uri": None, "log_model": False}},
+        # Named, so that neither $MLFLOW_TRACKING_URI nor the user's server receives them.
+        "logger": {"mlflow": {"tracking_uri": local_store_uri(store), "log_model": False}},
     }
     return OmegaConf.merge(cfg, changes)
 

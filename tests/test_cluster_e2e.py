@@ -1,8 +1,8 @@
 """Multi-node training on one machine: ranks started as ``srun`` and ``torchrun --nnodes 2`` do.
 
 Each job is a tiny Hydra training run over gloo. Its ranks carry a probe callback
-(``cluster_probe.RankProbe``), and the ranks that are not rank 0 record every file they open
-in the MLflow store's folder (``store_audit/sitecustomize.py``). A failing job is bounded by
+(``cluster_probe.RankProbe``), and each rank records the files it opens in the MLflow store's
+folder (``store_audit/sitecustomize.py``). A failing job is bounded by
 ``cluster_jobs.TIMEOUT_S``; nothing waits a set time for something to happen.
 """
 
@@ -91,26 +91,20 @@ def start_torchrun(ranks: Ranks, prepared: Path, tmp_path: Path, *overrides: str
     ]
 
 
-LAUNCHERS = {"srun": start_srun, "torchrun": start_torchrun}
-
-
 def validation_cells(prepared: Path) -> int:
     manifest = pd.read_parquet(prepared / MANIFEST_FILE)
     return int((manifest["split"] == "val").sum())
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_ranks_started_together_train_one_run(launcher, ranks, tiny_prepared, tmp_path):
-    LAUNCHERS[launcher](ranks, tiny_prepared, tmp_path)
-
-    assert ranks.wait() == [0, 0], ranks.tails()
-    # One run directory, rank 0's, with Hydra's files written once.
-    assert sorted(p.name for p in tmp_path.glob("run_*")) == ["run_0"], ranks.tails()
+def assert_one_run(tmp_path: Path, prepared: Path) -> dict:
+    """The job trained one run: rank 0's run directory (Hydra's files written once), one MLflow
+    run in a store rank 1 never opened, bit-identical replicas and every validation cell scored
+    once over the ranks. Returns the finished run's state."""
+    assert sorted(p.name for p in tmp_path.glob("run_*")) == ["run_0"]
     run_dir = tmp_path / "run_0"
     state = json.loads((run_dir / "run.json").read_text())
     assert state["status"] == "finished"
     assert (run_dir / ".hydra/config.yaml").is_file() and (run_dir / "train.log").is_file()
-    # One MLflow run, and rank 1 never opened the store: rank 0 made it and alone writes it.
     client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
     run = client.get_run(state["mlflow_run_id"])
     assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [
@@ -118,12 +112,19 @@ def test_ranks_started_together_train_one_run(launcher, ranks, tiny_prepared, tm
     ]
     opened = {rank: tmp_path / f"store_rank{rank}.log" for rank in (0, 1)}
     assert [p.is_file() for p in opened.values()].count(True) == 1, "one rank opens the store"
-    # Bit-identical replicas, and every validation cell scored once over the ranks.
     first, second = (json.loads((tmp_path / f"probe/rank{r}.json").read_text()) for r in (0, 1))
     assert first["params"] == second["params"]
-    [shard_0], [shard_1] = first["validation"], second["validation"]
+    [shard_0], [shard_1] = first["validation"], second["validation"]  # the job's last epoch
     assert not set(shard_0) & set(shard_1)
-    assert sorted(shard_0 + shard_1) == list(range(validation_cells(tiny_prepared)))
+    assert sorted(shard_0 + shard_1) == list(range(validation_cells(prepared)))
+    return state
+
+
+def test_two_torchrun_nodes_train_one_run(ranks, tiny_prepared, tmp_path):
+    start_torchrun(ranks, tiny_prepared, tmp_path)
+
+    assert ranks.wait() == [0, 0], ranks.tails()
+    assert_one_run(tmp_path, tiny_prepared)
 
 
 def error_lines(log: Path) -> list[str]:
@@ -156,9 +157,7 @@ def test_a_rank_that_dies_in_training_ends_the_job_naming_it(ranks, tiny_prepare
     assert state["status"] == "running"  # resumable from its last checkpoint
 
 
-def test_a_preempted_job_saves_a_checkpoint_and_its_rerun_resumes_the_run(
-    ranks, tiny_prepared, tmp_path
-):
+def test_srun_ranks_preempted_and_requeued_train_one_run(ranks, tiny_prepared, tmp_path):
     job = ["trainer.max_epochs=2", "+callbacks.extra.probe.hold_rank=0"]
     started = start_srun(ranks, tiny_prepared, tmp_path, *job)
     ranks.wait_for(tmp_path / "probe/epoch0.rank0")  # rank 0 ended epoch 0 and waits there
@@ -176,12 +175,10 @@ def test_a_preempted_job_saves_a_checkpoint_and_its_rerun_resumes_the_run(
 
     assert ranks.wait()[2:] == [0, 0], ranks.tails()
     assert "Restoring states from the checkpoint" in ranks.logs[2].read_text()
-    state = json.loads((run_dir / "run.json").read_text())
+    state = assert_one_run(tmp_path, tiny_prepared)
     assert state == {**preempted, "status": "finished"}  # the same MLflow run, finished
     client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
-    run = client.get_run(state["mlflow_run_id"])
-    assert len(client.search_runs([run.info.experiment_id])) == 1
-    assert len(client.get_metric_history(run.info.run_id, "val/auroc")) == 2  # one per epoch
+    assert len(client.get_metric_history(state["mlflow_run_id"], "val/auroc")) == 2  # 1 a epoch
 
 
 def test_a_run_rank_0_cannot_start_stops_every_rank_with_its_line(ranks, tiny_prepared, tmp_path):

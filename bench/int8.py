@@ -140,7 +140,8 @@ def _parity_reading(parity: dict | None) -> str:
         f"{parity['calibration']['cells']} training cells of data identity "
         f"{parity['calibration']['data_identity'][:12]}): weighted F1 "
         f"{parity['f1_weighted_fp32']:.4f} fp32 vs {parity['f1_weighted_int8']:.4f} INT8, "
-        f"AUROC {parity['auroc_fp32']:.4f} vs {parity['auroc_int8']:.4f}; largest gap "
+        f"AUROC {parity['auroc_fp32']:.4f} vs {parity['auroc_int8']:.4f}, "
+        f"{parity['label_agreement']:.1%} of the cells labelled alike; largest gap "
         f"{gaps.max():.4f} (tolerance {INT8_TOLERANCE}): "
         f"**{'met' if parity['ok'] else 'not met'}**"
     )

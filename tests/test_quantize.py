@@ -110,10 +110,14 @@ def test_int8_parity_is_measured_on_the_test_split(int8, fp32, tiny_prepared):
     assert report["parity"] == parity
     test = CachedSplit(tiny_prepared, "test")
     images = np.asarray(test.images[test.rows])
+    calls = []
     for name, model in (("fp32", fp32), ("int8", path)):
-        scored = binary_metrics(load_scorer(model)(images), test.labels, parity["threshold"])
+        probs = load_scorer(model)(images)
+        calls.append(probs > parity["threshold"])
+        scored = binary_metrics(probs, test.labels, parity["threshold"])
         assert parity[f"f1_weighted_{name}"] == pytest.approx(scored["f1_weighted"], abs=1e-9)
         assert parity[f"auroc_{name}"] == pytest.approx(scored["auroc"], abs=1e-9)
+    assert parity["label_agreement"] == pytest.approx((calls[0] == calls[1]).mean())
     assert parity["split"] == "test" and parity["cells"] == len(test)
     assert parity["tolerance"] == 0.01
     within = max(parity["f1_gap"], parity["auroc_gap"]) <= parity["tolerance"]

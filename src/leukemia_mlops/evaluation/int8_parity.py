@@ -2,7 +2,8 @@
 
 Both ONNX models score every cell of the prepare cache's *test* split, and the project's metric
 functions (:func:`~.metrics.binary_metrics`, weighted F1 at the model's validated threshold,
-else 0.5) must agree within :data:`INT8_TOLERANCE`. The figures go into the INT8 model's
+else 0.5) must agree within :data:`INT8_TOLERANCE`; the share of cells both label alike at that
+threshold is reported beside them. The figures go into the INT8 model's
 metadata (``int8_parity``, ``int8_parity_ok``) and the log. A model that misses is kept,
 flagged ``int8_parity_ok`` false and logged as a warning: never silently.
 """
@@ -45,6 +46,7 @@ class Parity:
     auroc_fp32: float
     auroc_int8: float
     tolerance: float
+    label_agreement: float  # share of cells both call alike at the threshold (reported only)
 
     @property
     def f1_gap(self) -> float:
@@ -106,13 +108,14 @@ def measure_parity(
     cells = split_cells(prepared_dir, PARITY_SPLIT)
     known = onnx_metadata(fp32_path).get(ONNX_THRESHOLD_KEY)
     threshold = FALLBACK_THRESHOLD if known is None else float(known)
-    scores = {}
+    scores, calls = {}, {}
     for name, path in (("fp32", fp32_path), ("int8", int8_path)):
         scorer: Scorer = load_scorer(path)
         starts = range(0, len(cells), BATCH)
         batches = (np.asarray(cells.images[cells.rows[s : s + BATCH]]) for s in starts)
         probs = np.concatenate([scorer(batch) for batch in batches])
         scores[name] = binary_metrics(probs, cells.labels, threshold)
+        calls[name] = probs > threshold
     return Parity(
         PARITY_SPLIT,
         len(cells),
@@ -122,13 +125,15 @@ def measure_parity(
         scores["fp32"]["auroc"],
         scores["int8"]["auroc"],
         tolerance,
+        float((calls["fp32"] == calls["int8"]).mean()),
     )
 
 
 def _log(path: Path, parity: Parity) -> None:
     gaps = (
         f"test weighted F1 {parity.f1_weighted_fp32:.4f} -> {parity.f1_weighted_int8:.4f}, "
-        f"AUROC {parity.auroc_fp32:.4f} -> {parity.auroc_int8:.4f} on {parity.cells} cells"
+        f"AUROC {parity.auroc_fp32:.4f} -> {parity.auroc_int8:.4f} on {parity.cells} cells, "
+        f"{parity.label_agreement:.1%} of them labelled alike"
     )
     if parity.ok:
         log.info("INT8 parity within %s: %s (%s)", parity.tolerance, gaps, path)

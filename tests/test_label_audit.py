@@ -24,9 +24,12 @@ from leukemia_mlops.tracking.run_files import AuditFiles
 
 #: Of the audited cells, the share whose label the slow test flips.
 FLIPPED_SHARE = 0.08
-#: Recall of the flipped cells among the audit's top k (k: as many as flipped). Measured 0.XX
-#: (see README "Label audit"); the bar leaves a margin.
-MIN_RECALL_AT_K = 0.5
+#: The audit's stated operating point, cleanlab's flagged set, on this tiny cache (140 cells,
+#: 6 epochs at 48 px: out-of-fold AUROC 0.69): measured recall 8/11 = 0.73 of the flips at
+#: precision 0.18 (2.3x the flip share); the bars leave a margin. Swapping the probability
+#: columns (P(HEM) read as P(ALL)) gives recall 0.27.
+MIN_FLAGGED_RECALL = 0.5
+MIN_PRECISION_OVER_SHARE = 1.5
 
 
 def cells_of(n_subjects: int, per_subject: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +175,9 @@ def test_the_audit_finds_planted_label_flips_and_changes_no_data(flipped_cache, 
         f"recall of flagged {table[table['flagged']]['path'].isin(flipped).sum() / k:.2f}, "
         f"out-of-fold AUROC {summary['out_of_fold_auroc']:.3f}"
     )
-    assert recall_at_k >= MIN_RECALL_AT_K
+    caught = table[table["flagged"]]["path"].isin(flipped)
+    assert caught.sum() / k >= MIN_FLAGGED_RECALL
+    assert caught.mean() >= MIN_PRECISION_OVER_SHARE * FLIPPED_SHARE
     assert table["rank"].tolist() == list(range(1, len(table) + 1))
     assert len(table) == summary["cells"] == len(audited_cells(prepared))
     assert files.gallery.stat().st_size > 0

@@ -264,3 +264,25 @@ def test_a_section_not_measured_says_so():
         assert rows[label][0] == NOT_MEASURED
     assert_shows(rows["Test AUROC"][0], partial["test"]["auroc"])
     assert "Not for clinical use" in card
+
+
+def test_a_bias_corrected_only_interval_shows_its_bounds():
+    """``interval_columns`` names BC-only bounds ``_bc_low``/``_bc_high``: the card shows them."""
+    record = metrics_record()
+    after = record["calibration"]["after"]
+    after["brier_bc_low"] = after.pop("brier_bca_low")
+    after["brier_bc_high"] = after.pop("brier_bca_high")
+    card = render_card(
+        {
+            "name": "m",
+            "version": "1",
+            "run_id": "r",
+            "tags": {},
+            "data_identity": "d",
+            "splits": [],
+            "m": record,
+        }
+    )
+    shown = card_rows(card)["Brier score after calibration"]
+    for cell, key in zip(shown, ("brier", "brier_bc_low", "brier_bc_high"), strict=True):
+        assert_shows(cell, after[key])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,13 +22,6 @@ TESTS = Path(__file__).parent
 TIMEOUT_S = 300  # bounds a failing or hanging job only
 POLL_S = 0.2  # how often to look for an event a rank writes (its timing decides nothing)
 JOB_ID = "4242"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for a job's store or rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def srun_env(rank: int, port: int, tasks: int = 2, nodes: int = 2, **extra: str) -> dict[str, str]:

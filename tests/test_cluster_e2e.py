@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from cluster_jobs import TESTS, Ranks, free_port, srun_env, started_in, torchrun_command
+from cluster_jobs import TESTS, Ranks, srun_env, started_in, torchrun_command
 from mlflow import MlflowClient
 
+from bench.serving import free_port
 from leukemia_mlops.data.prepare import MANIFEST_FILE
 from leukemia_mlops.tracking.store import tracking_uri
 from leukemia_mlops.training.preemption import REQUEUE_EXIT

@@ -141,6 +141,12 @@ def card_rows(card: str) -> dict[str, list[str]]:
     return rows
 
 
+def card_of(record: dict) -> str:
+    """The card of a version ``m`` 1 whose run holds ``record`` and no tags, splits or data."""
+    context = {"name": "m", "version": "1", "run_id": "r", "tags": {}, "data_identity": "d"}
+    return render_card({**context, "splits": [], "m": record})
+
+
 def assert_shows(cell: str, expected: float) -> None:
     """A card cell shows ``expected``: exactly if whole, else to its rendered decimals."""
     if isinstance(expected, int):
@@ -242,17 +248,7 @@ def test_a_section_not_measured_says_so():
         for key, value in metrics_record().items()
         if key in ("threshold", "counts", "test", "bootstrap")
     }
-    card = render_card(
-        {
-            "name": "m",
-            "version": "1",
-            "run_id": "r",
-            "tags": {},
-            "data_identity": "d",
-            "splits": [],
-            "m": partial,
-        }
-    )
+    card = card_of(partial)
     rows = card_rows(card)
     for label in (
         "Temperature",
@@ -272,17 +268,7 @@ def test_a_bias_corrected_only_interval_shows_its_bounds():
     after = record["calibration"]["after"]
     after["brier_bc_low"] = after.pop("brier_bca_low")
     after["brier_bc_high"] = after.pop("brier_bca_high")
-    card = render_card(
-        {
-            "name": "m",
-            "version": "1",
-            "run_id": "r",
-            "tags": {},
-            "data_identity": "d",
-            "splits": [],
-            "m": record,
-        }
-    )
+    card = card_of(record)
     shown = card_rows(card)["Brier score after calibration"]
     for cell, key in zip(shown, ("brier", "brier_bc_low", "brier_bc_high"), strict=True):
         assert_shows(cell, after[key])

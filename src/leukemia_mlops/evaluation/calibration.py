@@ -18,7 +18,12 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from leukemia_mlops.evaluation.bootstrap import Cells, bootstrap_ci, interval_columns
-from leukemia_mlops.evaluation.metrics import ArrayLike, validated_arrays, weighted_binary_metrics
+from leukemia_mlops.evaluation.metrics import (
+    ArrayLike,
+    UnitWeightCall,
+    validated_arrays,
+    weighted_binary_metrics,
+)
 from leukemia_mlops.inference.calibrated import calibrate, logit
 
 #: The search range of T: a model 100x too sharp or too soft is beyond what one scalar repairs.
@@ -41,13 +46,8 @@ def fit_temperature(probs: ArrayLike, labels: ArrayLike) -> float:
 
 
 @dataclass(frozen=True)
-class CalibrationMetrics:
+class CalibrationMetrics(UnitWeightCall):
     """Top-label ECE and Brier score, with the weighted form the bootstrap vectorises."""
-
-    def __call__(self, probs: ArrayLike, labels: ArrayLike) -> dict[str, float]:
-        p, _ = validated_arrays(probs, labels)
-        values = self.weighted(probs, labels, np.ones((1, p.size)))
-        return {name: float(value[0]) for name, value in values.items()}
 
     def weighted(
         self, probs: ArrayLike, labels: ArrayLike, weights: np.ndarray

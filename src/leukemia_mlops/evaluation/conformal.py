@@ -20,7 +20,11 @@ import numpy as np
 
 from leukemia_mlops.errors import ConfigError, InputError
 from leukemia_mlops.evaluation.bootstrap import Cells, bootstrap_ci, interval_columns
-from leukemia_mlops.evaluation.metrics import ArrayLike, validated_arrays
+from leukemia_mlops.evaluation.metrics import (
+    ArrayLike,
+    UnitWeightCall,
+    validated_arrays,
+)
 from leukemia_mlops.inference.calibrated import prediction_sets
 from leukemia_mlops.labels import CLASS_NAMES
 
@@ -56,16 +60,11 @@ def class_quantiles(probs: ArrayLike, labels: ArrayLike, alpha: float) -> dict[s
 
 
 @dataclass(frozen=True)
-class ConformalMetrics:
+class ConformalMetrics(UnitWeightCall):
     """Coverage of each class (its cells whose set holds it), the abstention rate (sets of both
     classes) and the empty rate, with the weighted form the bootstrap vectorises."""
 
     quantiles: dict[str, float]
-
-    def __call__(self, probs: ArrayLike, labels: ArrayLike) -> dict[str, float]:
-        p, _ = validated_arrays(probs, labels)
-        values = self.weighted(probs, labels, np.ones((1, p.size)))
-        return {name: float(value[0]) for name, value in values.items()}
 
     def weighted(
         self, probs: ArrayLike, labels: ArrayLike, weights: np.ndarray

@@ -18,6 +18,7 @@ P(ALL) against its observed share of ALL cells.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,6 +219,21 @@ def _weighted_ece(scores: np.ndarray, hits: np.ndarray, w: np.ndarray) -> np.nda
     in_bin[np.arange(scores.size), calibration_bin_index(scores)] = 1.0
     gap = w @ (in_bin * scores[:, None]) - w @ (in_bin * hits[:, None])
     return np.abs(gap).sum(axis=1) / w.sum(axis=1)
+
+
+class UnitWeightCall(ABC):
+    """Metrics whose plain call is their weighted form at unit weights (one resample)."""
+
+    def __call__(self, probs: ArrayLike, labels: ArrayLike) -> dict[str, float]:
+        p, _ = validated_arrays(probs, labels)
+        values = self.weighted(probs, labels, np.ones((1, p.size)))
+        return {name: float(value[0]) for name, value in values.items()}
+
+    @abstractmethod
+    def weighted(
+        self, probs: ArrayLike, labels: ArrayLike, weights: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Each metric per row of ``weights`` (resamples x cells)."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from torch import nn
 
 from bench.serving import serving
 from leukemia_mlops.cli import predict as predict_cli
+from leukemia_mlops.inference.calibrated import Calibration, calibrate, calibrated_threshold
 from leukemia_mlops.inference.intake import ALLOWED_ROOT_ENV
 from leukemia_mlops.inference.loading import load_module
 from leukemia_mlops.inference.serving import (
@@ -45,6 +46,9 @@ from leukemia_mlops.tracking.model_logging import log_classifier
 
 pytestmark = pytest.mark.slow
 BACKBONE = "resnet18"
+#: A validated calibration the served model is logged with: T = 2 softens P(ALL); with both
+#: quantiles 0.55 a cell gets both classes where its calibrated P(ALL) is within 0.45-0.55.
+CALIBRATION = Calibration(2.0, {"ALL": 0.55, "HEM": 0.55})
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +91,20 @@ def predicted(store, two_images) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def logged(store, predicted) -> tuple[str, str, float]:
     """(tracking URI, image model URI, threshold): the same network logged as the served
-    model, with a validated threshold between the two images' probabilities."""
+    model, with a validated threshold between the two images' probabilities and a validated
+    calibration (:data:`CALIBRATION`)."""
     _, uri, run_id, net = store
     probs = predicted["prob_all"].to_numpy()
     assert probs[0] != probs[1], "the two images must score differently to test the threshold"
     threshold = float(probs.mean())
     served = ServedModel(
-        class_path(CellClassifier), {"backbone": BACKBONE}, TINY_SIZE, 450, "window", threshold
+        class_path(CellClassifier),
+        {"backbone": BACKBONE},
+        TINY_SIZE,
+        450,
+        "window",
+        threshold,
+        **CALIBRATION._asdict(),
     )
     log_image_model(uri, run_id, net, served)
     return uri, f"runs:/{run_id}/{IMAGE_MODEL}", threshold
@@ -119,15 +130,20 @@ def post(url: str, payload: dict) -> list[dict]:
 
 
 def test_served_model_answers_images_as_predict_does(server, predicted, logged, two_images):
-    """One image as base64 bytes, one as a path: predict's probabilities, the validated
-    threshold's labels (one each side) and the in-distribution flag."""
+    """One image as base64 bytes, one as a path: predict's probabilities calibrated with the
+    validated temperature, their conformal sets, the validated threshold's labels (one each
+    side, the threshold on the calibrated scale) and the in-distribution flag."""
     encoded = base64.b64encode(two_images[0].read_bytes()).decode()
     split = {"columns": ["image", "path"], "data": [[encoded, None], [None, str(two_images[1])]]}
     answer = pd.DataFrame(post(server, {"dataframe_split": split}))
-    np.testing.assert_allclose(answer["prob_all"], predicted["prob_all"], rtol=1e-6)
+    calibrated = calibrate(predicted["prob_all"].to_numpy(), CALIBRATION.temperature)
+    np.testing.assert_allclose(answer["prob_all"], calibrated, rtol=1e-6)
+    assert list(answer["calibrated"]) == [True, True]
+    assert list(answer["conformal_set"]) == CALIBRATION.sets(answer["prob_all"].to_numpy())
     expected = np.where(predicted["prob_all"] > logged[2], "ALL", "HEM")
     assert list(answer["label"]) == list(expected)
-    assert list(answer["threshold"]) == [logged[2]] * 2
+    served_threshold = calibrated_threshold(logged[2], CALIBRATION.temperature)
+    np.testing.assert_allclose(answer["threshold"], [served_threshold] * 2, rtol=1e-9)
     assert list(answer["threshold_source"]) == ["validation"] * 2
     assert list(answer["in_distribution"]) == list(predicted["in_distribution"])
 

@@ -16,7 +16,8 @@ from third_family import TinyFamily
 from leukemia_mlops.evaluation.compare import compare_runs
 from leukemia_mlops.evaluation.evaluate import EvaluateSpec, evaluate_model
 from leukemia_mlops.inference.export import export_onnx
-from leukemia_mlops.inference.loading import checkpoint_class
+from leukemia_mlops.inference.intake import ALLOWED_ROOT_ENV
+from leukemia_mlops.inference.loading import checkpoint_class, report_decision
 from leukemia_mlops.inference.predict import predict_paths
 from leukemia_mlops.inference.serving import IMAGE_MODEL, OUTPUT_COLUMNS
 from leukemia_mlops.models.base import class_path
@@ -63,17 +64,27 @@ def test_a_third_family_needs_no_change_to_src(tiny_config, tiny_prepared, tiny_
     assert "status" not in predicted and not (tmp_path / "p_boxes.csv").exists()
 
     onnx = tmp_path / "tiny.onnx"
-    report = export_onnx(checkpoint, onnx, TINY_SIZE, tiny_prepared, threshold=metrics["threshold"])
+    decision = report_decision(metrics, evaluation)
+    report = export_onnx(
+        checkpoint,
+        onnx,
+        TINY_SIZE,
+        tiny_prepared,
+        threshold=decision.threshold,
+        calibration=decision.calibration,
+    )
     assert report["module"] == class_path(TinyFamily)
     exported = predict_paths(onnx, images, tmp_path / "o.csv", image_size=TINY_SIZE)
     np.testing.assert_allclose(exported["prob_all"], predicted["prob_all"], atol=1e-5)
     assert exported["threshold"].tolist() == predicted["threshold"].tolist()
 
     request = {"dataframe_split": {"columns": ["path"], "data": [[str(p)] for p in images]}}
-    tests_dir = {"PYTHONPATH": str(Path(__file__).parent)}  # where the family's module lies
+    # Where the family's module lies, and the root the served model may read paths under.
+    tests_dir = {"PYTHONPATH": str(Path(__file__).parent), ALLOWED_ROOT_ENV: str(tiny_raw)}
     model = f"runs:/{run_id}/{IMAGE_MODEL}"
-    with serving(uri, model, tmp_path / "serve.log", tests_dir) as url:
-        answer = pd.DataFrame(post(url, request))
+    with serving(uri, model, tmp_path / "serve.log", tests_dir) as served:
+        answer = pd.DataFrame(post(served.url, request))
     assert list(answer.columns) == list(OUTPUT_COLUMNS)
     np.testing.assert_allclose(answer["prob_all"], predicted["prob_all"], rtol=1e-6)
     assert answer["label"].tolist() == predicted["label"].tolist()
+    assert answer["conformal_set"].tolist() == predicted["conformal_set"].tolist()

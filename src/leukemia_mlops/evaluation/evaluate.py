@@ -84,8 +84,10 @@ from leukemia_mlops.files import write_json, write_text
 from leukemia_mlops.inference.calibrated import calibrate, calibrated_threshold
 from leukemia_mlops.inference.loading import (
     CHECKPOINT_DIGEST_KEY,
+    Validated,
     file_sha256,
     load_module,
+    report_decision,
 )
 from leukemia_mlops.inference.scorers import Scorer, TorchScorer
 from leukemia_mlops.inference.serving import ServedModel, log_image_model
@@ -311,7 +313,8 @@ def evaluate_model(
         speed = {THROUGHPUT_METRIC: images_per_s}
         log_evaluation(uri, mlflow_run_id, metrics, out_dir, prepared_dir, extra=speed)
         # The model that takes image files, now that its validated threshold is known.
-        _log_served_model(uri, mlflow_run_id, model, prepared_dir, metrics["threshold"])
+        decision = report_decision(metrics, files.metrics)
+        _log_served_model(uri, mlflow_run_id, model, prepared_dir, decision)
     return metrics
 
 
@@ -349,11 +352,19 @@ def _log_served_model(
     run_id: str,
     model: FineTunedModule,
     prepared_dir: str | Path,
-    threshold: float,
+    decision: Validated,
 ) -> None:
-    """Log the model as the MLflow model that takes image files (``inference.serving``)."""
+    """Log the model as the MLflow model that takes image files (``inference.serving``), with
+    the threshold and calibration validated for it."""
     identity = read_identity(prepared_dir)
-    served = ServedModel.of(model, identity.image_size, identity.window, identity.fit, threshold)
+    served = ServedModel.of(
+        model,
+        identity.image_size,
+        identity.window,
+        identity.fit,
+        decision.threshold,
+        calibration=decision.calibration,
+    )
     log_image_model(uri, run_id, model.net.cpu(), served)
 
 

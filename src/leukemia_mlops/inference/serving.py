@@ -38,14 +38,19 @@ from mlflow.pyfunc import PythonModel
 from mlflow.pyfunc.model import PythonModelContext
 from torch import nn
 
+from leukemia_mlops.inference.calibrated import Calibration
 from leukemia_mlops.inference.detection import YoloScorer
 from leukemia_mlops.inference.intake import DEFAULT_MAX_PIXELS, Intake, Refused
-from leukemia_mlops.inference.loading import PREPROCESSING_KEYS, load_scorer, module_scorer
+from leukemia_mlops.inference.loading import (
+    PREPROCESSING_KEYS,
+    Validated,
+    load_scorer,
+    module_scorer,
+)
 from leukemia_mlops.inference.predict import (
     DEFAULT,
     FALLBACK_THRESHOLD,
     NOT_SCORED,
-    VALIDATION,
     Threshold,
     predict_paths,
 )
@@ -67,6 +72,8 @@ OUTPUT_COLUMNS = {
     "label": "string",
     "threshold": "double",
     "threshold_source": "string",
+    "calibrated": "boolean",
+    "conformal_set": "string",
     "in_distribution": "boolean",
     "ood_reason": "string",
     "error": "string",
@@ -84,8 +91,10 @@ class ServedModel:
     """What the served model needs besides the weights: its module class (a ``_target_``),
     the settings that rebuild its network (``network_settings``), the prepare settings to
     decode images with, the threshold chosen on validation (None: 0.5), for a detector the
-    smallest score of a box it answers (``predict``'s ``--min-score``), and the request limits
-    (:class:`~.inference.intake.Intake`; the server's environment overrides them)."""
+    smallest score of a box it answers (``predict``'s ``--min-score``), the request limits
+    (:class:`~.inference.intake.Intake`; the server's environment overrides them), and the
+    calibration validated with the threshold (``temperature``, conformal ``quantiles`` by class
+    name; None: P(ALL) served raw, without sets)."""
 
     module: str
     network: dict[str, Any]
@@ -96,6 +105,8 @@ class ServedModel:
     min_score: float = MIN_BOX_SCORE
     max_pixels: int = DEFAULT_MAX_PIXELS
     allowed_root: str | None = None
+    temperature: float | None = None
+    quantiles: dict[str, float] | None = None
 
     @classmethod
     def of(
@@ -106,10 +117,22 @@ class ServedModel:
         fit: str,
         threshold: float | None = None,
         min_score: float = MIN_BOX_SCORE,
+        calibration: Calibration | None = None,
     ) -> ServedModel:
         """The settings of a trained module, served with ``model.net``'s weights."""
         settings = (image_size, window, fit, threshold, min_score)
-        return cls(class_path(type(model)), model.network_settings(), *settings)
+        calibrated = {} if calibration is None else calibration._asdict()
+        return cls(class_path(type(model)), model.network_settings(), *settings, **calibrated)
+
+    def decision(self) -> Threshold:
+        """The threshold it labels at: the validated one it was logged with (on the calibrated
+        scale where it is calibrated), else 0.5."""
+        if self.threshold is None:
+            return Threshold(FALLBACK_THRESHOLD, DEFAULT)
+        calibration = None
+        if self.temperature is not None:
+            calibration = Calibration(self.temperature, self.quantiles)
+        return Threshold.validated(Validated(self.threshold, calibration))
 
 
 class ImageModel(PythonModel):
@@ -121,7 +144,7 @@ class ImageModel(PythonModel):
         # OpenCV's own decompression-bomb guard, read at its first decode: none gets past it.
         os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(self.intake.max_pixels))
         self.settings = {key: config[key] for key in PREPROCESSING_KEYS}
-        self.threshold = served_threshold(config.get("threshold"))
+        self.threshold = ServedModel(**config).decision()
         self.min_score = float(config["min_score"])
         if ONNX_ARTIFACT in context.artifacts:
             self.scorer = load_scorer(context.artifacts[ONNX_ARTIFACT])
@@ -180,13 +203,6 @@ class ImageModel(PythonModel):
         answer = answer.set_axis(accepted)
         combined = pd.concat([answer, rows.astype(answer.dtypes.to_dict())]) if refused else answer
         return combined.sort_index().reset_index(drop=True)
-
-
-def served_threshold(known: float | None) -> Threshold:
-    """The served model's threshold: the validated one it was logged with, else 0.5."""
-    if known is None:
-        return Threshold(FALLBACK_THRESHOLD, DEFAULT)
-    return Threshold(float(known), VALIDATION)
 
 
 def _scorer(
@@ -256,7 +272,7 @@ def log_image_model(uri: str, run_id: str, net: nn.Module | Path, served: Served
     )
     columns = {**OUTPUT_COLUMNS, **SERVED_COLUMNS[module_class(served.module).served_output]}
     outputs = Schema([ColSpec(kind, name) for name, kind in columns.items()])
-    source = served_threshold(served.threshold).source
+    source = served.decision().source
     mlflow.set_tracking_uri(uri)
     with (
         tempfile.TemporaryDirectory(prefix="lmo-weights-") as scratch,

@@ -3,9 +3,11 @@
 * four trainings log to one server at once and no metric point is lost;
 * a run that loses the race to store a new dataset still links it, and a sweep worker that
   loses the race to create the study database's schema still opens it;
-* two sweep workers share one Optuna study in PostgreSQL through the real Hydra multirun
-  command line: distinct trial numbers, trials of both workers running at once, every trial's
-  run nested under the study's parent;
+* two sweep workers, each trial a two-process DDP run (gloo), share one Optuna study in
+  PostgreSQL and one MLflow server through the real Hydra multirun command line: distinct
+  trial numbers, exactly the trials asked for, trials of both workers running at once, every
+  trial's run nested under the study's one parent (the sweeps across nodes of README's
+  "On a cluster", on one machine);
 * the server is killed while a training logs to it: a short outage is ridden out by the
   MLflow client's retries; a longer one fails the run, whose data logged before the outage is
   intact once the server is back, and the same command then resumes it into the same run.
@@ -40,6 +42,7 @@ from sqlalchemy.engine import Engine
 from leukemia_mlops.config import write_params
 from leukemia_mlops.models.metrics import MONITOR
 from leukemia_mlops.tracking.datasets import log_inputs_once_stored
+from leukemia_mlops.training.launch import OUTCOME_FILE
 from leukemia_mlops.tuning.runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL_TAG
 from leukemia_mlops.tuning.storage import open_storage
 from leukemia_mlops.tuning.study import WORKER_ATTR
@@ -331,7 +334,8 @@ def test_a_schema_race_lost_to_another_sweep_worker_still_opens_the_storage(post
 
 
 def sweep_worker(tmp_path: Path, prepared: Path, storage: str, server: MlflowServer, seed: int):
-    """One worker of the shared study, through the real Hydra multirun command line."""
+    """One worker of the shared study, through the real Hydra multirun command line; each of
+    its trials trains on two DDP processes, as a node's GPUs would."""
     command = [
         *server_sweep_command(
             storage, "pg_shared", server.url, "postgres-sweep", prepared, tmp_path
@@ -339,6 +343,7 @@ def sweep_worker(tmp_path: Path, prepared: Path, storage: str, server: MlflowSer
         f"hydra.sweeper.sampler.seed={seed}",
         "hydra.sweeper.pruner.n_startup_trials=100",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "trainer=ddp_cpu",
         "trainer.enable_model_summary=false",
         "data.prepare.image_size=48",
     ]
@@ -380,6 +385,8 @@ def test_two_sweep_workers_share_a_postgres_study(
     study = optuna.load_study(study_name="pg_shared", storage=storage)
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    # Each trial trained in a launched DDP child whose rank 0 recorded the outcome.
+    assert all((tmp_path / f"sweep/trial_{n}" / OUTCOME_FILE).is_file() for n in range(4))
     assert_workers_overlapped(study.trials)
     parent_id = study.user_attrs[PARENT_ATTR]
     parent = client.get_run(parent_id)

@@ -183,13 +183,15 @@ class ImageModel(PythonModel):
         self, answer: pd.DataFrame | None, accepted: list[int], refused: dict[int, str]
     ) -> pd.DataFrame:
         """One row per request row, in order: the accepted rows' answers, and for each refused
-        row its error, no probability and no label."""
+        row its error, no probability, no label and no conformal set."""
         rows = pd.DataFrame(
             {
                 "prob_all": np.nan,
                 "label": "",
                 "threshold": self.threshold.value,
                 "threshold_source": self.threshold.source,
+                "calibrated": False,
+                "conformal_set": "",
                 "in_distribution": False,
                 "ood_reason": NOT_SCORED,
                 "error": list(refused.values()),

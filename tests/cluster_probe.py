@@ -2,14 +2,17 @@
 
 Every rank writes ``rank<R>.json`` under ``out``: the digests of its final parameters (replicas
 must be bit-identical) and the validation cells its loader gave it in each epoch (every cell
-once over all ranks). After each training epoch it writes ``epoch<E>.rank<R>``, the event tests
-wait for; rank ``hold_rank`` then waits there until the test writes ``release`` (or ends it).
+once over all ranks). After each training epoch it writes ``epoch<E>.rank<R>`` (holding its
+process id), the event tests wait for; rank ``hold_rank`` then waits there from epoch
+``hold_epoch`` on until the test writes ``release`` (or ends it). The checkpoint callback runs
+after it: a held epoch's checkpoint is not saved yet.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,9 +20,9 @@ import pytorch_lightning as pl
 
 
 class RankProbe(pl.Callback):
-    def __init__(self, out: str, hold_rank: int | None = None) -> None:
+    def __init__(self, out: str, hold_rank: int | None = None, hold_epoch: int = 0) -> None:
         self.out = Path(out)
-        self.hold_rank = hold_rank
+        self.hold_rank, self.hold_epoch = hold_rank, hold_epoch
         self.validation: list[list[int]] = []
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -28,9 +31,11 @@ class RankProbe(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / f"epoch{trainer.current_epoch}.rank{trainer.global_rank}").touch()
+        event = self.out / f"epoch{trainer.current_epoch}.rank{trainer.global_rank}"
+        event.write_text(str(os.getpid()))
         release = self.out / "release"
-        while trainer.global_rank == self.hold_rank and not release.exists():
+        held = trainer.global_rank == self.hold_rank and trainer.current_epoch >= self.hold_epoch
+        while held and not release.exists():
             time.sleep(0.2)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

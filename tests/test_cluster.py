@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from leukemia_mlops.training.cluster import (
     check_launch,
     external_environment,
     hydra_overrides,
-    node_local_env,
+    leave_slurm_job,
 )
 
 SLURM_VARIABLES = ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_PROCID", "RANK")
@@ -148,6 +149,7 @@ def test_a_one_task_slurm_job_is_a_process_alone(slurm):
 def test_a_sweep_workers_trial_is_no_slurm_task(slurm):
     # Worker 3 of 4 (one per node): its trial's ranks are the node's, started by Lightning.
     slurm(rank=3, tasks=4, nodes=4)
-    env = node_local_env()
-    assert not set(SLURM_TASK_VARIABLES) & set(env)
-    assert env["SLURM_JOB_ID"] == JOB_ID and env["MASTER_PORT"] == "29500"
+    leave_slurm_job()
+    assert not set(SLURM_TASK_VARIABLES) & set(os.environ)
+    assert os.environ["SLURM_JOB_ID"] == JOB_ID and os.environ["MASTER_PORT"] == "29500"
+    assert external_environment() is None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from cluster_jobs import TESTS, Ranks, srun_env, started_in, torchrun_command
 from mlflow import MlflowClient
 
@@ -59,15 +60,16 @@ def training(prepared: Path, tmp_path: Path, rank_variable: str, *overrides: str
     ]
 
 
-def audited(env: dict[str, str], tmp_path: Path, rank: int) -> dict[str, str]:
-    """``env`` with the store audit on: files opened under mlruns/ go to ``store_rank<R>.log``."""
+def audited(env: dict[str, str], tmp_path: Path, process: str) -> dict[str, str]:
+    """``env`` with the store audit on: files opened under mlruns/ go to
+    ``store_<process>.log``."""
     return {
         **env,
         "PYTHONPATH": os.pathsep.join(
             filter(None, [str(TESTS / "store_audit"), os.environ.get("PYTHONPATH")])
         ),
         "STORE_AUDIT_DIR": str(tmp_path / "mlruns"),
-        "STORE_AUDIT_LOG": str(tmp_path / f"store_rank{rank}.log"),
+        "STORE_AUDIT_LOG": str(tmp_path / f"store_{process}.log"),
     }
 
 
@@ -77,17 +79,22 @@ def start_srun(
     port = free_port()
     command = [sys.executable, *TRAIN, *training(prepared, tmp_path, "SLURM_PROCID", *overrides)]
     return [
-        ranks.start(command, audited(srun_env(rank, port, tasks), tmp_path, rank))
+        ranks.start(command, audited(srun_env(rank, port, tasks), tmp_path, f"job_rank{rank}"))
         for rank in range(tasks)
     ]
 
 
-def start_torchrun(ranks: Ranks, prepared: Path, tmp_path: Path, *overrides: str) -> list:
+def start_torchrun(
+    ranks: Ranks, prepared: Path, tmp_path: Path, *overrides: str, launch: str = "job"
+) -> list:
     port = free_port()
     command = [*TRAIN, *training(prepared, tmp_path, "RANK", *overrides)]
     # c10d numbers the ranks in the order they join: either node's process may be rank 0.
     return [
-        ranks.start([*torchrun_command(node, port), *command], audited({}, tmp_path, node))
+        ranks.start(
+            [*torchrun_command(node, port), *command],
+            audited({}, tmp_path, f"{launch}_node{node}"),
+        )
         for node in range(2)
     ]
 
@@ -97,10 +104,10 @@ def validation_cells(prepared: Path) -> int:
     return int((manifest["split"] == "val").sum())
 
 
-def assert_one_run(tmp_path: Path, prepared: Path) -> dict:
+def assert_one_run(tmp_path: Path, prepared: Path, launch: str = "job") -> dict:
     """The job trained one run: rank 0's run directory (Hydra's files written once), one MLflow
-    run in a store rank 1 never opened, bit-identical replicas and every validation cell scored
-    once over the ranks. Returns the finished run's state."""
+    run in a store that one process of the ``launch`` opened, bit-identical replicas and every
+    validation cell scored once over the ranks. Returns the finished run's state."""
     assert sorted(p.name for p in tmp_path.glob("run_*")) == ["run_0"]
     run_dir = tmp_path / "run_0"
     state = json.loads((run_dir / "run.json").read_text())
@@ -111,11 +118,10 @@ def assert_one_run(tmp_path: Path, prepared: Path) -> dict:
     assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [
         run.info.run_id
     ]
-    opened = {rank: tmp_path / f"store_rank{rank}.log" for rank in (0, 1)}
-    assert [p.is_file() for p in opened.values()].count(True) == 1, "one rank opens the store"
+    assert len(list(tmp_path.glob(f"store_{launch}_*.log"))) == 1, "one rank opens the store"
     first, second = (json.loads((tmp_path / f"probe/rank{r}.json").read_text()) for r in (0, 1))
     assert first["params"] == second["params"]
-    [shard_0], [shard_1] = first["validation"], second["validation"]  # the job's last epoch
+    shard_0, shard_1 = first["validation"][-1], second["validation"][-1]  # the last epoch
     assert not set(shard_0) & set(shard_1)
     assert sorted(shard_0 + shard_1) == list(range(validation_cells(prepared)))
     return state
@@ -126,6 +132,42 @@ def test_two_torchrun_nodes_train_one_run(ranks, tiny_prepared, tmp_path):
 
     assert ranks.wait() == [0, 0], ranks.tails()
     assert_one_run(tmp_path, tiny_prepared)
+
+
+def test_torchrun_nodes_killed_in_training_resume_from_the_last_checkpoint(
+    ranks, tiny_prepared, tmp_path
+):
+    job = [
+        "trainer.max_epochs=2",
+        "+callbacks.extra.probe.hold_rank=1",
+        "+callbacks.extra.probe.hold_epoch=1",
+    ]
+    start_torchrun(ranks, tiny_prepared, tmp_path, *job)
+    held = tmp_path / "probe/epoch1.rank1"  # rank 1 ended epoch 1, epoch 0's checkpoint saved
+    ranks.wait_for(held)
+    os.kill(int(held.read_text()), signal.SIGKILL)  # its node's training process dies
+
+    assert 0 not in ranks.wait(), ranks.tails()  # both nodes' torchrun end, neither hangs
+    survivor = "\n".join(log.read_text() for log in ranks.logs)
+    assert "error: rank 0: rank(s) 1 ended during training (" in survivor
+    run_dir = tmp_path / "run_0"
+    interrupted = json.loads((run_dir / "run.json").read_text())
+    assert interrupted["status"] == "running"
+    saved = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 0
+
+    (tmp_path / "probe/release").touch()
+    start_torchrun(ranks, tiny_prepared, tmp_path, *job, launch="resumed")  # both nodes again
+
+    assert ranks.wait()[2:] == [0, 0], ranks.tails()
+    assert any("Restoring states from the checkpoint" in log.read_text() for log in ranks.logs[2:])
+    state = assert_one_run(tmp_path, tiny_prepared, launch="resumed")
+    assert state == {**interrupted, "status": "finished"}  # the same MLflow run, finished
+    client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
+    # One value an epoch (epoch 1's, lost with the kill, came again after the resume) ...
+    epoch_0, epoch_1 = client.get_metric_history(state["mlflow_run_id"], "val/auroc")
+    # ... epoch 1 trained from the step epoch 0's checkpoint saved, not from step 0.
+    assert epoch_1.step == epoch_0.step + saved["global_step"] > saved["global_step"]
 
 
 def error_lines(log: Path) -> list[str]:

@@ -1,9 +1,13 @@
 """A sweep whose trials train with DDP: only the sweep's process talks to Optuna."""
 
-import pytest
-from optuna.trial import TrialState
-from test_sweeps_e2e import CNN, TINY, load_study, run, sweep_command
+import subprocess
 
+import pytest
+from cluster_jobs import srun_env
+from optuna.trial import TrialState
+from test_sweeps_e2e import CNN, TIMEOUT_S, TINY, load_study, run, sweep_command
+
+from bench.serving import free_port
 from leukemia_mlops.training.launch import OUTCOME_FILE, launches_processes
 
 
@@ -32,3 +36,30 @@ def test_a_two_trial_sweep_under_ddp_runs_exactly_two_trials(tiny_prepared, tmp_
     assert [t.number for t in study.trials] == [0, 1]
     # Each trial trained in a launched child whose rank 0 recorded the outcome.
     assert all((tmp_path / f"sweep/trial_{n}" / OUTCOME_FILE).is_file() for n in (0, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["cpu", "ddp_cpu"])
+def test_a_sweep_worker_that_srun_started_runs_exactly_its_trials(trainer, tiny_prepared, tmp_path):
+    # Worker 1 of a two-node SLURM job, one task per node: each trial is a job of its node
+    # alone, in process (cpu) or with two ranks that Lightning's launcher starts (ddp_cpu),
+    # never a rank waiting for the other worker.
+    command = sweep_command(
+        tmp_path,
+        tiny_prepared,
+        *CNN,
+        *TINY,
+        f"trainer={trainer}",
+        "++trainer.process_group_timeout_s=30",  # bounds a trial that would wait for worker 0
+        "hydra.sweeper.n_trials=2",
+    )
+    env = srun_env(rank=1, port=free_port(), tasks=2, nodes=2, SLURM_JOB_NAME="sweep")
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load_study(tmp_path, "cnn_optuna")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    launched = [(tmp_path / f"sweep/trial_{n}" / OUTCOME_FILE).is_file() for n in (0, 1)]
+    assert launched == [trainer == "ddp_cpu"] * 2

@@ -3,7 +3,8 @@
 Returns the best validation AUROC (the monitored metric), the objective of
 ``-m hparams_search=...`` sweeps.
 A sweep job whose trainer starts several processes (DDP) trains in a child process (see
-:mod:`leukemia_mlops.training.launch`), so that its ranks never re-run the multirun.
+:mod:`leukemia_mlops.training.launch`), so that its ranks never re-run the multirun. A sweep
+worker that srun started is no task of that SLURM job: each trial is a job of its node.
 A single run stops on an expected failure (:func:`~leukemia_mlops.errors.expected_failure`,
 e.g. ImageNet weights that are not cached, offline) with one ``error:`` line and status 2, and
 on a bug with its traceback and status 1, as the stage commands do. A sweep's trial raises
@@ -28,12 +29,14 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from leukemia_mlops.errors import exit_on_failure
+    from leukemia_mlops.training.cluster import leave_slurm_job
     from leukemia_mlops.training.launch import launches_processes, train_in_child
     from leukemia_mlops.training.preemption import requeue_on_preemption
     from leukemia_mlops.training.run import run_training
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
+        leave_slurm_job()  # a sweep worker's trials are its node's, whatever srun started
         if launches_processes(cfg.trainer):
             return train_in_child(cfg, hydra_cfg.runtime.output_dir)
         return run_training(cfg, hydra_cfg.runtime.output_dir)

@@ -62,10 +62,12 @@ def external_environment() -> ClusterEnvironment | None:
     return environment if environment.world_size() > 1 else None
 
 
-def node_local_env() -> dict[str, str]:
-    """This process's environment without SLURM's task variables: a job this node runs on its
-    own (a sweep worker's trial, whose ranks Lightning's launcher starts) is no SLURM task."""
-    return {k: v for k, v in os.environ.items() if k not in SLURM_TASK_VARIABLES}
+def leave_slurm_job() -> None:
+    """Make this process no SLURM task: a sweep worker (one task per node) runs its trials as
+    jobs of its node alone, in process or with ranks that Lightning's launcher starts, never as
+    ranks of the SLURM job that started the workers."""
+    for name in SLURM_TASK_VARIABLES:
+        os.environ.pop(name, None)
 
 
 def hydra_overrides(argv: list[str]) -> list[str]:

@@ -4,8 +4,9 @@ Lightning starts DDP ranks 1..N by re-running the command line. Inside a Hydra m
 command holds ``-m``, so every rank would start a sweep of its own and ask Optuna for other
 trials. A sweep job whose trainer needs several processes therefore trains in a child,
 ``python -m leukemia_mlops.training.launch CONFIG RUN_DIR``, whose command line is safe to
-re-run: its ranks all read the same resolved config. Under SLURM (a sweep worker per node,
-an array job's task) the child is no SLURM task: Lightning's launcher starts the node's ranks.
+re-run: its ranks all read the same resolved config. Under SLURM the sweep worker has left
+the job (:func:`~leukemia_mlops.training.cluster.leave_slurm_job`), so Lightning's launcher
+starts the node's ranks.
 Rank 0 reports to the trial through the study's storage and writes the outcome; the sweep's
 process alone talks to the sampler.
 """
@@ -23,7 +24,6 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from leukemia_mlops.files import write_json, write_text
-from leukemia_mlops.training.cluster import node_local_env
 
 OUTCOME_FILE = "outcome.json"
 CONFIG_FILE = "launch_config.yaml"
@@ -43,7 +43,7 @@ def train_in_child(cfg: DictConfig, run_dir: str | Path) -> float:
     write_text(config, OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
     command = [sys.executable, "-m", "leukemia_mlops.training.launch", str(config), str(run_dir)]
-    finished = subprocess.run(command, check=False, env=node_local_env())
+    finished = subprocess.run(command, check=False)
     outcome_file = run_dir / OUTCOME_FILE
     if finished.returncode != 0 or not outcome_file.is_file():
         raise RuntimeError(f"training in {run_dir} failed (exit status {finished.returncode})")

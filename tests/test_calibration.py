@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from leukemia_mlops.evaluation.calibration import (
     calibration_report,
     fit_temperature,
 )
+from leukemia_mlops.evaluation.evaluate import EvaluateSpec, Scored, threshold_report
 from leukemia_mlops.evaluation.metrics import binary_metrics
 from leukemia_mlops.inference.calibrated import (
     calibrate,
@@ -75,3 +78,21 @@ def test_the_temperature_comes_from_validation_and_lowers_test_ece():
             # ECE is biased upwards in resamples, so its point may sit below its interval.
             assert section[f"{name}_pct_low"] <= section[f"{name}_pct_high"]
             assert section[f"{name}_n_valid"] == BOOTSTRAP["n_resamples"]
+
+
+def test_the_evaluate_report_fits_its_temperature_on_validation():
+    """The evaluate stage's T is validation's, never the test split's it is reported on."""
+
+    def scored(split: str, temperature: float, seed: int) -> Scored:
+        probs, labels = planted(temperature, 600, seed)
+        subjects = np.array([f"{label}-{i % 4}" for i, label in enumerate(labels)])
+        return Scored(split, SimpleNamespace(labels=labels, subjects=subjects), probs)
+
+    val, test = scored("val", 3.0, seed=3), scored("test", 1.5, seed=4)  # T 3 and T 1.5
+    spec = EvaluateSpec(n_resamples=20, min_subjects=2, tta=False, seed=0, batch_size=8)
+
+    metrics, _ = threshold_report(val, test, spec)
+
+    assert metrics["temperature"] == fit_temperature(val.probs, val.data.labels)
+    assert metrics["temperature"] != pytest.approx(fit_temperature(test.probs, test.data.labels))
+    assert metrics["calibration"]["temperature"] == metrics["temperature"]

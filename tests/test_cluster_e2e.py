@@ -22,6 +22,7 @@ from cluster_jobs import TESTS, Ranks, srun_env, started_in, torchrun_command
 from mlflow import MlflowClient
 
 from bench.serving import free_port
+from leukemia_mlops.config import write_params
 from leukemia_mlops.data.prepare import MANIFEST_FILE
 from leukemia_mlops.tracking.store import tracking_uri
 from leukemia_mlops.training.preemption import REQUEUE_EXIT
@@ -105,14 +106,21 @@ def validation_cells(prepared: Path) -> int:
 
 
 def assert_one_run(tmp_path: Path, prepared: Path, launch: str = "job") -> dict:
-    """The job trained one run: rank 0's run directory (Hydra's files written once), one MLflow
-    run in a store that one process of the ``launch`` opened, bit-identical replicas and every
-    validation cell scored once over the ranks. Returns the finished run's state."""
+    """The job trained one run: rank 0's run directory (Hydra's files written once) and
+    :func:`assert_trained_as_one`. Returns the finished run's state."""
     assert sorted(p.name for p in tmp_path.glob("run_*")) == ["run_0"]
     run_dir = tmp_path / "run_0"
     state = json.loads((run_dir / "run.json").read_text())
-    assert state["status"] == "finished"
     assert (run_dir / ".hydra/config.yaml").is_file() and (run_dir / "train.log").is_file()
+    assert_trained_as_one(tmp_path, prepared, state, launch)
+    return state
+
+
+def assert_trained_as_one(tmp_path: Path, prepared: Path, state: dict, launch: str) -> None:
+    """The run of ``state`` finished as the one MLflow run of a store that one process of the
+    ``launch`` opened, with bit-identical replicas and every validation cell scored once over
+    the ranks."""
+    assert state["status"] == "finished"
     client = MlflowClient(tracking_uri(None, tmp_path / "mlruns"))
     run = client.get_run(state["mlflow_run_id"])
     assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [
@@ -124,7 +132,6 @@ def assert_one_run(tmp_path: Path, prepared: Path, launch: str = "job") -> dict:
     shard_0, shard_1 = first["validation"][-1], second["validation"][-1]  # the last epoch
     assert not set(shard_0) & set(shard_1)
     assert sorted(shard_0 + shard_1) == list(range(validation_cells(prepared)))
-    return state
 
 
 def test_two_torchrun_nodes_train_one_run(ranks, tiny_prepared, tmp_path):
@@ -132,6 +139,23 @@ def test_two_torchrun_nodes_train_one_run(ranks, tiny_prepared, tmp_path):
 
     assert ranks.wait() == [0, 0], ranks.tails()
     assert_one_run(tmp_path, tiny_prepared)
+
+
+def test_two_torchrun_nodes_run_the_train_stage_as_one_run(
+    ranks, tiny_config, tiny_prepared, tmp_path
+):
+    overrides = [o for o in training(tiny_prepared, tmp_path, "RANK") if "hydra." not in o]
+    write_params(tiny_config(*overrides), tmp_path / "params.yaml")
+    port = free_port()
+    for node in range(2):
+        stage = ["-m", "leukemia_mlops.cli.train", "--params", "params.yaml"]
+        ranks.start([*torchrun_command(node, port), *stage], audited({}, tmp_path, f"job_{node}"))
+
+    assert ranks.wait() == [0, 0], ranks.tails()
+    run_dir, reports = tmp_path / "models/model", tmp_path / "reports"
+    state = json.loads((run_dir / "run.json").read_text())
+    assert_trained_as_one(tmp_path, tiny_prepared, state, "job")
+    assert (reports / "train_model.json").read_text() == (run_dir / "metrics.json").read_text()
 
 
 def test_torchrun_nodes_killed_in_training_resume_from_the_last_checkpoint(

@@ -90,6 +90,16 @@ def test_settings_that_disagree_are_one_line_naming_what_to_set(
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize("node_rank", [None, "0", "1"])
+def test_nodes_that_no_torchrun_or_srun_started_are_refused(slurm, monkeypatch, node_rank):
+    # Lightning's own launcher on each node: every node would decide the run on its own.
+    if node_rank is not None:
+        monkeypatch.setenv("NODE_RANK", node_rank)
+    with pytest.raises(ConfigError, match=r"^trainer.num_nodes=2 needs every node's ranks st"):
+        check_launch({"num_nodes": 2, "devices": 2})
+    check_launch({"num_nodes": 1, "devices": 2})  # one node: Lightning starts its ranks
+
+
 def test_one_task_is_no_multi_process_job(slurm):
     slurm(tasks=1, nodes=1, SLURM_JOB_NAME="bash")  # an interactive shell's single task
     check_launch({"num_nodes": 1, "devices": 2})

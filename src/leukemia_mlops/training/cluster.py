@@ -81,22 +81,31 @@ def hydra_overrides(argv: list[str]) -> list[str]:
 
 
 def check_launch(trainer: Mapping[str, Any]) -> None:
-    """Stop with one line when SLURM's tasks and the trainer config disagree.
+    """Stop with one line when the launch cannot give the trainer config its ranks.
 
+    Several nodes need ranks that torchrun or srun started together (:func:`join_group`).
     Lightning takes its world from ``SLURM_NTASKS``: tasks that are not ``num_nodes x devices``
     processes wait for each other forever; a job named ``bash`` or ``interactive`` makes it
     ignore SLURM, and every task would then start a job of its own.
     """
     tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    if tasks < 2:
-        return
     name = os.environ.get("SLURM_JOB_NAME")
-    if name in IGNORED_JOB_NAMES:
+    if tasks > 1 and name in IGNORED_JOB_NAMES:
         raise ConfigError(
             f"SLURM job name {name!r} makes Lightning ignore SLURM's {tasks} tasks: name the "
             "job otherwise (#SBATCH --job-name=train, or srun --job-name=train)"
         )
-    nodes, devices = trainer.get("num_nodes", 1), trainer.get("devices", 1)
+    nodes = trainer.get("num_nodes", 1)
+    if nodes > 1 and external_environment() is None:
+        raise ConfigError(
+            f"trainer.num_nodes={nodes} needs every node's ranks started by torchrun or srun "
+            "(scripts/torchrun_train.sh, scripts/slurm/train.sbatch): Lightning's own launcher "
+            "on each node (NODE_RANK) would let every node open the MLflow store and decide "
+            "the run on its own"
+        )
+    if tasks < 2:
+        return
+    devices = trainer.get("devices", 1)
     if isinstance(devices, list | tuple):
         devices = len(devices)
     if isinstance(devices, int) and devices > 0 and nodes * devices != tasks:

@@ -121,6 +121,8 @@ def test_malformed_payloads_are_refused_clearly_and_the_server_keeps_answering(s
         "no rows key": post(server.url, json.dumps({"rows": []}).encode()),
         "wrong content type": post(server.url, b64(cell).encode(), "image/png"),
         "text content type": post(server.url, rows((b64(cell), None)), "text/plain"),
+        # No Content-Type given: urllib sends a form's, as browsers and curl -d do.
+        "no content type": post(server.url, rows((b64(cell), None)), None),
     }
     for name, refused in refusals.items():
         assert 400 <= refused.status < 500, (name, refused.status, refused.body[:300])

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 from cluster_jobs import srun_env
 from optuna.trial import TrialState
-from test_sweeps_e2e import CNN, TIMEOUT_S, TINY, load_study, run, sweep_command
+from test_sweeps_e2e import CNN, TIMEOUT_S, TINY, load_study, sweep_command
 
 from bench.serving import free_port
 from leukemia_mlops.training.launch import OUTCOME_FILE, launches_processes
@@ -22,20 +22,6 @@ from leukemia_mlops.training.launch import OUTCOME_FILE, launches_processes
 )
 def test_which_trainers_launch_processes(trainer, launches):
     assert launches_processes(trainer) is launches
-
-
-@pytest.mark.slow
-def test_a_two_trial_sweep_under_ddp_runs_exactly_two_trials(tiny_prepared, tmp_path):
-    command = sweep_command(
-        tmp_path, tiny_prepared, *CNN, *TINY, "trainer=ddp_cpu", "hydra.sweeper.n_trials=2"
-    )
-    result = run(command, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    study = load_study(tmp_path, "cnn_optuna")
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
-    assert [t.number for t in study.trials] == [0, 1]
-    # Each trial trained in a launched child whose rank 0 recorded the outcome.
-    assert all((tmp_path / f"sweep/trial_{n}" / OUTCOME_FILE).is_file() for n in (0, 1))
 
 
 @pytest.mark.slow
@@ -61,5 +47,7 @@ def test_a_sweep_worker_that_srun_started_runs_exactly_its_trials(trainer, tiny_
     assert result.returncode == 0, result.stderr[-3000:]
     study = load_study(tmp_path, "cnn_optuna")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert [t.number for t in study.trials] == [0, 1]
+    # A DDP trial trained in a launched child whose rank 0 recorded the outcome.
     launched = [(tmp_path / f"sweep/trial_{n}" / OUTCOME_FILE).is_file() for n in (0, 1)]
     assert launched == [trainer == "ddp_cpu"] * 2

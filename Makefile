@@ -43,9 +43,12 @@ repro: data ## Run the whole DVC pipeline (prepare -> sweeps -> training -> eval
 compare-seeds: setup ## Train both models with 3 seeds after make repro: spread, P(CNN > detector) (reports/seeds)
 	python -m leukemia_mlops.cli.compare_seeds --seeds 3
 
-test: setup ## Run every test (fast ones, then the slow end-to-end ones)
+test: setup ## Run every test (fast ones, then the slow end-to-end ones, the 15 slowest listed)
 	pytest -m "not slow"
-	pytest -m slow
+	pytest -m slow --durations=15
+
+test-slow: setup ## Run the slow end-to-end tests only
+	pytest -m slow --durations=15
 
 test-fast: setup ## Run the fast tests only
 	pytest -m "not slow"

@@ -22,6 +22,7 @@ from leukemia_mlops.tuning.runs import PARENT_ATTR, PARENT_TAG, STATE_TAG, TRIAL
 pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 600
+TESTS = Path(__file__).parent
 # The same tiny runs as the training tests (logging models, as by default: a sweep's trials
 # must log none).
 TINY = [
@@ -75,13 +76,19 @@ def sweep_command(tmp_path: Path, prepared: Path, *overrides: str) -> list[str]:
     ]
 
 
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
+def run(
+    command: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
-def sweep(tmp_path: Path, prepared: Path, *overrides: str) -> subprocess.CompletedProcess:
+def sweep(
+    tmp_path: Path, prepared: Path, *overrides: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     command = sweep_command(tmp_path, prepared, *CNN, *TINY, *overrides)
-    result = run(command, tmp_path)
+    result = run(command, tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -105,11 +112,17 @@ def stored_models(mlruns: Path) -> list[Path]:
 
 
 def test_a_sweep_nests_its_trials_in_mlflow_and_a_rerun_continues_it(tiny_prepared, tmp_path):
-    sweep(tmp_path, tiny_prepared, "hydra.sweeper.n_trials=3")
+    audit = tmp_path / "trials.log"  # whether the parent was named as each trial was created
+    hooks = os.pathsep.join(filter(None, [str(TESTS / "trial_audit"), os.getenv("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": hooks, "TRIAL_AUDIT_LOG": str(audit)}
+    sweep(tmp_path, tiny_prepared, "hydra.sweeper.n_trials=3", env=env)
     study = load_study(tmp_path, "cnn_optuna")
     assert [(t.number, t.state) for t in study.trials] == [
         (n, TrialState.COMPLETE) for n in (0, 1, 2)
     ]
+    # No trial, the enqueued baseline first, exists before the parent: a worker that finds
+    # trials takes the parent the study names (a second worker would make its own).
+    assert audit.read_text().splitlines() == ["parent named: True"] * 3
     # Only the best trial's checkpoint stays in the store; no trial logged a model, and the
     # trials' job directories hold no checkpoint once the campaign is over.
     _, _, children = mlflow_runs(tmp_path, study)

@@ -110,11 +110,13 @@ class LeukemiaOptunaSweeper(Sweeper):
         if self.settings.storage:
             self.settings = replace(self.settings, storage=storage_url(self.settings.storage))
         study, storage, created = open_study(self.settings)
-        if created and self.settings.baseline:
-            enqueue_baseline(study, space, self.config)
         mlflow, mlruns_dir = self.config.logger.mlflow, self.config.paths.mlruns_dir
         uri = tracking_uri(mlflow.tracking_uri, mlruns_dir)
         runs = SweepRuns.open(uri, mlflow.experiment_name, mlruns_dir, study, created)
+        # Only now may the study hold a trial: a worker that finds trials takes the parent run
+        # the study names, and would make a second one if the baseline came first.
+        if created and self.settings.baseline:
+            enqueue_baseline(study, space, self.config)
         runs.log_data(prepared_dir, identity)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from cluster_jobs import TESTS, Ranks, srun_env, started_in, torchrun_command
+from cluster_probe import PLANTED
 from mlflow import MlflowClient
 
 from bench.serving import free_port
@@ -173,7 +174,7 @@ def test_torchrun_nodes_killed_in_training_resume_from_the_last_checkpoint(
 
     assert 0 not in ranks.wait(), ranks.tails()  # both nodes' torchrun end, neither hangs
     survivor = "\n".join(log.read_text() for log in ranks.logs)
-    assert "error: rank 0: rank(s) 1 ended during training (" in survivor
+    assert "error: rank 0: rank(s) 1 ended during training (rank 1: no word within" in survivor
     run_dir = tmp_path / "run_0"
     interrupted = json.loads((run_dir / "run.json").read_text())
     assert interrupted["status"] == "running"
@@ -219,9 +220,26 @@ def test_a_rank_that_dies_in_training_ends_the_job_naming_it(ranks, tiny_prepare
 
     assert ranks.wait() == [2, -9], ranks.tails()
     [line] = error_lines(ranks.logs[0])
-    assert line.startswith("error: rank 0: rank(s) 1 ended during training ("), line
+    assert line.startswith(
+        "error: rank 0: rank(s) 1 ended during training (rank 1: no word within 10 s "
+        "(killed, or its host lost); here: "
+    ), line
     state = json.loads((tmp_path / "run_0/run.json").read_text())
     assert state["status"] == "running"  # resumable from its last checkpoint
+
+
+def test_a_rank_that_fails_in_training_is_named_with_its_error_by_the_others(
+    ranks, tiny_prepared, tmp_path
+):
+    start_srun(ranks, tiny_prepared, tmp_path, "+callbacks.extra.probe.fail_rank=1")
+
+    assert ranks.wait() == [2, 1], ranks.tails()
+    [line] = error_lines(ranks.logs[0])
+    assert line.startswith(
+        f"error: rank 0: rank(s) 1 ended during training (rank 1: RuntimeError: {PLANTED}; "
+    ), line
+    failed = ranks.logs[1].read_text()  # rank 1 raises its own error and names no other rank
+    assert f"RuntimeError: {PLANTED}" in failed and not error_lines(ranks.logs[1])
 
 
 def test_srun_ranks_preempted_and_requeued_train_one_run(ranks, tiny_prepared, tmp_path):

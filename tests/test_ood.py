@@ -12,12 +12,12 @@ from conftest import TINY_SIZE
 from leukemia_mlops.data.datamodule import CellDataset
 from leukemia_mlops.data.images import cell_box, decode_bgr
 from leukemia_mlops.data.prepare import PrepareSpec, decode_file
+from leukemia_mlops.data.synthetic import SyntheticSpec, generate_cnmc
 from leukemia_mlops.evaluation.ood_alarms import false_alarm_report
 from leukemia_mlops.inference.ood import Verdict, assess
 from leukemia_mlops.inference.predict import predict_paths
 
 SPEC = PrepareSpec(image_size=TINY_SIZE, workers=1)
-DEFAULT_RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 PINK, RED_CELL, WHITE_CELL = (205, 190, 240), (150, 110, 200), (170, 60, 120)  # BGR
 
 
@@ -57,9 +57,10 @@ def test_no_false_alarm_on_the_tiny_training_set(tiny_raw):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DEFAULT_RAW.is_dir(), reason="the default data set is not generated")
-def test_no_false_alarm_on_the_default_training_set():
-    flagged, total = false_alarms(DEFAULT_RAW)
+def test_no_false_alarm_on_the_default_training_set(tmp_path):
+    default = tmp_path / "raw"
+    generate_cnmc(default, SyntheticSpec(), workers=2)  # params.yaml's (test_synthetic.py)
+    flagged, total = false_alarms(default)
     assert total > 1000 and flagged == 0
 
 

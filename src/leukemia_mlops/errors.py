@@ -37,6 +37,11 @@ class ServiceError(ProjectError, ConnectionError):
     """A service (tracking server, database) that cannot be reached or refuses a request."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (its type's name when it has none)."""
+    return next(iter(str(err).splitlines()), type(err).__name__)
+
+
 BUG_HINT = (
     "this is a bug in leukemia-mlops, not a problem with your input: please report it "
     "with the traceback above"

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from leukemia_mlops.errors import InputError, MissingInputError
+from leukemia_mlops.errors import InputError, MissingInputError, first_line
 from leukemia_mlops.inference.calibrated import Calibration, check_temperature
 from leukemia_mlops.inference.detection import DETECTOR_KEYS, THRESHOLD_KEYS, YoloScorer
 from leukemia_mlops.inference.scorers import (
@@ -65,15 +65,11 @@ def read_checkpoint(checkpoint: str | Path, what: str) -> dict[str, Any]:
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except NOT_A_CHECKPOINT as err:
         raise InputError(
-            f"{path} is not {what} ({type(err).__name__}: {_first_line(err)})"
+            f"{path} is not {what} ({type(err).__name__}: {first_line(err)})"
         ) from None
     if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict):
         raise InputError(f"{path} is not {what} (no Lightning state_dict in it)")
     return content
-
-
-def _first_line(err: BaseException) -> str:
-    return next(iter(str(err).splitlines()), "")
 
 
 def checkpoint_class(checkpoint: str | Path) -> type[FineTunedModule]:
@@ -93,7 +89,7 @@ def load_module(checkpoint: str | Path) -> FineTunedModule:
         if not str(err).startswith(_WEIGHTS_DO_NOT_FIT):
             raise
         raise InputError(
-            f"{checkpoint} is not a {cls.__name__} checkpoint ({_first_line(err)})"
+            f"{checkpoint} is not a {cls.__name__} checkpoint ({first_line(err)})"
         ) from None
 
 

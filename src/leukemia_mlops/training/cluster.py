@@ -4,17 +4,18 @@
 launcher instead starts ranks 1..N from rank 0). Such ranks join the process group before
 anything else (:func:`join_group`), so that rank 0 alone decides the run and touches shared
 state and the others receive its decision. Each rank answers a roll call on joining: a rank
-that never joins ends the job within ``trainer.process_group_timeout_s``, named by rank 0, and
-one that dies later is named by the survivors on its host (:func:`ranks_gone`).
+that never joins ends the job within ``trainer.process_group_timeout_s``, named by rank 0; one
+that ends later is named by the others' roll calls in training
+(:mod:`~leukemia_mlops.training.attendance`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,8 @@ from lightning_fabric.plugins.environments import (
     TorchElasticEnvironment,
 )
 
-from leukemia_mlops.errors import ConfigError, ProjectError
+from leukemia_mlops.errors import ConfigError
+from leukemia_mlops.training.attendance import Attendance, JobError
 
 #: The ``trainer.*`` key (conf/trainer/ddp*.yaml) that bounds the wait for the other ranks.
 TIMEOUT_KEY = "process_group_timeout_s"
@@ -42,12 +44,7 @@ FOLLOWER_HYDRA_OVERRIDES = (
 #: SLURM's variables that make a process one task of a multi-task job (Lightning reads them).
 SLURM_TASK_VARIABLES = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID")
 _ROLL_CALL = "leukemia_mlops/roll_call"
-#: Rank -> (host, pid) of every rank of the job this process joined.
-_roll: dict[int, tuple[str, int]] = {}
-
-
-class JobError(ProjectError):
-    """A rank of a multi-process job that never joined or that ended: the job stops."""
+_ATTENDANCE = "attendance"  # rank 0's store for the roll calls in training: "host port"
 
 
 def external_environment() -> ClusterEnvironment | None:
@@ -116,8 +113,10 @@ def check_launch(trainer: Mapping[str, Any]) -> None:
         )
 
 
-def join_group(environment: ClusterEnvironment, timeout_s: float | None) -> None:
-    """Join the job's process group (Lightning keeps it), after a roll call of its ranks.
+def join_group(environment: ClusterEnvironment, timeout_s: float | None) -> Attendance:
+    """Join the job's process group (Lightning keeps it), after a roll call of its ranks;
+    returns this rank's part, answering, in the roll calls in training (in a store rank 0
+    hosts).
 
     Rank 0 hosts the rendezvous store (under torchrun its agent does) and waits at most
     ``timeout_s`` for every rank to answer; the others wait as long for rank 0's store.
@@ -142,7 +141,7 @@ def join_group(environment: ClusterEnvironment, timeout_s: float | None) -> None
         ) from err
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives one
     roll = dist.PrefixStore(f"{_ROLL_CALL}/{attempt}", store)
-    roll.set(str(rank), f"{socket.gethostname()} {os.getpid()}")
+    roll.set(str(rank), "")
     try:
         roll.wait([str(r) for r in range(world)], timeout)
     except dist.DistError as err:
@@ -150,11 +149,36 @@ def join_group(environment: ClusterEnvironment, timeout_s: float | None) -> None
             f"rank {rank}: rank(s) {_absent(roll, world)} of {world} did not join the job "
             f"within {timeout.total_seconds():.0f} s ({TIMEOUT_KEY}): see their logs"
         ) from err
-    for r in range(world):
-        host, pid = roll.get(str(r)).decode().split()
-        _roll[r] = (host, int(pid))
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    if agent_store:
+        store = _rank_zero_store(roll, rank, world, address)
+    attendance = Attendance(
+        dist.PrefixStore(f"{_ROLL_CALL}/{attempt}/training", store), rank, world
+    )
+    attendance.start()
+    return attendance
+
+
+def _rank_zero_store(roll: dist.Store, rank: int, world: int, address: str) -> dist.Store:
+    """A store that rank 0 hosts where torchrun's agent hosts the job's store (an agent ends
+    with its node's ranks, and the others could no longer call the roll)."""
+    if rank == 0:
+        host = _reachable_address(address)
+        own = dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False)
+        roll.set(_ATTENDANCE, f"{host} {own.port}")
+        return own
+    host, port = roll.get(_ATTENDANCE).decode().split()
+    return dist.TCPStore(host, int(port), world, is_master=False)
+
+
+def _reachable_address(store_host: str) -> str:
+    """This host's address as the job's other hosts reach it: that of the interface routing to
+    the job's store, or the store host's own name where that is this host (a loopback route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((store_host, 9))  # a datagram socket sends nothing on connect
+        own = probe.getsockname()[0]
+    return store_host if ipaddress.ip_address(own).is_loopback else own
 
 
 def _absent(roll: dist.Store, world: int) -> str:
@@ -163,26 +187,3 @@ def _absent(roll: dist.Store, world: int) -> str:
         return ", ".join(str(r) for r in range(world) if not roll.check([str(r)]))
     except dist.DistError:
         return "0 (the job's store went with it)"
-
-
-def ranks_gone() -> list[int]:
-    """The ranks of this job on this host whose process has ended."""
-    here = socket.gethostname()
-    return [rank for rank, (host, pid) in sorted(_roll.items()) if host == here and _ended(pid)]
-
-
-def _ended(pid: int) -> bool:
-    """Whether process ``pid`` has ended (a zombie not yet reaped by its launcher included)."""
-    if not Path("/proc/self/stat").is_file():  # no procfs: a zombie still counts as alive
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in ("Z", "X")

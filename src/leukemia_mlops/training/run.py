@@ -38,7 +38,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from leukemia_mlops.data.identity import read_identity
 from leukemia_mlops.data.prepare import MANIFEST_FILE
-from leukemia_mlops.errors import ConfigError, ProjectError
+from leukemia_mlops.errors import ConfigError, ProjectError, first_line
 from leukemia_mlops.files import write_json, write_text
 from leukemia_mlops.models import family
 from leukemia_mlops.models.base import FineTunedModule
@@ -50,14 +50,13 @@ from leukemia_mlops.tracking.logger import ResumableMLFlowLogger
 from leukemia_mlops.tracking.provenance import config_hash, flatten, git_commit
 from leukemia_mlops.tracking.run_files import CHECKPOINTS, RunFiles, store_uri
 from leukemia_mlops.tracking.store import ensure_experiment
+from leukemia_mlops.training.attendance import Attendance, JobError, attended
 from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory, EpochSeed
 from leukemia_mlops.training.cluster import (
     TIMEOUT_KEY,
-    JobError,
     check_launch,
     external_environment,
     join_group,
-    ranks_gone,
 )
 from leukemia_mlops.training.mixed_precision import resolve_precision
 from leukemia_mlops.training.preemption import Preemption
@@ -97,7 +96,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     identity.check(cfg.get("data"), cfg.datamodule.prepared_dir)
     datamodule, module = build_data_and_module(cfg, config)
 
-    start = _shared_start(cfg, run_dir, config_hash(config))
+    start, attendance = _shared_start(cfg, run_dir, config_hash(config))
     run_dir, state, uri = start.run_dir, start.state, start.uri
     trial = config.get("optuna_trial")  # set by the Optuna sweeper on its trials
     # Ranks other than 0 log nothing (Lightning logs on rank 0) and never open the store,
@@ -153,7 +152,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     trainer = instantiate(trainer_cfg, _partial_=True)(
         callbacks=callbacks, logger=logger, default_root_dir=str(run_dir)
     )
-    with _handed_to_launched_ranks(start), _naming_lost_ranks():
+    with _handed_to_launched_ranks(start), attended(attendance):
         trainer.fit(
             module,
             datamodule=datamodule,
@@ -188,12 +187,8 @@ def build_data_and_module(
         if isinstance(err.__cause__, ProjectError):  # the module's own one-line error
             raise err.__cause__ from None
         # A key the constructor does not take, or a value of the wrong type.
-        raise ConfigError(f"model: {_first_line(err.__cause__ or err)}") from None
+        raise ConfigError(f"model: {first_line(err.__cause__ or err)}") from None
     return datamodule, module
-
-
-def _first_line(err: BaseException) -> str:
-    return next(iter(str(err).splitlines()), type(err).__name__)
 
 
 #: Trainer arguments that must be whole numbers (or null), checked before Lightning sees them.
@@ -238,23 +233,9 @@ def _handed_to_launched_ranks(start: _Start) -> Iterator[None]:
         os.environ.pop(RUN_STATE_ENV, None)
 
 
-@contextmanager
-def _naming_lost_ranks() -> Iterator[None]:
-    """A collective that fails because a rank of this host ended names that rank."""
-    try:
-        yield
-    except Exception as err:
-        gone = ranks_gone()
-        if not gone:
-            raise
-        raise JobError(
-            f"rank {dist.get_rank()}: rank(s) {', '.join(map(str, gone))} ended during "
-            f"training ({_first_line(err)})"
-        ) from err
-
-
-def _shared_start(cfg: DictConfig, run_dir: Path, digest: str) -> _Start:
-    """Rank 0's start of the run (:func:`_rank_zero_start`), the same on every rank.
+def _shared_start(cfg: DictConfig, run_dir: Path, digest: str) -> tuple[_Start, Attendance | None]:
+    """Rank 0's start of the run (:func:`_rank_zero_start`), the same on every rank, and this
+    rank's part in the roll calls of ranks that joined the job's group (else None).
 
     Ranks that Lightning's launcher starts inherit it. Ranks that torchrun or srun start
     together (each may have resolved its own ``${now}`` run directory) join the process group
@@ -263,23 +244,23 @@ def _shared_start(cfg: DictConfig, run_dir: Path, digest: str) -> _Start:
     """
     inherited = _inherited_start()
     if inherited is not None:
-        return inherited
+        return inherited, None
     environment = external_environment()
     if environment is None:
-        return _rank_zero_start(cfg, run_dir, digest)
-    join_group(environment, cfg.trainer.get(TIMEOUT_KEY))
+        return _rank_zero_start(cfg, run_dir, digest), None
+    attendance = join_group(environment, cfg.trainer.get(TIMEOUT_KEY))
     shared: list[_Start | str | None] = [None]
     if dist.get_rank() == 0:
         try:
             shared = [_rank_zero_start(cfg, run_dir, digest)]
         except Exception as err:  # the other ranks stop too, with its line
-            shared = [_first_line(err)]
+            shared = [first_line(err)]
             dist.broadcast_object_list(shared, src=0)
             raise
     dist.broadcast_object_list(shared, src=0)
     if isinstance(shared[0], str):
         raise JobError(f"rank 0 could not start the run: {shared[0]}")
-    return shared[0]
+    return shared[0], attendance
 
 
 def _rank_zero_start(cfg: DictConfig, run_dir: Path, digest: str) -> _Start:

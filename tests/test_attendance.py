@@ -4,6 +4,10 @@ is one that died without a word (killed, or its host lost)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -90,3 +94,35 @@ def test_a_failure_after_another_rank_left_names_that_rank(job):
 def test_outside_a_joined_job_training_errors_pass_unchanged():
     with pytest.raises(KeyError), attended(None):
         raise KeyError("x")
+
+
+def test_a_sigterm_while_the_roll_is_called_waits_until_the_lost_rank_is_named():
+    host = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    survivor = Attendance(host, 0, 2, silence_s=2.0)
+    survivor.start()
+    Attendance(dist.TCPStore("127.0.0.1", host.port, 2), 1, 2)  # never answers: killed
+    launcher = dist.TCPStore("127.0.0.1", host.port, 2)
+
+    def stop_once_the_roll_is_called() -> None:  # as torchrun's agent stops its node's ranks
+        while launcher.add("calls", 0) == 0:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def terminated(*_: object) -> None:
+        raise SystemExit("terminated")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    stopper = threading.Thread(target=stop_once_the_roll_is_called)
+    try:
+        stopper.start()
+        with (
+            pytest.raises(
+                JobError, match=r"^rank 0: rank\(s\) 1 ended during training \(rank 1: no word"
+            ),
+            attended(survivor),
+        ):
+            raise RuntimeError("Connection closed by peer")
+        stopper.join()
+        assert signal.getsignal(signal.SIGTERM) is terminated  # held back, then restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)

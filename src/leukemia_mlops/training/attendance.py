@@ -15,6 +15,7 @@ Rank 0 hosts the store the roll is called in: a rank that finds it gone names ra
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -115,7 +116,8 @@ def attended(attendance: Attendance | None) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        lost = attendance.lost()
+        with _sigterm_held():
+            lost = attendance.lost()
         if not lost:  # every other rank answered: the failure is this rank's own
             attendance.leave(f"{type(err).__name__}: {first_line(err)}")
             raise
@@ -126,3 +128,18 @@ def attended(attendance: Attendance | None) -> Iterator[None]:
             f"training ({attendance.causes(lost)}; here: {first_line(err)})"
         ) from err
     attendance.leave()
+
+
+@contextmanager
+def _sigterm_held() -> Iterator[None]:
+    """Hold SIGTERM back while the roll is called (at most ``silence_s``): a launcher that learned
+    of the same loss (torchrun's agent, whose node lost its store) stops this rank with it, and
+    would before it names the rank that ended. The rank ends right after, signalled or not."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

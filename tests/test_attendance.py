@@ -14,6 +14,7 @@ import pytest
 import torch.distributed as dist
 
 from leukemia_mlops.training.attendance import Attendance, JobError, attended
+from leukemia_mlops.training.preemption import Preempted
 
 SILENCE_S = 5.0  # bounds the wait for a rank that never answers; live ones answer at once
 
@@ -89,6 +90,14 @@ def test_a_failure_after_another_rank_left_names_that_rank(job):
         "here: Connection closed by peer)"
     )
     assert job[1].lost() == {2: "ValueError: bad batch"}  # the survivor is not named
+
+
+def test_a_preempted_rank_leaves_without_a_roll_call_or_an_error_for_the_others(job):
+    with pytest.raises(Preempted), attended(job[0]):
+        raise Preempted("stopped by SIGUSR1 at epoch 1")  # every rank raises it at one batch
+
+    assert job[0].store.add("calls", 0) == 0
+    assert job[1].lost() == {}  # a rank preempted a moment later names no rank
 
 
 def test_outside_a_joined_job_training_errors_pass_unchanged():

@@ -8,9 +8,10 @@ waits in a collective, and a rank that leaves training says why in the job's sto
 
 A rank whose training fails calls the roll. If every other rank answers, the failure is its
 own: it leaves its error there for the others and raises it. Otherwise it stops with a
-:class:`~leukemia_mlops.training.cluster.JobError` that names the ranks that left an error of
-their own and those that said nothing within :data:`SILENCE_S` (killed, or their host lost).
-Rank 0 hosts the store the roll is called in: a rank that finds it gone names rank 0.
+:class:`JobError` that names the ranks that left an error of their own and those that said
+nothing within :data:`SILENCE_S` (killed, or their host lost). Rank 0 hosts the store the roll
+is called in: a rank that finds it gone names rank 0. A preempted job calls no roll: every rank
+stops at the same batch (:mod:`~leukemia_mlops.training.preemption`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from leukemia_mlops.errors import ProjectError, first_line
+from leukemia_mlops.training.preemption import Preempted
 
 #: How long a rank that calls the roll waits for a rank that neither answers nor said why it
 #: left. A live rank answers within :data:`POLL_S` (its thread runs while training waits).
@@ -85,7 +87,8 @@ class Attendance:
                         others.discard(rank)
                         why = self.store.get(f"left/{rank}").decode()
                         lost.update({rank: why} if why else {})
-                time.sleep(POLL_S)
+                if others:
+                    time.sleep(POLL_S)
         except dist.DistError:
             return {**lost, 0: ""}  # rank 0 ended, and the store it hosted with it
         return {**lost, **dict.fromkeys(others, "")}
@@ -115,6 +118,9 @@ def attended(attendance: Attendance | None) -> Iterator[None]:
         return
     try:
         yield
+    except Preempted:  # every rank stops at the same batch: no rank was lost
+        attendance.leave()
+        raise
     except Exception as err:
         with _sigterm_held():
             lost = attendance.lost()

@@ -95,8 +95,9 @@ def test_nodes_that_no_torchrun_or_srun_started_are_refused(slurm, monkeypatch, 
     # Lightning's own launcher on each node: every node would decide the run on its own.
     if node_rank is not None:
         monkeypatch.setenv("NODE_RANK", node_rank)
-    with pytest.raises(ConfigError, match=r"^trainer.num_nodes=2 needs every node's ranks st"):
+    with pytest.raises(ConfigError, match=r"^trainer.num_nodes=2 needs every node's ranks st") as e:
         check_launch({"num_nodes": 2, "devices": 2})
+    assert "a sweep's trials: trainer.trial_launcher" in str(e.value)  # what a sweep sets
     check_launch({"num_nodes": 1, "devices": 2})  # one node: Lightning starts its ranks
 
 

@@ -69,8 +69,32 @@ def test_each_sweep_worker_trains_its_trials_on_its_nodes_gpus():
     assert any(word.startswith("hydra.sweeper.storage=") for word in command)
 
 
+def test_a_multinode_sweep_starts_each_trials_ranks_over_its_allocation(monkeypatch):
+    script = SCRIPTS / "slurm/sweep_multinode.sbatch"
+    options, command = sbatch_options(script), launch_command(script)
+    trainer = trainer_of(command)
+    nodes, per_node = int(options["nodes"]), int(options["ntasks-per-node"])
+    # The worker runs once (the batch step); srun starts each trial's ranks, one per GPU.
+    assert command[:4] == ["python", "-m", "leukemia_mlops.train", "-m"]
+    launcher = trainer["trial_launcher"]
+    assert launcher[0] == "srun" and "--kill-on-bad-exit=1" in launcher
+    assert {f"--nodes={nodes}", f"--ntasks-per-node={per_node}"} <= set(launcher)
+    assert (trainer["num_nodes"], trainer["devices"]) == (nodes, per_node) == (nodes, gpus(options))
+    assert any(word.startswith("hydra.sweeper.storage=") for word in command)
+    # The ranks srun starts pass the training's own launch check.
+    for name, value in srun_env(0, 29500, nodes * per_node, nodes).items():
+        monkeypatch.setenv(name, value)
+    check_launch(trainer)
+
+
 @pytest.mark.parametrize(
-    "script", ["slurm/train.sbatch", "slurm/sweep.sbatch", "torchrun_train.sh"]
+    "script",
+    [
+        "slurm/train.sbatch",
+        "slurm/sweep.sbatch",
+        "slurm/sweep_multinode.sbatch",
+        "torchrun_train.sh",
+    ],
 )
 def test_the_readme_cluster_section_shows_each_script(script):
     section = README.read_text().split("## On a cluster", 1)[1].split("\n## ", 1)[0]

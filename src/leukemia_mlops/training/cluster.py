@@ -31,6 +31,11 @@ from leukemia_mlops.training.attendance import Attendance, JobError
 
 #: The ``trainer.*`` key (conf/trainer/ddp*.yaml) that bounds the wait for the other ranks.
 TIMEOUT_KEY = "process_group_timeout_s"
+#: The ``trainer.*`` key of the command that starts a sweep trial's ranks on several nodes
+#: (:mod:`~leukemia_mlops.training.launch`), e.g. ``[srun, --kill-on-bad-exit=1]``.
+LAUNCHER_KEY = "trial_launcher"
+#: ``trainer.*`` keys of the project's own, not Lightning Trainer arguments.
+PROJECT_TRAINER_KEYS = (TIMEOUT_KEY, LAUNCHER_KEY)
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # torch's own, where the trainer config sets none
 #: SLURM job names that make Lightning ignore SLURM (its interactive mode).
 IGNORED_JOB_NAMES = ("bash", "interactive")
@@ -96,7 +101,8 @@ def check_launch(trainer: Mapping[str, Any]) -> None:
     if nodes > 1 and external_environment() is None:
         raise ConfigError(
             f"trainer.num_nodes={nodes} needs every node's ranks started by torchrun or srun "
-            "(scripts/torchrun_train.sh, scripts/slurm/train.sbatch): Lightning's own launcher "
+            "(scripts/torchrun_train.sh, scripts/slurm/train.sbatch; a sweep's trials: "
+            f"trainer.{LAUNCHER_KEY}): Lightning's own launcher "
             "on each node (NODE_RANK) would let every node open the MLflow store and decide "
             "the run on its own"
         )

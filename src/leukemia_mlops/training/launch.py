@@ -6,7 +6,10 @@ trials. A sweep job whose trainer needs several processes therefore trains in a 
 ``python -m leukemia_mlops.training.launch CONFIG RUN_DIR``, whose command line is safe to
 re-run: its ranks all read the same resolved config. Under SLURM the sweep worker has left
 the job (:func:`~leukemia_mlops.training.cluster.leave_slurm_job`), so Lightning's launcher
-starts the node's ranks.
+starts the node's ranks; a trial on several nodes (``trainer.num_nodes``) needs its ranks
+started together instead: ``trainer.trial_launcher`` is the command put before the child's
+(``[srun, --kill-on-bad-exit=1]`` inside the sweep's allocation), and its ranks join as one
+job (:func:`~leukemia_mlops.training.cluster.join_group`).
 Rank 0 reports to the trial through the study's storage and writes the outcome; the sweep's
 process alone talks to the sampler.
 """
@@ -24,6 +27,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from leukemia_mlops.files import write_json, write_text
+from leukemia_mlops.training.cluster import LAUNCHER_KEY
 
 OUTCOME_FILE = "outcome.json"
 CONFIG_FILE = "launch_config.yaml"
@@ -42,8 +46,9 @@ def train_in_child(cfg: DictConfig, run_dir: str | Path) -> float:
     config = run_dir / CONFIG_FILE
     write_text(config, OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
-    command = [sys.executable, "-m", "leukemia_mlops.training.launch", str(config), str(run_dir)]
-    finished = subprocess.run(command, check=False)
+    launcher = list(cfg.trainer.get(LAUNCHER_KEY) or [])
+    child = [sys.executable, "-m", "leukemia_mlops.training.launch", str(config), str(run_dir)]
+    finished = subprocess.run([*launcher, *child], check=False)
     outcome_file = run_dir / OUTCOME_FILE
     if finished.returncode != 0 or not outcome_file.is_file():
         raise RuntimeError(f"training in {run_dir} failed (exit status {finished.returncode})")

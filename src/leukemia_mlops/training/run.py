@@ -53,6 +53,7 @@ from leukemia_mlops.tracking.store import ensure_experiment
 from leukemia_mlops.training.attendance import Attendance, JobError, attended
 from leukemia_mlops.training.callbacks import BackboneWarmup, EpochHistory, EpochSeed
 from leukemia_mlops.training.cluster import (
+    PROJECT_TRAINER_KEYS,
     TIMEOUT_KEY,
     check_launch,
     external_environment,
@@ -145,7 +146,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         callbacks.append(OptunaPruning(trial, MONITOR))
     _check_trainer_keys(config["trainer"])
     trainer_cfg = {
-        **{k: v for k, v in config["trainer"].items() if k != TIMEOUT_KEY},
+        **{k: v for k, v in config["trainer"].items() if k not in PROJECT_TRAINER_KEYS},
         "precision": resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
     }
     # Partial: objects are passed after instantiation, not wrapped into the config.
@@ -204,7 +205,7 @@ _INTEGER_TRAINER_KEYS = (
 def _check_trainer_keys(trainer: dict[str, Any]) -> None:
     """Name an unknown or mistyped ``trainer.*`` key instead of failing inside Lightning."""
     known = set(inspect.signature(pl.Trainer.__init__).parameters)
-    unknown = sorted(set(trainer) - known - {"_target_", TIMEOUT_KEY})
+    unknown = sorted(set(trainer) - known - {"_target_", *PROJECT_TRAINER_KEYS})
     if unknown:
         raise ConfigError(f"unknown key trainer.{unknown[0]} (not a Lightning Trainer argument)")
     for key in _INTEGER_TRAINER_KEYS:

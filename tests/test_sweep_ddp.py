@@ -7,12 +7,14 @@ import sys
 
 import pytest
 from cluster_jobs import TESTS, srun_env
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from test_cluster_e2e import validation_cells
 from test_sweeps_e2e import CNN, TIMEOUT_S, TINY, load_study, mlflow_runs, sweep_command
 
 from bench.serving import free_port
-from leukemia_mlops.training.launch import OUTCOME_FILE, launches_processes
+from leukemia_mlops.errors import ConfigError
+from leukemia_mlops.training.launch import OUTCOME_FILE, launches_processes, trial_launcher
 
 
 @pytest.mark.parametrize(
@@ -26,6 +28,20 @@ from leukemia_mlops.training.launch import OUTCOME_FILE, launches_processes
 )
 def test_which_trainers_launch_processes(trainer, launches):
     assert launches_processes(trainer) is launches
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [(None, []), (["srun", "--kill-on-bad-exit=1"], ["srun", "--kill-on-bad-exit=1"])],
+)
+def test_the_trial_launcher_is_a_list_of_words(value, words):
+    assert trial_launcher(OmegaConf.create({"trial_launcher": value})) == words
+
+
+@pytest.mark.parametrize("value", ["srun --nodes=2", ["srun", 2], {"srun": 1}])
+def test_a_trial_launcher_that_is_no_list_of_words_is_refused_in_one_line(value):
+    with pytest.raises(ConfigError, match=r"^trainer.trial_launcher must be a list of words"):
+        trial_launcher(OmegaConf.create({"trial_launcher": value}))
 
 
 @pytest.mark.slow

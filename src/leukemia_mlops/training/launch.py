@@ -26,6 +26,7 @@ import optuna
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from leukemia_mlops.errors import ConfigError
 from leukemia_mlops.files import write_json, write_text
 from leukemia_mlops.training.cluster import LAUNCHER_KEY
 
@@ -40,13 +41,26 @@ def launches_processes(trainer: DictConfig | dict[str, Any]) -> bool:
     return (devices not in (1, "1") or nodes != 1) and "spawn" not in strategy
 
 
+def trial_launcher(trainer: DictConfig) -> list[str]:
+    """The words of ``trainer.trial_launcher`` (none when it is null)."""
+    words = trainer.get(LAUNCHER_KEY)
+    if words is None:
+        return []
+    if not OmegaConf.is_list(words) or not all(isinstance(word, str) for word in words):
+        raise ConfigError(
+            f"trainer.{LAUNCHER_KEY} must be a list of words, e.g. "
+            f"[srun,'--kill-on-bad-exit=1'], got {words!r}"
+        )
+    return list(words)
+
+
 def train_in_child(cfg: DictConfig, run_dir: str | Path) -> float:
     """Run :func:`run_training` in a child process; returns its best score or re-raises pruning."""
     run_dir = Path(run_dir)
     config = run_dir / CONFIG_FILE
     write_text(config, OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
-    launcher = list(cfg.trainer.get(LAUNCHER_KEY) or [])
+    launcher = trial_launcher(cfg.trainer)
     child = [sys.executable, "-m", "leukemia_mlops.training.launch", str(config), str(run_dir)]
     finished = subprocess.run([*launcher, *child], check=False)
     outcome_file = run_dir / OUTCOME_FILE

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -113,8 +112,7 @@ def test_a_sigterm_while_the_roll_is_called_waits_until_the_lost_rank_is_named()
     launcher = dist.TCPStore("127.0.0.1", host.port, 2)
 
     def stop_once_the_roll_is_called() -> None:  # as torchrun's agent stops its node's ranks
-        while launcher.add("calls", 0) == 0:
-            time.sleep(0.01)
+        launcher.wait(["here/1/0"])  # roll call 1 made, and answered by the survivor itself
         os.kill(os.getpid(), signal.SIGTERM)
 
     def terminated(*_: object) -> None:
